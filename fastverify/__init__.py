@@ -1,0 +1,12 @@
+"""fastverify: fast kernels for the verification side of speculative decoding.
+
+Ops are registered as ``torch.ops.fastverify.*`` on import; the functions here are
+thin keyword-friendly wrappers around them.
+"""
+
+from ._backend import get_backend, set_backend, use_backend
+from .ops import rejection_sample, tree_rejection_sample
+
+__version__ = "0.1.0"
+
+__all__ = ["rejection_sample", "tree_rejection_sample", "get_backend", "set_backend", "use_backend", "__version__"]

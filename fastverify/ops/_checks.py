@@ -1,0 +1,87 @@
+"""Argument checks shared by the ops: each error names the argument at fault.
+
+Metadata checks (shape, dtype, device) are free and always run. Value checks read
+tensor data; the ops run them when :func:`fastverify._backend.value_checks_enabled`
+says so (always on CPU, on CUDA only with ``FASTVERIFY_CHECKS=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(t, name: str, *, ndim: int, dtypes, device: torch.device, shape=None) -> None:
+    """``t`` is a tensor with ``ndim`` dims, one of ``dtypes``, on ``device``, and of
+    ``shape`` where given (``None`` entries are free)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but target_logits is on {device}")
+    if shape is not None:
+        for dim, (got, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and got != want:
+                raise ValueError(f"{name} must have shape {_shape_str(shape)}, got {tuple(t.shape)} (dimension {dim})")
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def check_logits(t, name: str, device: torch.device, rows=None, vocab=None) -> None:
+    check_tensor(t, name, ndim=2, dtypes=LOGIT_DTYPES, device=device, shape=(rows, vocab))
+    if t.shape[1] > 0 and t.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in the vocabulary dimension (stride(1) == 1), got strides {t.stride()}")
+    if t.shape[1] >= 2**31:
+        raise ValueError(f"{name} has a vocabulary of {t.shape[1]}, more than fits in int32")
+
+
+def check_cu(cu: torch.Tensor, name: str, total: int, total_name: str, *, min_step: int) -> None:
+    """Value check of an exclusive prefix sum: cu[0] == 0, steps >= min_step, cu[-1] == total."""
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {c[0]}")
+    steps = [b - a for a, b in zip(c, c[1:])]
+    bad = [i for i, s in enumerate(steps) if s < min_step]
+    if bad:
+        what = "non-decreasing" if min_step == 0 else "strictly increasing (every request owns at least one node)"
+        raise ValueError(f"{name} must be {what}; entry {bad[0]} -> {bad[0] + 1} steps by {steps[bad[0]]}")
+    if c[-1] != total:
+        raise ValueError(f"{name}[-1] = {c[-1]} must equal {total_name} = {total}")
+
+
+def check_sampling_params(temperature, top_k, top_p, seed, positions, B: int, device, values: bool) -> None:
+    check_tensor(temperature, "temperature", ndim=1, dtypes=(torch.float32,), device=device, shape=(B,))
+    if top_k is not None:
+        check_tensor(top_k, "top_k", ndim=1, dtypes=(torch.int32,), device=device, shape=(B,))
+    if top_p is not None:
+        check_tensor(top_p, "top_p", ndim=1, dtypes=(torch.float32,), device=device, shape=(B,))
+    check_tensor(seed, "seed", ndim=1, dtypes=(torch.int64,), device=device, shape=(B,))
+    check_tensor(positions, "positions", ndim=1, dtypes=(torch.int64,), device=device, shape=(B,))
+    if not values:
+        return
+    if not bool(torch.isfinite(temperature).all()) or bool((temperature < 0).any()):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature.tolist()}")
+    if top_k is not None and bool((top_k < 0).any()):
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k.tolist()}")
+    if top_p is not None and not bool(((top_p > 0) & (top_p <= 1)).all()):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p.tolist()}")
+    if bool((positions < 0).any()):
+        raise ValueError(f"positions must be >= 0, got {positions.tolist()}")
+
+
+def check_ids_in_vocab(ids: torch.Tensor, name: str, vocab: int) -> None:
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(ids[i])} is outside the vocabulary [0, {vocab})")

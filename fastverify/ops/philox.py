@@ -1,0 +1,73 @@
+"""Counter-based randomness: Philox4x32-10 (Salmon et al., SC'11), as ``tl.rand`` uses.
+
+Every random number fastverify draws is a pure function of ``(seed, position,
+attempt)``:
+
+    key     = (seed mod 2^32, seed div 2^32)
+    counter = (position mod 2^32, position div 2^32, attempt, 0)
+    (o0, o1, o2, o3) = Philox4x32-10(counter, key)
+
+``o0`` decides acceptance (the attempt-th draft scored at that position), ``o1``
+draws the emitted token at that position (attempt 0). A uint32 ``x`` becomes the
+float32 uniform ``(x >> 8) * 2^-24`` in [0, 1), which is exact in every backend.
+The Triton (``fastverify/triton/philox.py``) and CUDA (``csrc/cuda/philox.cuh``)
+versions compute the same bits.
+
+This module is the torch version: int64 tensors holding uint32 values, vectorized
+over any shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROUND_A = 0xD2511F53
+ROUND_B = 0xCD9E8D57
+KEY_A = 0x9E3779B9
+KEY_B = 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+ROUNDS = 10
+
+# o0 decides acceptance, o1 draws the emitted token.
+ACCEPT_LANE = 0
+SAMPLE_LANE = 1
+
+
+def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product a * x, without int64 overflow."""
+    x_hi, x_lo = x >> 16, x & 0xFFFF
+    p_hi, p_lo = a * x_hi, a * x_lo  # each < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32(seed: torch.Tensor, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counter (c0, c1, c2, c3) under key ``seed`` (int64).
+
+    Counters are int64 tensors (or ints) holding values in [0, 2^32); all inputs
+    broadcast. Returns four int64 tensors of uint32 values.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    k0 = seed & MASK32
+    k1 = (seed >> 32) & MASK32
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=seed.device) & MASK32 for c in (c0, c1, c2, c3))
+    for _ in range(ROUNDS):
+        hi_b, lo_b = _mulhilo(ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + KEY_A) & MASK32
+        k1 = (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """uint32 (in int64) → float32 uniform in [0, 1): the top 24 bits times 2^-24."""
+    return (x >> 8).to(torch.float32) * (2.0**-24)
+
+
+def uniform(seed: torch.Tensor, position: torch.Tensor, lane: int, attempt=0) -> torch.Tensor:
+    """The ``lane``-th uniform keyed by (seed, position, attempt); float32 in [0, 1)."""
+    position = torch.as_tensor(position, dtype=torch.int64)
+    out = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, attempt, 0)
+    return to_uniform(out[lane])
