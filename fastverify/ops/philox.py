@@ -14,7 +14,7 @@ The Triton (``fastverify/triton/philox.py``) and CUDA (``csrc/cuda/philox.cuh``)
 versions compute the same bits.
 
 This module is the torch version: int64 tensors holding uint32 values, vectorized
-over any shape.
+over any shape — or plain Python ints, for the scalar draws of a sequential walk.
 """
 
 from __future__ import annotations
@@ -42,16 +42,19 @@ def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: torch.Tensor, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+def philox4x32(seed, c0, c1, c2, c3):
     """Philox4x32-10 of counter (c0, c1, c2, c3) under key ``seed`` (int64).
 
-    Counters are int64 tensors (or ints) holding values in [0, 2^32); all inputs
-    broadcast. Returns four int64 tensors of uint32 values.
+    Counters hold values in [0, 2^32). With any tensor input, all inputs become int64
+    tensors and broadcast, and four int64 tensors of uint32 values come back; with
+    Python ints only, four ints (the same bits, without tensor overhead).
     """
-    seed = torch.as_tensor(seed, dtype=torch.int64)
+    if any(isinstance(v, torch.Tensor) for v in (seed, c0, c1, c2, c3)):
+        seed = torch.as_tensor(seed, dtype=torch.int64)
+        c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=seed.device) for c in (c0, c1, c2, c3))
     k0 = seed & MASK32
     k1 = (seed >> 32) & MASK32
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=seed.device) & MASK32 for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (c & MASK32 for c in (c0, c1, c2, c3))
     for _ in range(ROUNDS):
         hi_b, lo_b = _mulhilo(ROUND_B, c2)
         hi_a, lo_a = _mulhilo(ROUND_A, c0)
@@ -61,13 +64,15 @@ def philox4x32(seed: torch.Tensor, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def to_uniform(x: torch.Tensor) -> torch.Tensor:
-    """uint32 (in int64) → float32 uniform in [0, 1): the top 24 bits times 2^-24."""
-    return (x >> 8).to(torch.float32) * (2.0**-24)
+def to_uniform(x):
+    """uint32 → uniform in [0, 1): the top 24 bits times 2^-24 (float32 tensor, or a
+    Python float holding the same exactly representable value)."""
+    if isinstance(x, torch.Tensor):
+        return (x >> 8).to(torch.float32) * (2.0**-24)
+    return (x >> 8) * (2.0**-24)
 
 
-def uniform(seed: torch.Tensor, position: torch.Tensor, lane: int, attempt=0) -> torch.Tensor:
-    """The ``lane``-th uniform keyed by (seed, position, attempt); float32 in [0, 1)."""
-    position = torch.as_tensor(position, dtype=torch.int64)
+def uniform(seed, position, lane: int, attempt=0):
+    """The ``lane``-th uniform keyed by (seed, position, attempt), in [0, 1)."""
     out = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, attempt, 0)
     return to_uniform(out[lane])

@@ -55,7 +55,9 @@ lib.define(
 
 
 def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
-                           seed, positions, max_draft_len) -> None:
+                           seed, positions, max_draft_len, values: bool = True) -> None:
+    """Raise a ValueError naming the first bad argument. ``values=False`` (fake
+    kernels) checks only metadata."""
     if not isinstance(target_logits, torch.Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     dev = target_logits.device
@@ -74,7 +76,7 @@ def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_prob
     check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, False)
     if not isinstance(max_draft_len, int) or max_draft_len < 0:
         raise ValueError(f"max_draft_len must be an int >= 0, got {max_draft_len!r}")
-    if not _backend.value_checks_enabled(target_logits):
+    if not (values and _backend.value_checks_enabled(target_logits)):
         return
     check_cu(cu_num_draft, "cu_num_draft", N, "draft_tokens.numel()", min_step=0)
     longest = int((cu_num_draft[1:] - cu_num_draft[:-1]).max())
@@ -85,7 +87,8 @@ def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_prob
 
 
 def check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
-                                top_k, top_p, seed, positions, max_depth) -> None:
+                                top_k, top_p, seed, positions, max_depth, values: bool = True) -> None:
+    """As :func:`check_rejection_sample`, for the tree op."""
     if not isinstance(target_logits, torch.Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     dev = target_logits.device
@@ -105,7 +108,7 @@ def check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_node
     check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, False)
     if not isinstance(max_depth, int) or max_depth < 0:
         raise ValueError(f"max_depth must be an int >= 0, got {max_depth!r}")
-    if not _backend.value_checks_enabled(target_logits):
+    if not (values and _backend.value_checks_enabled(target_logits)):
         return
     check_cu(cu_num_nodes, "cu_num_nodes", T, "tree_tokens.numel()", min_step=1)
     check_ids_in_vocab(tree_tokens, "tree_tokens", V)
@@ -243,82 +246,94 @@ def rejection_sample_torch(target_logits, draft_tokens, cu_num_draft, draft_prob
     return out.to(torch.int32), n_acc.to(torch.int32)
 
 
+def _children_table(cu: torch.Tensor, row_req: torch.Tensor, local: torch.Tensor, parents: torch.Tensor):
+    """kids [T + 1, C]: global ids of each node's children in node order, -1 padded
+    (row T is an empty dummy). C, the most children of any node, is read on the host."""
+    T = row_req.numel()
+    par = parents.long()
+    is_child = (local > 0) & (par >= 0) & (par < local)
+    gpar = torch.where(is_child, cu[:-1][row_req] + par, T)                 # global parent, T = none
+    order = torch.argsort(gpar * (T + 1) + torch.arange(T, device=cu.device))
+    counts = torch.bincount(gpar, minlength=T + 1)[:T]
+    C = max(int(counts.max()) if T > 0 else 0, 1)
+    sp = gpar[order]
+    first = torch.cat([counts.cumsum(0) - counts, counts.new_zeros(1)])    # first slot of each parent in `order`
+    rank = torch.arange(T, device=cu.device) - first[sp]
+    kids = torch.full((T + 1, C), -1, dtype=torch.long, device=cu.device)
+    m = sp < T
+    kids[sp[m], rank[m]] = order[m]
+    return kids
+
+
 def tree_rejection_sample_torch(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
                                 top_k, top_p, seed, positions, max_depth):
-    """torch backend of :func:`fastverify.tree_rejection_sample`.
-
-    The walk down each tree is sequential, so this runs a Python loop per request
-    and reads small tensors on the host; it is the CPU kernel. On CUDA tensors it
-    is a debugging aid that synchronizes.
-    """
+    """torch backend of :func:`fastverify.tree_rejection_sample`: all trees walk in
+    lockstep, one depth per step; recursive rejection tries the c-th child of every
+    request at once."""
     dev = target_logits.device
     T, V = target_logits.shape
     B = cu_num_nodes.numel() - 1
     D = max_depth + 1
-    row_req, _ = _row_requests(cu_num_nodes.long(), T, 0)
+    cu = cu_num_nodes.long()
+    row_req, local = _row_requests(cu, T, 0)
     tgt = _Target(target_logits, row_req, temperature, top_k, top_p)
+    tokens = tree_tokens.long()
+    kids = _children_table(cu, row_req, local, parents)                    # [T + 1, C]
     q_all = None if draft_probs is None else draft_probs.float()
+    rrs = (temperature > 0) & (q_all is not None)                           # [B] recursive rejection
+    greedy = temperature == 0
 
-    accepted = torch.full((B, D), -1, dtype=torch.int32)
-    out = torch.full((B, D), -1, dtype=torch.int32)
-    num = torch.zeros(B, dtype=torch.int32)
-    cu, par, tok = cu_num_nodes.tolist(), parents.tolist(), tree_tokens.tolist()
-    greedy, argmax = tgt.greedy.tolist(), tgt.argmax.tolist()
-    seeds, pos0 = seed.cpu(), positions.tolist()
-
-    def uniform(b, depth, lane, attempt=0):
-        return float(philox.uniform(seeds[b], pos0[b] + depth, lane, attempt))
-
-    def sample(w, b, depth, row):
-        u = torch.tensor([uniform(b, depth, philox.SAMPLE_LANE)], device=dev)
-        return int(inverse_cdf(w[None], u, torch.tensor([argmax[row]], device=dev))[0])
-
-    for b in range(B):
-        n0, n1 = cu[b], cu[b + 1]
-        children = {i: [] for i in range(n1 - n0)}
-        for j in range(1, n1 - n0):
-            if 0 <= par[n0 + j] < j:
-                children[par[n0 + j]].append(j)
-        node, depth = 0, 0
-        accepted[b, 0] = 0
-        while True:
-            row = n0 + node
-            kids = children[node]
-            if greedy[row] or draft_probs is None:
-                # sample-then-match: y ~ p, follow the child carrying y
-                y = argmax[row] if greedy[row] else sample(tgt.probs(torch.tensor([row], device=dev))[0], b, depth, row)
-                nxt = next((j for j in kids if tok[n0 + j] == y), None)
-            else:
-                # recursive rejection over the children, in node order
-                r = tgt.probs(torch.tensor([row], device=dev))[0]
-                q = q_all[row]
-                sigma, attempt, nxt = 1.0, 0, None
-                for j in kids:
-                    x = tok[n0 + j]
-                    if not 0 <= x < V:
-                        continue
-                    q_k = float(q[x]) / max(sigma, 1e-30)
-                    if uniform(b, depth, philox.ACCEPT_LANE, attempt) * q_k < float(r[x]):
-                        nxt = j
-                        break
-                    r_next = (r - q / max(sigma, 1e-30)).clamp(min=0)
-                    rho = float(r_next.sum())
-                    r = r_next / rho if rho > 0 else r_next
-                    sigma -= float(q[x])
-                    attempt += 1
-                if nxt is None:
-                    w = r if bool((r > 0).any()) else tgt.probs(torch.tensor([row], device=dev))[0]
-                    y = sample(w, b, depth, row)
-                else:
-                    y = tok[n0 + nxt]
-            if nxt is None or depth == max_depth:
-                out[b, depth] = y
-                break
-            out[b, depth] = y
-            node, depth = nxt, depth + 1
-            accepted[b, depth] = node
-        num[b] = depth
-    return accepted.to(dev), out.to(dev), num.to(dev)
+    cols = torch.arange(D, device=dev)
+    acc = torch.where(cols == 0, 0, -1).repeat(B, 1)                       # [B, D] root accepted
+    out = torch.full((B, D), -1, dtype=torch.long, device=dev)
+    num = torch.zeros(B, dtype=torch.long, device=dev)
+    node = cu[:-1].clone()                                                 # [B] current node (global)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for d in range(D):
+        kid = kids[node]                                                   # [B, C]
+        kid_tok = torch.where(kid >= 0, tokens[kid.clamp(min=0)], -1)
+        p = tgt.probs(node)                                                # [B, V]
+        g = tgt.argmax[node]
+        u_s = philox.uniform(seed, positions + d, philox.SAMPLE_LANE)
+        # sample-then-match: y ~ p (argmax if greedy), move to the child carrying y
+        y = torch.where(greedy, g, inverse_cdf(p, u_s, g))
+        hit = (kid_tok == y[:, None]) & (kid >= 0)
+        nxt = torch.where(hit.any(1), kid.gather(1, hit.long().argmax(1, keepdim=True))[:, 0], -1)
+        if q_all is not None:
+            # recursive rejection: children in node order against the running residual r
+            q = q_all[node]                                                # [B, V]
+            r = p
+            sigma = torch.ones(B, device=dev)
+            attempt = torch.zeros(B, dtype=torch.long, device=dev)
+            chosen = torch.full((B,), -1, dtype=torch.long, device=dev)
+            for c in range(kids.shape[1]):
+                x = kid_tok[:, c]
+                try_ = (kid[:, c] >= 0) & (x >= 0) & (x < V) & (chosen < 0)
+                xc = x.clamp(0, V - 1)[:, None]
+                s = sigma.clamp(min=1e-30)
+                qx = q.gather(1, xc)[:, 0]
+                u = philox.uniform(seed, positions + d, philox.ACCEPT_LANE, attempt)
+                ok = try_ & (u * (qx / s) < r.gather(1, xc)[:, 0])
+                chosen = torch.where(ok, kid[:, c], chosen)
+                rejected = try_ & ~ok
+                r_next = (r - q / s[:, None]).clamp(min=0)
+                rho = r_next.sum(1, keepdim=True)
+                r_next = torch.where(rho > 0, r_next / rho, r_next)
+                r = torch.where(rejected[:, None], r_next, r)
+                sigma = torch.where(rejected, sigma - qx, sigma)
+                attempt = attempt + rejected.long()
+            w = torch.where((r > 0).any(1, keepdim=True), r, p)
+            y_rrs = torch.where(chosen >= 0, tokens[chosen.clamp(min=0)], inverse_cdf(w, u_s, g))
+            y = torch.where(rrs, y_rrs, y)
+            nxt = torch.where(rrs, chosen, nxt)
+        out[:, d] = torch.where(done, out[:, d], y)
+        move = ~done & (nxt >= 0) & (d < max_depth)
+        node = torch.where(move, nxt, node)
+        if d + 1 < D:
+            acc[:, d + 1] = torch.where(move, nxt - cu[:-1], -1)
+        num += move.long()
+        done |= ~move
+    return acc.to(torch.int32), out.to(torch.int32), num.to(torch.int32)
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -328,7 +343,7 @@ def tree_rejection_sample_torch(target_logits, tree_tokens, parents, cu_num_node
 def _rejection_sample_fake(target_logits, draft_tokens, cu_num_draft, *, draft_probs=None, temperature, top_k=None,
                            top_p=None, seed, positions, max_draft_len):
     check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
-                           seed, positions, max_draft_len)
+                           seed, positions, max_draft_len, values=False)
     B = cu_num_draft.shape[0] - 1
     out = target_logits.new_empty((B, max_draft_len + 1), dtype=torch.int32)
     return out, target_logits.new_empty((B,), dtype=torch.int32)
@@ -338,7 +353,7 @@ def _rejection_sample_fake(target_logits, draft_tokens, cu_num_draft, *, draft_p
 def _tree_rejection_sample_fake(target_logits, tree_tokens, parents, cu_num_nodes, *, draft_probs=None, temperature,
                                 top_k=None, top_p=None, seed, positions, max_depth):
     check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
-                                top_k, top_p, seed, positions, max_depth)
+                                top_k, top_p, seed, positions, max_depth, values=False)
     B = cu_num_nodes.shape[0] - 1
     shape = (B, max_depth + 1)
     return (target_logits.new_empty(shape, dtype=torch.int32), target_logits.new_empty(shape, dtype=torch.int32),

@@ -1,0 +1,191 @@
+"""Naive oracles: plain Python loops over float64 lists, written from the design
+contract without reusing any fastverify code.
+
+They implement the same contract as the ops — including the counter-based RNG, so
+for the same seeds they emit the same tokens (up to float32-vs-float64 rounding at a
+boundary, which the tests' random inputs make vanishingly unlikely).
+"""
+
+from __future__ import annotations
+
+import math
+
+# ----------------------------------------------------------------------------- RNG
+
+_M = 0xFFFFFFFF
+
+
+def philox(key: int, counter: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Philox4x32-10 with Python integers (Random123 reference algorithm)."""
+    k0, k1 = key & _M, (key >> 32) & _M
+    c0, c1, c2, c3 = counter
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _M, p1 & _M, ((p0 >> 32) ^ c3 ^ k1) & _M, p0 & _M
+        k0, k1 = (k0 + 0x9E3779B9) & _M, (k1 + 0xBB67AE85) & _M
+    return c0, c1, c2, c3
+
+
+def uniforms(seed: int, position: int, attempt: int = 0) -> tuple[float, float]:
+    """(acceptance uniform, sampling uniform) at (seed, position, attempt)."""
+    seed &= (1 << 64) - 1
+    o = philox(seed, (position & _M, (position >> 32) & _M, attempt & _M, 0))
+    return (o[0] >> 8) / 2.0**24, (o[1] >> 8) / 2.0**24
+
+
+# ----------------------------------------------------------------------------- target distribution
+
+
+def clean(row) -> list[float]:
+    return [float("-inf") if math.isnan(x) else float(x) for x in row]
+
+
+def argmax(row) -> int:
+    row = clean(row)
+    best = 0
+    for i, x in enumerate(row):
+        if x > row[best]:
+            best = i
+    return best
+
+
+def target_probs(row, temperature: float, top_k: int = 0, top_p: float = 1.0) -> list[float]:
+    """Processed target distribution (float64): softmax(l / T) restricted to the
+    top_k largest logits (ties at the k-th kept), then to the tokens v whose
+    renormalized mass strictly above them is < top_p (the crossing token and ties kept).
+    A row with no finite logit gives all zeros."""
+    l = clean(row)
+    V = len(l)
+    z = [min(x / temperature, 3.4028234663852886e38) if x > float("-inf") else x for x in l]
+    keep = [True] * V
+    if 0 < top_k < V:
+        kth = sorted(l, reverse=True)[top_k - 1]
+        keep = [x >= kth for x in l]
+    finite = [zi for zi, k in zip(z, keep) if k and zi > float("-inf")]
+    if not finite:
+        return [0.0] * V
+    m = max(finite)
+    e = [math.exp(zi - m) if k and zi > float("-inf") else 0.0 for zi, k in zip(z, keep)]
+    s = sum(e)
+    p = [x / s for x in e]
+    if top_p < 1.0:
+        keep_p = [pi > 0 and sum(pj for pj in p if pj > pi) < top_p for pi in p]
+        p = [pi if k else 0.0 for pi, k in zip(p, keep_p)]
+        s = sum(p)
+        p = [x / s for x in p]
+    return p
+
+
+def draw(w, u: float, fallback: int) -> int:
+    """Inverse CDF in vocabulary order: first index whose running sum exceeds u·Σw."""
+    total = sum(w)
+    run = 0.0
+    for i, x in enumerate(w):
+        run += x
+        if run > u * total:
+            return i
+    positive = [i for i, x in enumerate(w) if x > 0]
+    return positive[-1] if positive else fallback
+
+
+# ----------------------------------------------------------------------------- chain
+
+
+def rejection_sample(logits, drafts, cu, draft_probs, temperature, top_k, top_p, seed, positions, max_draft_len):
+    """Oracle of fastverify.rejection_sample on Python lists; returns (rows, num_accepted)."""
+    B = len(cu) - 1
+    V = len(logits[0])
+    outs, nums = [], []
+    for b in range(B):
+        s, K = cu[b], cu[b + 1] - cu[b]
+        T = temperature[b]
+        kk = top_k[b] if top_k is not None else 0
+        pp = top_p[b] if top_p is not None else 1.0
+        out = []
+        for j in range(K + 1):
+            row = logits[s + b + j]
+            if T == 0:
+                g = argmax(row)
+                if j < K and drafts[s + j] == g:
+                    out.append(g)
+                    continue
+                out.append(g)
+                break
+            p = target_probs(row, T, kk, pp)
+            u_acc, u_smp = uniforms(seed[b], positions[b] + j)
+            if j < K:
+                x = drafts[s + j]
+                q = draft_probs[s + j] if draft_probs is not None else None
+                qx = q[x] if q is not None else 1.0
+                if u_acc * qx < p[x]:
+                    out.append(x)
+                    continue
+                if q is not None:
+                    w = [max(pi - qi, 0.0) for pi, qi in zip(p, q)]
+                    if sum(w) <= 0:
+                        w = [0.0 if i == x else pi for i, pi in enumerate(p)]
+                else:
+                    w = [0.0 if i == x else pi for i, pi in enumerate(p)]
+            else:
+                w = p
+            out.append(draw(w, u_smp, argmax(row)))
+            break
+        nums.append(len(out) - 1)
+        outs.append(out + [-1] * (max_draft_len + 1 - len(out)))
+    return outs, nums
+
+
+# ----------------------------------------------------------------------------- tree
+
+
+def tree_rejection_sample(logits, tokens, parents, cu, draft_probs, temperature, top_k, top_p, seed, positions,
+                          max_depth):
+    """Oracle of fastverify.tree_rejection_sample; returns (accepted_nodes, output_tokens, num_accepted)."""
+    B = len(cu) - 1
+    accs, outs, nums = [], [], []
+    for b in range(B):
+        n0, n1 = cu[b], cu[b + 1]
+        T = temperature[b]
+        kk = top_k[b] if top_k is not None else 0
+        pp = top_p[b] if top_p is not None else 1.0
+        kids = {i: [j for j in range(i + 1, n1 - n0) if parents[n0 + j] == i] for i in range(n1 - n0)}
+        node, acc, out = 0, [0], []
+        for depth in range(max_depth + 1):
+            row = logits[n0 + node]
+            _, u_smp = uniforms(seed[b], positions[b] + depth)
+            nxt = None
+            if T == 0:
+                y = argmax(row)
+                nxt = next((j for j in kids[node] if tokens[n0 + j] == y), None)
+            elif draft_probs is None:
+                y = draw(target_probs(row, T, kk, pp), u_smp, argmax(row))
+                nxt = next((j for j in kids[node] if tokens[n0 + j] == y), None)
+            else:
+                r = target_probs(row, T, kk, pp)
+                q = draft_probs[n0 + node]
+                sigma = 1.0
+                for attempt, j in enumerate(kids[node]):
+                    x = tokens[n0 + j]
+                    u_acc, _ = uniforms(seed[b], positions[b] + depth, attempt)
+                    if u_acc * q[x] / sigma < r[x]:
+                        nxt = j
+                        break
+                    r = [max(ri - qi / sigma, 0.0) for ri, qi in zip(r, q)]
+                    total = sum(r)
+                    r = [ri / total for ri in r] if total > 0 else r
+                    sigma -= q[x]
+                if nxt is not None:
+                    y = tokens[n0 + nxt]
+                else:
+                    w = r if sum(r) > 0 else target_probs(row, T, kk, pp)
+                    y = draw(w, u_smp, argmax(row))
+            out.append(y)
+            if nxt is None or depth == max_depth:
+                break
+            node = nxt
+            acc.append(node)
+        nums.append(len(out) - 1)
+        accs.append(acc + [-1] * (max_depth + 1 - len(acc)))
+        outs.append(out + [-1] * (max_depth + 1 - len(out)))
+    return accs, outs, nums

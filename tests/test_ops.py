@@ -1,0 +1,145 @@
+"""The ops as torch ops: schemas, opcheck, fake tensors, torch.compile(fullgraph=True)
+and backend selection."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import BACKEND_DEVICES
+from problems import chain_problem, run_tree, tree_problem
+
+import fastverify
+
+BACKENDS = list(BACKEND_DEVICES)
+
+
+def chain_call(p):
+    return (p.logits, p.drafts, p.cu), dict(max_draft_len=p.max_draft_len, **p.kwargs())
+
+
+def tree_call(p):
+    return (p.logits, p.drafts, p.parents, p.cu), dict(max_depth=p.max_draft_len, **p.kwargs())
+
+
+def test_schemas_name_the_contract_arguments():
+    chain = torch.ops.fastverify.rejection_sample.default._schema
+    tree = torch.ops.fastverify.tree_rejection_sample.default._schema
+    assert [a.name for a in chain.arguments] == [
+        "target_logits", "draft_tokens", "cu_num_draft", "draft_probs", "temperature", "top_k", "top_p", "seed",
+        "positions", "max_draft_len"]
+    assert [a.name for a in tree.arguments] == [
+        "target_logits", "tree_tokens", "parents", "cu_num_nodes", "draft_probs", "temperature", "top_k", "top_p",
+        "seed", "positions", "max_depth"]
+    assert not any(a.is_write for s in (chain, tree) for a in s.arguments if a.alias_info is not None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q,filters", [(False, False), (True, True)])
+def test_opcheck_rejection_sample(backend, q, filters):
+    p = chain_problem(B=3, V=33, max_k=2, q=q, filters=filters, seed=1).to(BACKEND_DEVICES[backend])
+    args, kwargs = chain_call(p)
+    with fastverify.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastverify.rejection_sample.default, args, kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q,filters", [(False, False), (True, True)])
+def test_opcheck_tree_rejection_sample(backend, q, filters):
+    p = tree_problem(B=3, V=21, max_nodes=6, q=q, filters=filters, seed=2).to(BACKEND_DEVICES[backend])
+    args, kwargs = tree_call(p)
+    with fastverify.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastverify.tree_rejection_sample.default, args, kwargs)
+
+
+def test_fake_tensors_give_output_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p = chain_problem(B=4, V=50, max_k=3, q=True, filters=True, seed=3)
+    t = tree_problem(B=2, V=20, max_nodes=5, seed=3)
+    with FakeTensorMode() as mode:
+        fp = p.to("cpu")
+        fake = lambda x: None if x is None else mode.from_tensor(x)  # noqa: E731
+        args, kwargs = chain_call(fp)
+        out, num = torch.ops.fastverify.rejection_sample(*map(fake, args), **{k: fake(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        assert out.shape == (4, 4) and out.dtype == torch.int32 and num.shape == (4,)
+        args, kwargs = tree_call(t)
+        acc, out, num = torch.ops.fastverify.tree_rejection_sample(*map(fake, args), **{k: fake(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        assert acc.shape == out.shape == (2, t.max_draft_len + 1) and num.shape == (2,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """The ops compose inside a compiled graph with surrounding torch code."""
+    p = chain_problem(B=4, V=64, max_k=3, filters=True, seed=6).to(BACKEND_DEVICES[backend])
+    t = tree_problem(B=3, V=30, max_nodes=7, q=True, seed=6).to(BACKEND_DEVICES[backend])
+
+    def step(logits, drafts, cu, temperature, top_k, top_p, seed, positions):
+        out, num = torch.ops.fastverify.rejection_sample(
+            logits * 1.0, drafts, cu, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            positions=positions, max_draft_len=3)
+        return out, num + 1
+
+    def tree_step(logits, tokens, parents, cu, q, temperature, seed, positions):
+        return torch.ops.fastverify.tree_rejection_sample(
+            logits, tokens, parents, cu, draft_probs=q, temperature=temperature, seed=seed, positions=positions,
+            max_depth=t.max_draft_len)
+
+    with fastverify.use_backend(backend):
+        args = (p.logits, p.drafts, p.cu, p.temperature, p.top_k, p.top_p, p.seed, p.positions)
+        want = step(*args)
+        got = torch.compile(step, fullgraph=True, backend="inductor")(*args)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        targs = (t.logits, t.drafts, t.parents, t.cu, t.draft_probs, t.temperature, t.seed, t.positions)
+        want = tree_step(*targs)
+        got = torch.compile(tree_step, fullgraph=True, backend="aot_eager")(*targs)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_backend_selection():
+    assert fastverify.get_backend("cpu") == "torch"
+    assert fastverify.get_backend("cuda") in ("triton", "cuda")
+    with fastverify.use_backend("triton"):
+        assert fastverify.get_backend("cpu") == "triton"
+    assert fastverify.get_backend("cpu") == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastverify.set_backend("tpu")
+    p = chain_problem(B=2, V=20, max_k=1)
+    with fastverify.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+        fastverify.rejection_sample(p.logits, p.drafts, p.cu, max_draft_len=1, **p.kwargs())
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import torch, fastverify\n"
+        "fastverify.set_backend('triton')\n"
+        "l = torch.randn(2, 8); d = torch.tensor([1]); cu = torch.tensor([0, 1], dtype=torch.int32)\n"
+        "try:\n"
+        "    fastverify.rejection_sample(l, d, cu, temperature=0.0, seed=0, positions=0, max_draft_len=1)\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
+
+
+def test_env_var_picks_the_backend():
+    code = "import fastverify; print(fastverify.get_backend('cpu'), fastverify.get_backend('cuda'))"
+    env = dict(os.environ, FASTVERIFY_BACKEND="triton")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["triton", "triton"], res.stderr
+
+
+def test_import_never_builds_cuda_or_imports_triton():
+    code = "import sys, fastverify; print('triton' in sys.modules, 'fastverify._cuda' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["False", "False"], res.stdout + res.stderr
+
+
+def test_tree_and_chain_run_through_public_wrappers():
+    p = tree_problem(B=2, V=20, max_nodes=4, seed=7)
+    acc, out, num = run_tree(p, "torch")
+    assert acc.shape == out.shape == (2, p.max_draft_len + 1)
