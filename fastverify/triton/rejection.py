@@ -9,9 +9,10 @@ of V only, so results never depend on the batch). Three kernels:
    sum s_c = Σ exp(z - m_c) over kept tokens, and its argmax. This is the one full
    read of the logits.
 3. ``_chain_finalize_kernel`` / ``_tree_finalize_kernel``, one program per request:
-   merges chunk stats into lse and argmax per row, runs the acceptance tests in
-   order, and draws the emitted token by inverse CDF — first over the chunk masses,
-   then inside one chunk — so a sample reads CHUNK logits, not V.
+   merges chunk stats into lse and argmax per row, runs the acceptance tests (the
+   chain: all rows at once; the tree: node by node down the walk), and draws the
+   emitted token by inverse CDF — first over the chunk masses, then inside one chunk
+   — so a sample reads CHUNK logits, not V.
 
 No probability tensor is written; the logits row of a draft is read once in (2),
 plus single elements and one chunk in (3). Without top-k/top-p: two launches.
@@ -260,11 +261,11 @@ def _chunk_stats_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, thr_ptr, stats_p
     first argmax of the raw logits (greedy ignores temperature and filters)."""
     row = tl.program_id(0)
     c = tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    l = _load_logits(logits_ptr + row.to(tl.int64) * stride_l, offs, offs < V)  # in flight during the search
     b = _request_of_row(cu_ptr, row, B, ROW_EXTRA)
     t = tl.load(temp_ptr + b)
     t = tl.where(t > 0, t, 1.0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    l = _load_logits(logits_ptr + row.to(tl.int64) * stride_l, offs, offs < V)
     a_i = tl.argmax(l, 0)
     a_v = tl.max(l, 0)
     z = _scale(l, t)
@@ -284,11 +285,10 @@ def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_
                            thr_ptr, stats_ptr, amax_ptr, out_ptr, num_ptr, R, N, V, NC, max_draft_len,
                            HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, CHUNK: tl.constexpr,
                            NC_P2: tl.constexpr, W_P2: tl.constexpr):
-    """One request: accept drafts in order, then draw the recovered or bonus token."""
+    """One request. All K+1 rows are tested at once (their loads in flight together):
+    accept_j for every draft, n = the first rejected j (or K), then the token of row n."""
     b = tl.program_id(0)
     W = max_draft_len + 1
-    cols = tl.arange(0, W_P2)
-    tl.store(out_ptr + b * W + cols, -1, mask=cols < W)
     start = tl.load(cu_ptr + b)
     row0 = start + b
     # Unchecked prefix sums must not move a read outside [0, N) drafts or [0, R) rows.
@@ -303,57 +303,70 @@ def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_
     t = tl.where(random, t, 1.0)
     seed = tl.load(seed_ptr + b)
     pos = tl.load(pos_ptr + b)
-    thr = tl.full([], float("-inf"), tl.float32)
 
-    n_acc = tl.zeros([], tl.int32)
-    done = tl.zeros([], tl.int32)
-    for j in range(0, K):
-        if done == 0:
-            row = row0 + j
-            l_row = logits_ptr + row.to(tl.int64) * stride_l
-            if HAS_THR:
-                thr = tl.load(thr_ptr + row)
-            M, S, w, g = _row_stats(stats_ptr, amax_ptr, row, R, NC, NC_P2)
-            x = tl.load(draft_ptr + start + j)
-            valid = (x >= 0) & (x < V)
-            xi = tl.where(valid, x, -1).to(tl.int32)
-            px = _prob_at(l_row, xi, t, thr, M, S, HAS_THR)
-            u, _ = uniform_pair(seed, pos + j, 0)
-            if HAS_Q:
-                qx = tl.load(q_ptr + (start + j).to(tl.int64) * stride_q + xi, mask=valid, other=0.0)
-                accept = u * qx.to(tl.float32) < px
-            else:
-                accept = u < px
-            accept = valid & tl.where(random, accept, xi == g)
-            if accept:
-                tl.store(out_ptr + b * W + j, xi)
-                n_acc += 1
-            else:
-                done = 1
+    # rows j = 0..K of the request: merged stats [W_P2] and chunk masses [W_P2, NC_P2]
+    j = tl.arange(0, W_P2)
+    has_row = j <= K
+    rows = row0 + tl.where(has_row, j, 0)
+    c = tl.arange(0, NC_P2)
+    idx = rows.to(tl.int64)[:, None] * NC + c[None, :]
+    cm = has_row[:, None] & (c[None, :] < NC)
+    m = tl.load(stats_ptr + idx, mask=cm, other=float("-inf"))
+    s = tl.load(stats_ptr + R * NC + idx, mask=cm, other=0.0)
+    a = tl.load(stats_ptr + 2 * R * NC + idx, mask=cm, other=float("-inf"))
+    ai = tl.load(amax_ptr + idx, mask=cm, other=0)
+    M = tl.max(m, 1)
+    w = tl.where(m > float("-inf"), s * tl.exp(m - M[:, None]), 0.0)
+    S = tl.sum(w, 1)
+    g = tl.sum(tl.where(c[None, :] == tl.argmax(a, 1)[:, None], ai, 0), 1)
+    if HAS_THR:
+        thr = tl.load(thr_ptr + rows, mask=has_row, other=float("-inf"))
+    else:
+        thr = tl.full([W_P2], float("-inf"), tl.float32)
 
+    # acceptance of every draft: u_j · q_j(x_j) < p_j(x_j)  (greedy: x_j == argmax_j)
+    is_draft = j < K
+    x = tl.load(draft_ptr + start + j, mask=is_draft, other=-1)
+    valid = is_draft & (x >= 0) & (x < V)
+    xi = tl.where(valid, x, -1).to(tl.int32)
+    l_rows = logits_ptr + rows.to(tl.int64) * stride_l
+    lx = _load_logits(l_rows, xi, valid)
+    zx = _scale(lx, t)
+    px = tl.where(valid & (zx > float("-inf")) & (lx >= thr) & (S > 0), tl.exp(zx - M) / S, 0.0)
+    u, _rows_u1 = uniform_pair(seed, pos + j, j * 0)
+    if HAS_Q:
+        qx = tl.load(q_ptr + (start + j).to(tl.int64) * stride_q + xi, mask=valid, other=0.0).to(tl.float32)
+        accept = u * qx < px
+    else:
+        accept = u < px
+    accept = valid & tl.where(random, accept, xi == g)
+    n_acc = tl.min(tl.where(is_draft & ~accept, j, K), 0)
+
+    # the emitted token at row n_acc: recovered (n_acc < K) or bonus
+    pick = j == n_acc
     row = row0 + n_acc
     l_row = logits_ptr + row.to(tl.int64) * stride_l
-    if HAS_THR:
-        thr = tl.load(thr_ptr + row)
-    M, S, w, g = _row_stats(stats_ptr, amax_ptr, row, R, NC, NC_P2)
-    token = g
+    M_n = tl.sum(tl.where(pick, M, 0.0), 0)
+    S_n = tl.sum(tl.where(pick, S, 0.0), 0)
+    g_n = tl.sum(tl.where(pick, g, 0), 0)
+    thr_n = tl.max(tl.where(pick, thr, float("-inf")), 0)
+    w_n = tl.sum(tl.where(pick[:, None], w, 0.0), 0)
+    excl = tl.max(tl.where(pick, xi, -1), 0)     # the rejected draft, -1 for the bonus row
+    token = g_n
     if random:
-        _, u = uniform_pair(seed, pos + n_acc, 0)
-        excl = tl.full([], -1, tl.int32)
-        if n_acc < K:
-            x = tl.load(draft_ptr + start + n_acc)
-            excl = tl.where((x >= 0) & (x < V), x, -1).to(tl.int32)
+        _u0, u_s = uniform_pair(seed, pos + n_acc, 0)
         token = tl.full([], -1, tl.int32)
         if HAS_Q:
             if excl >= 0:
                 # residual max(p - q, 0): one pass for chunk masses, one chunk to place u
                 q_row = q_ptr + (start + n_acc).to(tl.int64) * stride_q
-                wr = _residual_masses(l_row, q_row, V, NC, t, thr, M, S, q_row, 0, 1.0, HAS_THR, CHUNK, NC_P2)
-                token = _sample_residual(l_row, q_row, wr, u, V, t, thr, M, S, q_row, 0, 1.0,
+                wr = _residual_masses(l_row, q_row, V, NC, t, thr_n, M_n, S_n, q_row, 0, 1.0, HAS_THR, CHUNK, NC_P2)
+                token = _sample_residual(l_row, q_row, wr, u_s, V, t, thr_n, M_n, S_n, q_row, 0, 1.0,
                                          HAS_THR, CHUNK, NC_P2)
         if token < 0:
-            token = _sample_p(l_row, V, t, thr, M, w, excl, u, g, HAS_THR, CHUNK, NC_P2)
-    tl.store(out_ptr + b * W + n_acc, token)
+            token = _sample_p(l_row, V, t, thr_n, M_n, w_n, excl, u_s, g_n, HAS_THR, CHUNK, NC_P2)
+    out = tl.where(j < n_acc, xi, tl.where(pick, token, -1))
+    tl.store(out_ptr + b * W + j, out, mask=j < W)
     tl.store(num_ptr + b, n_acc)
 
 
