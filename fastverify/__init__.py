@@ -5,8 +5,8 @@ thin keyword-friendly wrappers around them.
 """
 
 from ._backend import get_backend, set_backend, use_backend
-from .ops import rejection_sample, tree_rejection_sample
+from .ops import build_tree, compact_kv, rejection_sample, tree_attention, tree_rejection_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["rejection_sample", "tree_rejection_sample", "get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = ["rejection_sample", "tree_rejection_sample", "build_tree", "tree_attention", "compact_kv", "get_backend", "set_backend", "use_backend", "__version__"]

@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastverify.triton import rejection as rj  # noqa: E402
+from fastverify.triton import tree_attention as ta  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -53,9 +54,36 @@ def variants():
             }, {"HAS_Q": has_q, "HAS_THR": has_thr, "CHUNK": 4096, "NC_P2": 64, "D_P2": 8, "NODE_BLOCK": 64}, 4
 
 
+def attention_variants():
+    yield "build_tree", "-", "i64", ta._build_tree_kernel, {
+        "par_ptr": "*i64", "cu_ptr": "*i32", "prefix_ptr": "*i32", "mask_ptr": "*i64", "pos_ptr": "*i64",
+        "depth_ptr": "*i32", "B": "i32", "W": "i32"}, {"W_P2": 4}, 1
+    strides = {k: "i32" for k in ("stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp",
+                                   "stride_vs", "stride_vh", "stride_bt")}
+    sizes = {k: "i32" for k in ("T", "Hq", "Hkv", "G", "D", "PAGE", "SPLIT")}
+    for dt, (D, bm, bn) in itertools.product(("bf16", "fp16"), ((64, 64, 64), (80, 64, 64), (128, 64, 64),
+                                                                  (256, 32, 32))):
+        d_p2 = max(16, 1 << (D - 1).bit_length())
+        yield f"tree_attn_prefix D={D}", dt, "-", ta._prefix_partial_kernel, {
+            "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "seq_ptr": "*i32",
+            "cu_ptr": "*i32", "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", **strides, **sizes, "scale_log2": "fp32",
+        }, {"BLOCK_M": bm, "BLOCK_N": bn, "D_P2": d_p2, "UPCAST": False}, 8
+        yield f"tree_attn_merge D={D}", dt, "-", ta._tree_merge_kernel, {
+            "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "seq_ptr": "*i32",
+            "cu_ptr": "*i32", "mask_ptr": "*i64", "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", "out_ptr": f"*{dt}",
+            **strides, "stride_mt": "i32", "stride_ot": "i32", "stride_oh": "i32", **sizes, "NUM_SPLITS": "i32",
+            "scale_log2": "fp32", "W": "i32",
+        }, {"BLOCK_M": bm, "BLOCK_N": bn, "D_P2": d_p2, "UPCAST": False}, 8
+    yield "compact_kv", "bf16", "i32", ta._compact_kv_kernel, {
+        "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "prefix_ptr": "*i32", "acc_ptr": "*i32",
+        "num_ptr": "*i32", "stride_kp": "i32", "stride_ks": "i32", "stride_kh": "i32", "stride_vp": "i32",
+        "stride_vs": "i32", "stride_vh": "i32", "stride_bt": "i32", "stride_a": "i32", "PAGE": "i32",
+        "CAPACITY": "i32", "D": "i32"}, {"D_P2": 128}, 1
+
+
 def main(quick: bool) -> int:
     seen = set()
-    for name, logit_t, ids_t, fn, sig, const, warps in variants():
+    for name, logit_t, ids_t, fn, sig, const, warps in itertools.chain(variants(), attention_variants()):
         if quick and (name, ids_t) in seen:
             continue
         seen.add((name, ids_t))

@@ -33,7 +33,9 @@ import torch
 
 from .. import _backend
 from . import philox
-from ._checks import ID_DTYPES, check_cu, check_ids_in_vocab, check_logits, check_sampling_params, check_tensor
+from ._checks import (ID_DTYPES, check_cu, check_ids_in_vocab, check_logits, check_sampling_params, check_tensor,
+                      check_tree)
+from ._common import implementation, row_requests
 from .sampling import NEG_INF, filter_threshold, inverse_cdf, sanitize, scale
 
 lib = torch.library.Library("fastverify", "FRAGMENT")
@@ -112,50 +114,11 @@ def check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_node
         return
     check_cu(cu_num_nodes, "cu_num_nodes", T, "tree_tokens.numel()", min_step=1)
     check_ids_in_vocab(tree_tokens, "tree_tokens", V)
-    check_tree(parents, tree_tokens, cu_num_nodes, max_depth)
+    check_tree(parents, cu_num_nodes, tokens=tree_tokens, max_depth=max_depth)
     check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, True)
 
 
-def check_tree(parents: torch.Tensor, tokens: torch.Tensor, cu_num_nodes: torch.Tensor, max_depth: int) -> None:
-    """Each request's parents form a tree rooted at its node 0 (parent -1), every
-    parent precedes its child, siblings carry distinct tokens, depth <= max_depth."""
-    par, tok, cu = parents.tolist(), tokens.tolist(), cu_num_nodes.tolist()
-    for b in range(len(cu) - 1):
-        n0, n1 = cu[b], cu[b + 1]
-        if par[n0] != -1:
-            raise ValueError(f"parents[{n0}] = {par[n0]}: node 0 of request {b} is its root and must have parent -1")
-        depth = [0] * (n1 - n0)
-        seen: set[tuple[int, int]] = set()
-        for j in range(1, n1 - n0):
-            p = par[n0 + j]
-            if not 0 <= p < j:
-                raise ValueError(
-                    f"parents[{n0 + j}] = {p}: node {j} of request {b} needs a parent in [0, {j}) "
-                    "(tree-local index of an earlier node); parents do not form a tree")
-            if (p, tok[n0 + j]) in seen:
-                raise ValueError(
-                    f"tree_tokens[{n0 + j}] = {tok[n0 + j]} repeats a sibling's token under node {p} of request {b}; "
-                    "children of a node must carry distinct tokens")
-            seen.add((p, tok[n0 + j]))
-            depth[j] = depth[p] + 1
-            if depth[j] > max_depth:
-                raise ValueError(f"node {j} of request {b} is at depth {depth[j]} > max_depth = {max_depth}")
-
-
 # --------------------------------------------------------------------------- torch backend
-
-
-def _row_requests(cu: torch.Tensor, rows: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Request of each row and the row's index inside its request, without a host sync.
-
-    Request b owns rows cu[b] + b*extra ... cu[b+1] + b*extra + extra - 1.
-    """
-    B = cu.numel() - 1
-    b = torch.arange(B, device=cu.device)
-    counts = cu[1:] - cu[:-1] + extra
-    row_req = torch.repeat_interleave(b, counts, output_size=rows)
-    first = cu[:-1] + b * extra
-    return row_req, torch.arange(rows, device=cu.device) - first[row_req]
 
 
 class _Target:
@@ -199,7 +162,7 @@ def rejection_sample_torch(target_logits, draft_tokens, cu_num_draft, draft_prob
     W = max_draft_len + 1
     cu = cu_num_draft.long()
     num_draft = cu[1:] - cu[:-1]                                   # [B]
-    row_req, row_j = _row_requests(cu, R, 1)                       # [R], [R]
+    row_req, row_j = row_requests(cu, R, 1)                       # [R], [R]
     is_draft = row_j < num_draft[row_req]                          # [R]: row j scores draft j; else bonus row
     draft_idx = (cu[:-1][row_req] + row_j).clamp(0, max(N - 1, 0))
     x = torch.full((R,), -1, dtype=torch.long, device=dev)
@@ -275,7 +238,7 @@ def tree_rejection_sample_torch(target_logits, tree_tokens, parents, cu_num_node
     B = cu_num_nodes.numel() - 1
     D = max_depth + 1
     cu = cu_num_nodes.long()
-    row_req, local = _row_requests(cu, T, 0)
+    row_req, local = row_requests(cu, T, 0)
     tgt = _Target(target_logits, row_req, temperature, top_k, top_p)
     tokens = tree_tokens.long()
     kids = _children_table(cu, row_req, local, parents)                    # [T + 1, C]
@@ -363,29 +326,11 @@ def _tree_rejection_sample_fake(target_logits, tree_tokens, parents, cu_num_node
 # --------------------------------------------------------------------------- dispatch
 
 
-def _implementation(device: torch.device, name: str):
-    """The backend function ``name`` for tensors on ``device``."""
-    backend = _backend.get_backend(device)
-    if backend == "torch":
-        return globals()[name + "_torch"]
-    if backend == "triton":
-        if device.type == "cpu" and not _backend.triton_interpreting():
-            raise RuntimeError(
-                "the triton backend runs CPU tensors only under the Triton interpreter: "
-                "set TRITON_INTERPRET=1 before importing fastverify (or use CUDA tensors)")
-        from ..triton import rejection as triton_rejection
-        return getattr(triton_rejection, name)
-    if device.type != "cuda":
-        raise RuntimeError(f"the cuda backend needs CUDA tensors, got tensors on {device}")
-    from .. import _cuda
-    return getattr(_cuda, name)
-
-
 def _rejection_sample_impl(target_logits, draft_tokens, cu_num_draft, *, draft_probs=None, temperature, top_k=None,
                            top_p=None, seed, positions, max_draft_len):
     check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
                            seed, positions, max_draft_len)
-    fn = _implementation(target_logits.device, "rejection_sample")
+    fn = implementation(target_logits.device, "rejection", "rejection_sample", rejection_sample_torch)
     return fn(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed, positions,
               max_draft_len)
 
@@ -394,7 +339,7 @@ def _tree_rejection_sample_impl(target_logits, tree_tokens, parents, cu_num_node
                                 top_k=None, top_p=None, seed, positions, max_depth):
     check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
                                 top_k, top_p, seed, positions, max_depth)
-    fn = _implementation(target_logits.device, "tree_rejection_sample")
+    fn = implementation(target_logits.device, "rejection", "tree_rejection_sample", tree_rejection_sample_torch)
     return fn(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p, seed,
               positions, max_depth)
 

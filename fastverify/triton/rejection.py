@@ -24,26 +24,13 @@ import triton
 import triton.language as tl
 
 from ..ops.sampling import default_chunk
+from .common import request_of_row
 from .philox import uniform_pair
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _request_of_row(cu_ptr, row, B, ROW_EXTRA: tl.constexpr):
-    """Largest b in [0, B) with cu[b] + b·ROW_EXTRA <= row (binary search)."""
-    lo = tl.zeros([], tl.int32)
-    hi = tl.zeros([], tl.int32) + B
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        first = tl.load(cu_ptr + mid) + mid * ROW_EXTRA
-        right = first <= row
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
 
 
 @triton.jit
@@ -228,7 +215,7 @@ def _filter_threshold_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, topk_ptr, t
                              BLOCK: tl.constexpr):
     """thr[row]: keep token v iff l_v >= thr (top-k, then top-p of the renormalized rest)."""
     row = tl.program_id(0)
-    b = _request_of_row(cu_ptr, row, B, ROW_EXTRA)
+    b = request_of_row(cu_ptr, row, B, ROW_EXTRA)
     l_row = logits_ptr + row.to(tl.int64) * stride_l
     t = tl.load(temp_ptr + b)
     random = t > 0
@@ -263,7 +250,7 @@ def _chunk_stats_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, thr_ptr, stats_p
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     l = _load_logits(logits_ptr + row.to(tl.int64) * stride_l, offs, offs < V)  # in flight during the search
-    b = _request_of_row(cu_ptr, row, B, ROW_EXTRA)
+    b = request_of_row(cu_ptr, row, B, ROW_EXTRA)
     t = tl.load(temp_ptr + b)
     t = tl.where(t > 0, t, 1.0)
     a_i = tl.argmax(l, 0)

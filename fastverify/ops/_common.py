@@ -1,0 +1,39 @@
+"""Helpers shared by the op families: ragged-batch layout and backend dispatch."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .. import _backend
+
+
+def row_requests(cu: torch.Tensor, rows: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request of each row and the row's index inside its request, without a host sync.
+
+    Request b owns rows cu[b] + b*extra ... cu[b+1] + b*extra + extra - 1.
+    """
+    B = cu.numel() - 1
+    b = torch.arange(B, device=cu.device)
+    counts = cu[1:] - cu[:-1] + extra
+    row_req = torch.repeat_interleave(b, counts, output_size=rows)
+    first = cu[:-1] + b * extra
+    return row_req, torch.arange(rows, device=cu.device) - first[row_req]
+
+
+def implementation(device: torch.device, family: str, name: str, torch_fn):
+    """The backend function of op ``name`` (family module ``family``) for tensors on ``device``."""
+    backend = _backend.get_backend(device)
+    if backend == "torch":
+        return torch_fn
+    if backend == "triton":
+        if device.type == "cpu" and not _backend.triton_interpreting():
+            raise RuntimeError(
+                "the triton backend runs CPU tensors only under the Triton interpreter: "
+                "set TRITON_INTERPRET=1 before importing fastverify (or use CUDA tensors)")
+        return getattr(importlib.import_module(f"fastverify.triton.{family}"), name)
+    if device.type != "cuda":
+        raise RuntimeError(f"the cuda backend needs CUDA tensors, got tensors on {device}")
+    from .. import _cuda
+    return getattr(_cuda, name)
