@@ -1,0 +1,1247 @@
+// CUDA backend of fastverify::rejection_sample and fastverify::tree_rejection_sample.
+//
+// The same algorithm as the Triton backend (fastverify/triton/rejection.py), kernel for
+// kernel; see there and fastverify/ops/rejection.py (the spec) for the math. The
+// vocabulary of each target row is cut into chunks of `chunk` tokens (a power of two
+// <= 4096 that depends on V alone: fastverify.ops.sampling.default_chunk):
+//
+// 1. filter_threshold_kernel (only with top_k / top_p), one block per row: radix
+//    select of the keep-threshold on the raw logits (8 levels of 16 bins; counts for
+//    top-k, probability mass for top-p).            <- _filter_threshold_kernel
+// 2. chunk_stats_kernel, one block per (row, chunk): m_c = max z, s_c = sum exp(z - m_c)
+//    over kept tokens, and the first argmax of the raw logits.   <- _chunk_stats_kernel
+// 3. chain_finalize_kernel / tree_finalize_kernel, one block per request: merge the
+//    chunk stats of a row, run the acceptance tests, draw the emitted token by inverse
+//    CDF over chunk masses, then inside one chunk.
+//                                     <- _chain_finalize_kernel / _tree_finalize_kernel
+//
+// Float math is fp32 with IEEE division and the precise expf (no fast math). All
+// block-wide reductions and scans have a fixed order, so results are deterministic
+// (also under CUDA-graph replay). No host synchronisation, no data-dependent shapes.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "ops.h"
+#include "philox.cuh"
+
+namespace fastverify {
+namespace {
+
+constexpr float kInf = __builtin_huge_valf();
+constexpr float kFltMax = FLT_MAX;
+constexpr int kMaxChunk = 4096;  // fastverify.ops.sampling.MAX_CHUNK
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+// kernel 1: one block per row
+constexpr int kThrThreads = 512;
+constexpr int kThrWarps = kThrThreads / kWarp;
+constexpr int kRadixBins = 16;
+constexpr int kRadixLevels = 8;
+
+// kernel 2: one block per (row, chunk); each thread keeps up to kStatsItems values
+constexpr int kStatsThreads = 256;
+constexpr int kStatsItems = kMaxChunk / kStatsThreads;
+
+// kernel 3: one block per request; scans run over tiles of kScanTile weights
+constexpr int kFinThreads = 256;
+constexpr int kFinWarps = kFinThreads / kWarp;
+constexpr int kScanItems = 16;
+constexpr int kScanTile = kFinThreads * kScanItems;
+
+// Draft probability dtypes (runtime: draft_probs may differ from the logits' dtype).
+constexpr int kProbsF32 = 0;
+constexpr int kProbsBF16 = 1;
+constexpr int kProbsF16 = 2;
+
+// ------------------------------------------------------------------------------ helpers
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// fp32 logit with NaN -> -inf (_load_logits).
+__device__ __forceinline__ float sanitize(float l) { return l == l ? l : -kInf; }
+
+template <typename T>
+__device__ __forceinline__ float load_logit(const T* row, int64_t i) {
+  return sanitize(to_float(row[i]));
+}
+
+// z = min(l / t, FLT_MAX) (_scale).
+__device__ __forceinline__ float scale(float l, float t) { return fminf(l / t, kFltMax); }
+
+// Order-preserving float32 -> uint32 key (_float_key: the int64 key in [0, 2^32) is
+// key32 + 2^31, which as uint32 is key32 ^ 0x80000000).
+__device__ __forceinline__ uint32_t float_key(float x) {
+  const int32_t bits = __float_as_int(x);
+  const int32_t key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF);
+  return static_cast<uint32_t>(key32) ^ 0x80000000u;
+}
+
+// Inverse of float_key (_key_float).
+__device__ __forceinline__ float key_float(uint32_t key) {
+  const int32_t key32 = static_cast<int32_t>(key ^ 0x80000000u);
+  const int32_t bits = key32 ^ ((key32 >> 31) & 0x7FFFFFFF);
+  return __int_as_float(bits);
+}
+
+// Largest b in [0, B) with cu[b] + b * extra <= row (_request_of_row).
+__device__ __forceinline__ int request_of_row(const int32_t* cu, int64_t row, int B, int extra) {
+  int lo = 0;
+  int hi = B;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    const int64_t first = static_cast<int64_t>(cu[mid]) + static_cast<int64_t>(mid) * extra;
+    if (first <= row) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// int32 or int64 token ids / parents.
+struct Ids {
+  const void* p;
+  bool is64;
+  __device__ __forceinline__ int64_t operator[](int64_t i) const {
+    return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+  }
+};
+
+// One row of draft_probs (fp32 / bf16 / fp16).
+struct QRow {
+  const char* p;
+  int kind;
+  __device__ __forceinline__ float operator[](int64_t i) const {
+    if (kind == kProbsBF16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+    if (kind == kProbsF16) return __half2float(reinterpret_cast<const __half*>(p)[i]);
+    return reinterpret_cast<const float*>(p)[i];
+  }
+};
+
+struct QMat {
+  const char* base;
+  int64_t row_bytes;
+  int kind;
+  __device__ __forceinline__ QRow row(int64_t r) const { return QRow{base + r * row_bytes, kind}; }
+};
+
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MinIntOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a < b ? a : b; }
+};
+struct MaxIntOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+// Calls f(l) with the sanitized logit of every token of row[0, n), the block's threads
+// striding over it; 16-byte loads where `vec_ok` (row 16-byte aligned).
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_logit(const T* row, int64_t n, bool vec_ok, F&& f) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  int64_t tail = 0;
+  if (vec_ok) {
+    const int64_t groups = n / kVec;
+    const uint4* rv = reinterpret_cast<const uint4*>(row);
+    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+      union {
+        uint4 raw;
+        T v[kVec];
+      } u;
+      u.raw = rv[gi];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) f(sanitize(to_float(u.v[j])));
+    }
+    tail = groups * kVec;
+  }
+  for (int64_t i = tail + threadIdx.x; i < n; i += blockDim.x) f(sanitize(to_float(row[i])));
+}
+
+// ------------------------------------------------------------- kernel 1: top-k / top-p threshold
+
+struct ThrSmem {
+  cub::BlockReduce<float, kThrThreads>::TempStorage reduce;
+  float hist[kThrWarps][kRadixBins];
+  uint32_t prefix;
+  float bcast;
+};
+
+// Largest key k* (of a token) with sum_{key >= k*, key >= min_key} w >= target, where
+// w = 1 (count) or exp(z - m) (kMass; target is then a fraction of the total). Eight
+// passes over the row, each fixing four more bits of k* from a 16-bin histogram
+// (_radix_select).
+template <bool kMass, typename T>
+__device__ uint32_t radix_select(const T* row, int V, bool vec_ok, float t, float m, uint32_t min_key, float target,
+                                 ThrSmem& sm) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  uint32_t prefix = 0;
+  float above = 0.f;  // used by thread 0 only
+  float goal = target;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    const int shift = 28 - 4 * level;
+    float h[kRadixBins];
+#pragma unroll
+    for (int d = 0; d < kRadixBins; ++d) h[d] = 0.f;
+    for_each_logit(row, V, vec_ok, [&](float l) {
+      const uint32_t key = float_key(l);
+      // level 0 shifts by 32: done on 64 bits (key >> 32 == 0 == prefix)
+      if (key >= min_key && (static_cast<uint64_t>(key) >> (shift + 4)) == static_cast<uint64_t>(prefix)) {
+        const float w = kMass ? expf(scale(l, t) - m) : 1.f;
+        const uint32_t digit = (key >> shift) & 15u;
+#pragma unroll
+        for (int d = 0; d < kRadixBins; ++d) h[d] += (digit == static_cast<uint32_t>(d)) ? w : 0.f;
+      }
+    });
+#pragma unroll
+    for (int d = 0; d < kRadixBins; ++d) {
+#pragma unroll
+      for (int off = kWarp / 2; off > 0; off /= 2) h[d] += __shfl_xor_sync(kFullMask, h[d], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int d = 0; d < kRadixBins; ++d) sm.hist[warp][d] = h[d];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float hist[kRadixBins];
+      float total = 0.f;
+#pragma unroll
+      for (int d = 0; d < kRadixBins; ++d) {
+        float s = 0.f;
+        for (int w = 0; w < kThrWarps; ++w) s += sm.hist[w][d];
+        hist[d] = s;
+        total += s;
+      }
+      if (kMass && level == 0) goal = target * total;
+      // d* = the largest digit with above + sum_{d' >= d} hist >= goal, else 0
+      int dsel = 0;
+      float cum = 0.f;
+#pragma unroll
+      for (int d = 0; d < kRadixBins; ++d) {
+        cum += hist[d];
+        const float at_or_above = total - cum + hist[d];
+        if (above + at_or_above >= goal) dsel = d;
+      }
+      float higher = 0.f;
+#pragma unroll
+      for (int d = 0; d < kRadixBins; ++d) {
+        if (d > dsel) higher += hist[d];
+      }
+      above += higher;
+      sm.prefix = prefix * kRadixBins + static_cast<uint32_t>(dsel);
+    }
+    __syncthreads();
+    prefix = sm.prefix;
+    // sm.hist / sm.prefix are next written after every thread has passed the barrier
+    // above and read them.
+  }
+  return prefix;
+}
+
+// thr[row]: keep token v iff l_v >= thr (top-k, then top-p of the renormalized rest);
+// -inf where no filter applies (_filter_threshold_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kThrThreads)
+    filter_threshold_kernel(const T* __restrict__ logits, int64_t stride_l, bool vec_ok, const int32_t* cu,
+                            const float* temp, const int32_t* top_k, const float* top_p, float* thr, int B, int V,
+                            int row_extra) {
+  __shared__ ThrSmem sm;
+  const int64_t row = blockIdx.x;
+  const int b = request_of_row(cu, row, B, row_extra);
+  const T* l_row = logits + row * stride_l;
+  float t = temp[b];
+  const bool random = t > 0.f;
+  t = random ? t : 1.f;
+  uint32_t key = 0;
+  bool use = false;
+  if (top_k != nullptr) {
+    const int k = top_k[b];
+    const bool use_k = random && k > 0 && k < V;
+    if (use_k) key = radix_select<false>(l_row, V, vec_ok, t, 0.f, key, static_cast<float>(k), sm);
+    use = use || use_k;
+  }
+  if (top_p != nullptr) {
+    const float p = top_p[b];
+    const bool use_p = random && p < 1.f;
+    if (use_p) {
+      float m = -kInf;
+      for_each_logit(l_row, V, vec_ok, [&](float l) { m = fmaxf(m, scale(l, t)); });
+      m = cub::BlockReduce<float, kThrThreads>(sm.reduce).Reduce(m, MaxOp{});
+      if (threadIdx.x == 0) sm.bcast = m;
+      __syncthreads();
+      m = sm.bcast;
+      key = radix_select<true>(l_row, V, vec_ok, t, m, key, p, sm);
+    }
+    use = use || use_p;
+  }
+  if (threadIdx.x == 0) thr[row] = use ? key_float(key) : -kInf;
+}
+
+// ------------------------------------------------------------------ kernel 2: chunk stats
+
+// (first argmax of the raw logits, max z) of a set of tokens
+struct ArgMaxZ {
+  float av;
+  int ai;
+  float zm;
+};
+
+struct ArgMaxZOp {
+  __device__ __forceinline__ ArgMaxZ operator()(const ArgMaxZ& x, const ArgMaxZ& y) const {
+    const bool take_y = y.av > x.av || (y.av == x.av && y.ai < x.ai);
+    return ArgMaxZ{take_y ? y.av : x.av, take_y ? y.ai : x.ai, fmaxf(x.zm, y.zm)};
+  }
+};
+
+// Per (row, chunk c): m_c = max z, s_c = sum exp(z - m_c) over kept tokens, and the first
+// argmax of the raw logits (greedy ignores temperature and filters) (_chunk_stats_kernel).
+// stats is [3, R, NC] (m, s, max logit), amax [R, NC] (token id of the chunk's argmax).
+template <typename T>
+__global__ void __launch_bounds__(kStatsThreads)
+    chunk_stats_kernel(const T* __restrict__ logits, int64_t stride_l, bool vec_ok, const int32_t* cu,
+                       const float* temp, const float* thr, float* stats, int32_t* amax, int B, int64_t R, int V,
+                       int NC, int chunk, int row_extra) {
+  using Reduce1 = cub::BlockReduce<ArgMaxZ, kStatsThreads>;
+  using Reduce2 = cub::BlockReduce<float, kStatsThreads>;
+  __shared__ union {
+    typename Reduce1::TempStorage r1;
+    typename Reduce2::TempStorage r2;
+  } tmp;
+  __shared__ float zmax_bcast;
+
+  const int64_t row = blockIdx.x;
+  const int b = request_of_row(cu, row, B, row_extra);
+  float t = temp[b];
+  t = t > 0.f ? t : 1.f;
+  const bool has_thr = thr != nullptr;
+  const float th = has_thr ? thr[row] : -kInf;
+  const T* l_row = logits + row * stride_l;
+  const int64_t RNC = R * NC;
+
+  for (int c = blockIdx.y; c < NC; c += gridDim.y) {
+    const int64_t first = static_cast<int64_t>(c) * chunk;
+    const int nvalid = static_cast<int>(min(static_cast<int64_t>(chunk), static_cast<int64_t>(V) - first));
+    const T* ch = l_row + first;
+    float z[kStatsItems];
+    ArgMaxZ loc{-kInf, INT_MAX, -kInf};
+    // token e of the chunk with raw value `raw`; e >= nvalid is off the row
+    auto visit = [&](int e, float raw, float& z_out) {
+      float zz = -kInf;
+      if (e < nvalid) {
+        const float l = sanitize(raw);
+        if (l > loc.av || (l == loc.av && e < loc.ai)) {
+          loc.av = l;
+          loc.ai = e;
+        }
+        zz = scale(l, t);
+        if (has_thr && !(l >= th)) zz = -kInf;
+      }
+      z_out = zz;
+      loc.zm = fmaxf(loc.zm, zz);
+    };
+    if (vec_ok) {
+      constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+      constexpr int kGroups = kStatsItems / kVec;
+#pragma unroll
+      for (int k = 0; k < kGroups; ++k) {
+        const int e0 = (static_cast<int>(threadIdx.x) + k * kStatsThreads) * kVec;
+        union {
+          uint4 raw;
+          T v[kVec];
+        } u;
+        u.raw = make_uint4(0u, 0u, 0u, 0u);
+        if (e0 + kVec <= nvalid) {
+          u.raw = *reinterpret_cast<const uint4*>(ch + e0);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (e0 + j < nvalid) u.v[j] = ch[e0 + j];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) visit(e0 + j, to_float(u.v[j]), z[k * kVec + j]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kStatsItems; ++k) {
+        const int e = static_cast<int>(threadIdx.x) + k * kStatsThreads;
+        visit(e, e < nvalid ? to_float(ch[e]) : 0.f, z[k]);
+      }
+    }
+
+    const ArgMaxZ red = Reduce1(tmp.r1).Reduce(loc, ArgMaxZOp{});  // valid in thread 0
+    if (threadIdx.x == 0) zmax_bcast = red.zm;
+    __syncthreads();
+    const float m = zmax_bcast;
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < kStatsItems; ++k) {
+      if (z[k] > -kInf) s += expf(z[k] - m);
+    }
+    s = Reduce2(tmp.r2).Sum(s);
+    if (threadIdx.x == 0) {
+      const int64_t i = row * NC + c;
+      stats[i] = m;
+      stats[RNC + i] = s;
+      stats[2 * RNC + i] = red.av;
+      amax[i] = c * chunk + red.ai;
+    }
+    __syncthreads();  // tmp and zmax_bcast are reused by the next chunk
+  }
+}
+
+// ------------------------------------------------------------- kernel 3: block-wide pieces
+
+struct RowMax {
+  float m;  // max of the chunk maxima m_c
+  float a;  // max of the chunk max logits
+  int c;    // first chunk holding a
+};
+
+struct RowMaxOp {
+  __device__ __forceinline__ RowMax operator()(const RowMax& x, const RowMax& y) const {
+    const bool take_y = y.a > x.a || (y.a == x.a && y.c < x.c);
+    return RowMax{fmaxf(x.m, y.m), take_y ? y.a : x.a, take_y ? y.c : x.c};
+  }
+};
+
+using FinReduceF = cub::BlockReduce<float, kFinThreads>;
+using FinReduceI = cub::BlockReduce<int, kFinThreads>;
+using FinReduceRM = cub::BlockReduce<RowMax, kFinThreads>;
+using FinScan = cub::BlockScan<float, kFinThreads>;
+
+struct FinSmem {
+  union {
+    FinReduceF::TempStorage rf;
+    FinReduceI::TempStorage ri;
+    FinReduceRM::TempStorage rm;
+    FinScan::TempStorage scan;
+  } tmp;
+  RowMax rm;
+  float f;
+  int i;
+};
+
+// Block-wide reductions, result broadcast to every thread. Each ends with a barrier, so
+// the temp storage and the broadcast slot are free again when it returns.
+__device__ __forceinline__ float block_sum(float x, FinSmem& sm) {
+  const float r = FinReduceF(sm.tmp.rf).Sum(x);
+  if (threadIdx.x == 0) sm.f = r;
+  __syncthreads();
+  const float out = sm.f;
+  __syncthreads();
+  return out;
+}
+
+__device__ __forceinline__ int block_min(int x, FinSmem& sm) {
+  const int r = FinReduceI(sm.tmp.ri).Reduce(x, MinIntOp{});
+  if (threadIdx.x == 0) sm.i = r;
+  __syncthreads();
+  const int out = sm.i;
+  __syncthreads();
+  return out;
+}
+
+__device__ __forceinline__ int block_max(int x, FinSmem& sm) {
+  const int r = FinReduceI(sm.tmp.ri).Reduce(x, MaxIntOp{});
+  if (threadIdx.x == 0) sm.i = r;
+  __syncthreads();
+  const int out = sm.i;
+  __syncthreads();
+  return out;
+}
+
+// The value of the one thread with `mine` set, broadcast.
+__device__ __forceinline__ float block_pick(bool mine, float value, FinSmem& sm) {
+  if (mine) sm.f = value;
+  __syncthreads();
+  const float out = sm.f;
+  __syncthreads();
+  return out;
+}
+
+// One target row in a finalize kernel: its processed distribution p (block-uniform).
+template <typename T>
+struct Row {
+  const T* l;       // logits row
+  const float* m;   // chunk maxima m_c of the row
+  const float* s;   // chunk sums s_c of the row
+  float t;          // temperature (1 for greedy)
+  float thr;        // keep-threshold (-inf: none)
+  bool has_thr;
+  int V, NC, chunk;
+  float M;  // max_c m_c
+  float S;  // sum of the chunk masses: lse = M + log S
+  int g;    // first argmax of the row's raw logits
+
+  // mass of chunk c relative to exp(M)
+  __device__ __forceinline__ float mass(int c) const {
+    const float mc = m[c];
+    return mc > -kInf ? s[c] * expf(mc - M) : 0.f;
+  }
+
+  // p(x) with the given normalizer (_prob_at); x is a valid id or -1 (then 0).
+  __device__ __forceinline__ float prob_at(int x, float norm) const {
+    const float lx = x >= 0 ? load_logit(l, x) : -kInf;
+    const float zx = scale(lx, t);
+    const bool kept = zx > -kInf && (!has_thr || lx >= thr);
+    return (kept && norm > 0.f) ? expf(zx - M) / norm : 0.f;
+  }
+
+  // exp(z - M) / norm at token `off` if kept, else 0; 0 off the row (_chunk_probs).
+  __device__ __forceinline__ float chunk_prob(int64_t off, float norm) const {
+    if (off < 0 || off >= V) return 0.f;
+    const float lv = load_logit(l, off);
+    const float z = scale(lv, t);
+    const bool kept = z > -kInf && (!has_thr || lv >= thr);
+    return kept ? expf(z - M) / norm : 0.f;
+  }
+};
+
+// Merge a row's chunk stats (_row_stats).
+template <typename T>
+__device__ Row<T> load_row(const T* logits, int64_t stride_l, const float* thr, const float* stats,
+                           const int32_t* amax, int64_t row, int64_t R, int V, int NC, int chunk, float t,
+                           FinSmem& sm) {
+  Row<T> r;
+  const int64_t base = row * NC;
+  const int64_t RNC = R * NC;
+  r.l = logits + row * stride_l;
+  r.m = stats + base;
+  r.s = stats + RNC + base;
+  const float* a = stats + 2 * RNC + base;
+  r.t = t;
+  r.has_thr = thr != nullptr;
+  r.thr = r.has_thr ? thr[row] : -kInf;
+  r.V = V;
+  r.NC = NC;
+  r.chunk = chunk;
+
+  RowMax loc{-kInf, -kInf, INT_MAX};
+  for (int c = threadIdx.x; c < NC; c += kFinThreads) loc = RowMaxOp{}(loc, RowMax{r.m[c], a[c], c});
+  const RowMax red = FinReduceRM(sm.tmp.rm).Reduce(loc, RowMaxOp{});
+  if (threadIdx.x == 0) sm.rm = red;
+  __syncthreads();
+  const RowMax all = sm.rm;
+  __syncthreads();
+  r.M = all.m;
+  float w = 0.f;
+  for (int c = threadIdx.x; c < NC; c += kFinThreads) w += r.mass(c);
+  r.S = block_sum(w, sm);
+  r.g = amax[base + all.c];  // all.c < NC: chunk 0 always takes part
+  return r;
+}
+
+struct Pick {
+  int i;       // index, or -1
+  float rest;  // target - sum_{j < i} w_j
+};
+
+// Inverse CDF over weights wf(0..N-1) >= 0 (_inverse_cdf): the first i with running sum
+// > target; else the last i with w > 0; else -1. Returns (i, target - sum_{j<i} w_j),
+// the latter as target - (cum_i - w_i) like the Triton kernel. Tiles of kScanTile
+// weights, blocked over the threads, carried from tile to tile.
+template <typename WF>
+__device__ Pick block_inverse_cdf(int N, float target, const WF& wf, FinSmem& sm) {
+  float carry = 0.f;
+  int last = -1;
+  float last_before = 0.f;
+  for (int tile = 0; tile < N; tile += kScanTile) {
+    const int first = tile + static_cast<int>(threadIdx.x) * kScanItems;
+    float w[kScanItems];
+    float cum[kScanItems];
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) w[j] = (first + j < N) ? wf(first + j) : 0.f;
+    float aggregate;
+    FinScan(sm.tmp.scan).InclusiveSum(w, cum, aggregate);
+    __syncthreads();  // the scan's storage is reused below
+    int my_first = INT_MAX;
+    int my_last = -1;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      cum[j] += carry;
+      const int idx = first + j;
+      if (idx < N) {
+        if (my_first == INT_MAX && cum[j] > target) my_first = idx;
+        if (w[j] > 0.f) my_last = idx;
+      }
+    }
+    const int hit = block_min(my_first, sm);
+    if (hit != INT_MAX) {
+      bool mine = false;
+      float before = 0.f;
+#pragma unroll
+      for (int j = 0; j < kScanItems; ++j) {
+        if (first + j == hit) {
+          mine = true;
+          before = cum[j] - w[j];
+        }
+      }
+      return Pick{hit, target - block_pick(mine, before, sm)};
+    }
+    const int pos = block_max(my_last, sm);
+    if (pos >= 0) {
+      bool mine = false;
+      float before = 0.f;
+#pragma unroll
+      for (int j = 0; j < kScanItems; ++j) {
+        if (first + j == pos) {
+          mine = true;
+          before = cum[j] - w[j];
+        }
+      }
+      last = pos;
+      last_before = block_pick(mine, before, sm);
+    }
+    carry += aggregate;
+  }
+  return Pick{last, last >= 0 ? target - last_before : target};
+}
+
+// Token ~ p with token `excl` left out (-1: none), from the chunk masses (_sample_p).
+template <typename T>
+__device__ int sample_p(const Row<T>& r, int excl, float u, FinSmem& sm) {
+  const float ex = r.prob_at(excl, 1.f);  // mass of excl relative to exp(M)
+  const int ex_chunk = excl >= 0 ? excl / r.chunk : -1;
+  auto wf = [&](int c) {
+    const float w = r.mass(c);
+    return c == ex_chunk ? fmaxf(w - ex, 0.f) : w;
+  };
+  float tot = 0.f;
+  for (int c = threadIdx.x; c < r.NC; c += kFinThreads) tot += wf(c);
+  tot = block_sum(tot, sm);
+  const Pick pc = block_inverse_cdf(r.NC, u * tot, wf, sm);
+  if (pc.i < 0) return r.g;
+  const int64_t first = static_cast<int64_t>(pc.i) * r.chunk;
+  const Pick pt = block_inverse_cdf(
+      r.chunk, pc.rest,
+      [&](int e) {
+        const int64_t off = first + e;
+        return off == excl ? 0.f : r.chunk_prob(off, 1.f);
+      },
+      sm);
+  return pt.i >= 0 ? static_cast<int>(first + pt.i) : r.g;
+}
+
+// r_k at a token with target prob p and draft prob q after k recorded rejections:
+// r <- max(r - q / sigma_i, 0) / rho_{i+1} for i < k, (sigma_i, rho_{i+1}) = ws[2i], ws[2i+1]
+// (_rrs_value). ws is written by this block (no read-only cache path).
+__device__ __forceinline__ float rrs_value(float p, float q, const float* ws, int k) {
+  float r = p;
+  for (int i = 0; i < k; ++i) {
+    const float sigma = ws[2 * i];
+    const float rho = ws[2 * i + 1];
+    r = fmaxf(r - q / sigma, 0.f);
+    if (rho > 0.f) r = r / rho;
+  }
+  return r;
+}
+
+// max(r_k - q / sigma, 0) at token `off`, 0 off the row (_residual_chunk).
+template <typename T>
+__device__ __forceinline__ float residual_at(const Row<T>& r, QRow q, int64_t off, const float* ws, int k,
+                                             float sigma) {
+  if (off < 0 || off >= r.V) return 0.f;
+  const float p = r.chunk_prob(off, r.S);
+  const float qv = q[off];
+  return fmaxf(rrs_value(p, qv, ws, k) - qv / sigma, 0.f);
+}
+
+// Per-chunk masses of the unnormalized residual max(r_k - q / sigma, 0) into wbuf[0, NC)
+// (one pass over the row, a warp per chunk); returns their sum (_residual_masses).
+template <typename T>
+__device__ float residual_masses(const Row<T>& r, QRow q, const float* ws, int k, float sigma, float* wbuf,
+                                 FinSmem& sm) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  for (int c = warp; c < r.NC; c += kFinWarps) {
+    const int64_t first = static_cast<int64_t>(c) * r.chunk;
+    float acc = 0.f;
+    for (int e = lane; e < r.chunk; e += kWarp) acc += residual_at(r, q, first + e, ws, k, sigma);
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+    if (lane == 0) wbuf[c] = acc;
+  }
+  __syncthreads();
+  float tot = 0.f;
+  for (int c = threadIdx.x; c < r.NC; c += kFinThreads) tot += wbuf[c];
+  return block_sum(tot, sm);
+}
+
+// Token ~ max(r_k - q / sigma, 0) given its chunk masses in wbuf; -1 if they have no mass
+// (_sample_residual).
+template <typename T>
+__device__ int sample_residual(const Row<T>& r, QRow q, const float* wbuf, float u, const float* ws, int k,
+                               float sigma, FinSmem& sm) {
+  float tot = 0.f;
+  for (int c = threadIdx.x; c < r.NC; c += kFinThreads) tot += wbuf[c];
+  tot = block_sum(tot, sm);
+  const Pick pc = block_inverse_cdf(r.NC, u * tot, [&](int c) { return wbuf[c]; }, sm);
+  if (pc.i < 0) return -1;
+  const int64_t first = static_cast<int64_t>(pc.i) * r.chunk;
+  const Pick pt = block_inverse_cdf(
+      r.chunk, pc.rest, [&](int e) { return residual_at(r, q, first + e, ws, k, sigma); }, sm);
+  return pt.i >= 0 ? static_cast<int>(first + pt.i) : -1;
+}
+
+// ---------------------------------------------------------------- kernel 3: chain finalize
+
+template <typename T>
+struct ChainArgs {
+  const T* logits;
+  int64_t stride_l;
+  QMat q;
+  bool has_q;  // draft_probs given
+  Ids draft;
+  const int32_t* cu;
+  const float* temp;
+  const int64_t* seed;
+  const int64_t* pos;
+  const float* thr;  // nullptr: no top-k / top-p
+  const float* stats;
+  const int32_t* amax;
+  float* wbuf;  // [B, NC] residual chunk masses (with draft_probs)
+  int32_t* out;
+  int32_t* num;
+  int64_t R;
+  int64_t N;
+  int V;
+  int NC;
+  int chunk;
+  int max_draft_len;
+};
+
+// One request: accept drafts in order, then draw the recovered or bonus token
+// (_chain_finalize_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kFinThreads) chain_finalize_kernel(const ChainArgs<T> a) {
+  __shared__ FinSmem sm;
+  const int b = blockIdx.x;
+  const bool has_q = a.has_q;
+  const int64_t W = static_cast<int64_t>(a.max_draft_len) + 1;
+  int32_t* out = a.out + b * W;
+  for (int64_t col = threadIdx.x; col < W; col += kFinThreads) out[col] = -1;
+  __syncthreads();  // thread 0 overwrites some of these below
+
+  int64_t start = a.cu[b];
+  int64_t row0 = start + b;
+  // Unchecked prefix sums must not move a read outside [0, N) drafts or [0, R) rows.
+  const bool ok = start >= 0 && start <= a.N && row0 < a.R;
+  int64_t K = static_cast<int64_t>(a.cu[b + 1]) - start;
+  K = min(min(K, static_cast<int64_t>(a.max_draft_len)), min(a.N - start, a.R - 1 - row0));
+  K = ok ? max(K, static_cast<int64_t>(0)) : 0;
+  row0 = ok ? row0 : 0;
+  start = ok ? start : 0;
+  float t = a.temp[b];
+  const bool random = t > 0.f;
+  t = random ? t : 1.f;
+  const int64_t seed = a.seed[b];
+  const int64_t pos = a.pos[b];
+
+  int n_acc = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t row = row0 + j;
+    const Row<T> r = load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.R, a.V, a.NC, a.chunk, t, sm);
+    const int64_t x = a.draft[start + j];
+    const bool valid = x >= 0 && x < a.V;
+    const int xi = valid ? static_cast<int>(x) : -1;
+    const float px = r.prob_at(xi, r.S);
+    const float u = uniform_pair(seed, pos + j, 0u).x;
+    bool accept;
+    if (has_q) {
+      const float qx = valid ? a.q.row(start + j)[xi] : 0.f;
+      accept = u * qx < px;
+    } else {
+      accept = u < px;
+    }
+    accept = valid && (random ? accept : xi == r.g);
+    if (!accept) break;
+    if (threadIdx.x == 0) out[j] = xi;
+    ++n_acc;
+  }
+
+  const int64_t row = row0 + n_acc;
+  const Row<T> r = load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.R, a.V, a.NC, a.chunk, t, sm);
+  int token = r.g;
+  if (random) {
+    const float u = uniform_pair(seed, pos + n_acc, 0u).y;
+    int excl = -1;
+    if (n_acc < K) {
+      const int64_t x = a.draft[start + n_acc];
+      excl = (x >= 0 && x < a.V) ? static_cast<int>(x) : -1;
+    }
+    token = -1;
+    if (has_q && excl >= 0) {
+      // residual max(p - q, 0): one pass for chunk masses, one chunk to place u
+      const QRow q = a.q.row(start + n_acc);
+      float* wbuf = a.wbuf + static_cast<int64_t>(b) * a.NC;
+      residual_masses(r, q, nullptr, 0, 1.f, wbuf, sm);
+      token = sample_residual(r, q, wbuf, u, nullptr, 0, 1.f, sm);
+    }
+    if (token < 0) token = sample_p(r, excl, u, sm);
+  }
+  if (threadIdx.x == 0) {
+    out[n_acc] = token;
+    a.num[b] = n_acc;
+  }
+}
+
+// ----------------------------------------------------------------- kernel 3: tree finalize
+
+template <typename T>
+struct TreeArgs {
+  const T* logits;
+  int64_t stride_l;
+  QMat q;
+  bool has_q;  // draft_probs given (else sample-then-match)
+  Ids tok;
+  Ids par;
+  const int32_t* cu;
+  const float* temp;
+  const int64_t* seed;
+  const int64_t* pos;
+  const float* thr;
+  const float* stats;
+  const int32_t* amax;
+  float* ws;    // [T + 1, 2] (sigma, rho) of each rejected child, per visit (with draft_probs)
+  float* wbuf;  // [B, NC] residual chunk masses (with draft_probs)
+  int32_t* acc;
+  int32_t* out;
+  int32_t* num;
+  int64_t num_rows;  // T: rows of target_logits = nodes
+  int V;
+  int NC;
+  int chunk;
+  int max_depth;
+};
+
+// Tree-local index of node's child carrying token y, or -1 (_find_child).
+__device__ int find_child(Ids tok, Ids par, int64_t n0, int64_t n, int node, int y, FinSmem& sm) {
+  int best = INT_MAX;
+  for (int64_t j = node + 1 + static_cast<int64_t>(threadIdx.x); j < n; j += kFinThreads) {
+    if (par[n0 + j] == node && tok[n0 + j] == y) {
+      best = min(best, static_cast<int>(j));
+    }
+  }
+  best = block_min(best, sm);
+  return best < n ? best : -1;
+}
+
+struct Step {
+  int nxt;  // accepted child (tree-local), or -1
+  int y;    // token to emit at this depth
+};
+
+// Recursive rejection over node's children in node order (SpecInfer, without
+// replacement). ws holds (sigma_k, rho_{k+1}) of each rejected child k
+// (_recursive_rejection).
+template <typename T>
+__device__ Step recursive_rejection(const Row<T>& r, QRow q, Ids tok, Ids par, float* ws, float* wbuf, int64_t n0,
+                                    int64_t n, int node, int64_t seed, int64_t tpos, float u_sample, FinSmem& sm) {
+  int nxt = -1;
+  int k = 0;
+  float sigma = 1.f;
+  for (int64_t j = node + 1; j < n; ++j) {
+    const int64_t x = tok[n0 + j];
+    const bool kid = par[n0 + j] == node && x >= 0 && x < r.V;
+    if (!kid) continue;
+    const int xi = static_cast<int>(x);
+    const float qx = q[xi];
+    const float rx = rrs_value(r.prob_at(xi, r.S), qx, ws, k);
+    const float u = uniform_pair(seed, tpos, static_cast<uint32_t>(k)).x;
+    const float s_k = fmaxf(sigma, 1e-30f);
+    if (u * (qx / s_k) < rx) {
+      nxt = static_cast<int>(j);
+      break;
+    }
+    const float rho = residual_masses(r, q, ws, k, s_k, wbuf, sm);
+    if (threadIdx.x == 0) {
+      ws[2 * k] = s_k;
+      ws[2 * k + 1] = rho;
+    }
+    __syncthreads();  // every thread reads ws[0, 2k + 2) from here on
+    sigma = sigma - qx;
+    ++k;
+  }
+  int y = -1;
+  if (nxt >= 0) {
+    y = static_cast<int>(tok[n0 + nxt]);
+  } else {
+    if (k > 0) {
+      const float s_last = ws[2 * (k - 1)];
+      y = sample_residual(r, q, wbuf, u_sample, ws, k - 1, s_last, sm);
+    }
+    if (y < 0) y = sample_p(r, -1, u_sample, sm);
+  }
+  return Step{nxt, y};
+}
+
+// One request: walk the tree from the root, one target row per visited node
+// (_tree_finalize_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kFinThreads) tree_finalize_kernel(const TreeArgs<T> a) {
+  __shared__ FinSmem sm;
+  const int b = blockIdx.x;
+  const bool has_q = a.has_q;
+  const int64_t D = static_cast<int64_t>(a.max_depth) + 1;
+  int32_t* acc = a.acc + b * D;
+  int32_t* out = a.out + b * D;
+  for (int64_t col = threadIdx.x; col < D; col += kFinThreads) {
+    acc[col] = -1;
+    out[col] = -1;
+  }
+  __syncthreads();  // thread 0 overwrites some of these below
+
+  int64_t n0 = a.cu[b];
+  int64_t n = static_cast<int64_t>(a.cu[b + 1]) - n0;
+  const bool ok = n0 >= 0 && n >= 1 && n0 + n <= a.num_rows;
+  n0 = ok ? n0 : 0;
+  n = ok ? n : 0;
+  float t = a.temp[b];
+  const bool random = t > 0.f;
+  t = random ? t : 1.f;
+  const int64_t seed = a.seed[b];
+  const int64_t pos = a.pos[b];
+  if (ok && threadIdx.x == 0) acc[0] = 0;
+
+  int node = 0;
+  int depth = 0;
+  bool done = !ok;
+  for (int step = 0; step <= a.max_depth && !done; ++step) {
+    const int64_t row = n0 + node;
+    const Row<T> r = load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.num_rows, a.V, a.NC, a.chunk, t, sm);
+    const float u_sample = uniform_pair(seed, pos + depth, 0u).y;
+    int y = r.g;
+    int nxt = -1;
+    if (has_q) {
+      if (random) {
+        // slot k of this visit's workspace: row + 1 + k < n0 + n (k < number of children)
+        const Step s = recursive_rejection(r, a.q.row(row), a.tok, a.par, a.ws + 2 * (row + 1),
+                                           a.wbuf + static_cast<int64_t>(b) * a.NC, n0, n, node, seed, pos + depth,
+                                           u_sample, sm);
+        nxt = s.nxt;
+        y = s.y;
+      } else {
+        nxt = find_child(a.tok, a.par, n0, n, node, y, sm);
+      }
+    } else {
+      // sample-then-match
+      if (random) y = sample_p(r, -1, u_sample, sm);
+      nxt = find_child(a.tok, a.par, n0, n, node, y, sm);
+    }
+    if (threadIdx.x == 0) out[depth] = y;
+    if (nxt >= 0 && depth < a.max_depth) {
+      node = nxt;
+      ++depth;
+      if (threadIdx.x == 0) acc[depth] = node;
+    } else {
+      done = true;
+    }
+  }
+  if (threadIdx.x == 0) a.num[b] = depth;
+}
+
+// ------------------------------------------------------------------------------ launchers
+
+#define FASTVERIFY_CHECK_LAUNCH(what)                                                                   \
+  do {                                                                                                  \
+    const cudaError_t err_ = cudaGetLastError();                                                        \
+    TORCH_CHECK(err_ == cudaSuccess, "fastverify_cuda: launch of ", what, " failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<device type>{}) for the logits dtype.
+template <typename F>
+void dispatch_logits(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(Tag<float>{});
+      break;
+    case at::kBFloat16:
+      f(Tag<__nv_bfloat16>{});
+      break;
+    case at::kHalf:
+      f(Tag<__half>{});
+      break;
+    default:
+      TORCH_CHECK(false, "fastverify_cuda: target_logits must be float32, bfloat16 or float16, got ", st);
+  }
+}
+
+int probs_kind(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return kProbsF32;
+    case at::kBFloat16:
+      return kProbsBF16;
+    case at::kHalf:
+      return kProbsF16;
+    default:
+      TORCH_CHECK(false, "fastverify_cuda: draft_probs must be float32, bfloat16 or float16, got ", st);
+  }
+  return kProbsF32;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void check_vector(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t numel,
+                  const at::Tensor& logits) {
+  TORCH_CHECK(x.dim() == 1, "fastverify_cuda: ", name, " must be 1-D, got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == dtype, "fastverify_cuda: ", name, " must be ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK(x.device() == logits.device(), "fastverify_cuda: ", name, " is on ", x.device(),
+              " but target_logits is on ", logits.device());
+  TORCH_CHECK(numel < 0 || x.numel() == numel, "fastverify_cuda: ", name, " must have ", numel, " entries, got ",
+              x.numel());
+}
+
+void check_ids(const at::Tensor& x, const char* name, const at::Tensor& logits) {
+  TORCH_CHECK(x.dim() == 1, "fastverify_cuda: ", name, " must be 1-D, got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kInt || x.scalar_type() == at::kLong, "fastverify_cuda: ", name,
+              " must be int32 or int64, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == logits.device(), "fastverify_cuda: ", name, " is on ", x.device(),
+              " but target_logits is on ", logits.device());
+}
+
+void check_probs(const at::Tensor& q, int64_t rows, int64_t V, const at::Tensor& logits) {
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == rows && q.size(1) == V, "fastverify_cuda: draft_probs must have shape [",
+              rows, ", ", V, "], got ", q.sizes());
+  TORCH_CHECK(q.device() == logits.device(), "fastverify_cuda: draft_probs is on ", q.device(),
+              " but target_logits is on ", logits.device());
+  TORCH_CHECK(V <= 1 || q.stride(1) == 1, "fastverify_cuda: draft_probs must be contiguous in the vocabulary");
+  (void)probs_kind(q.scalar_type());
+}
+
+QMat make_qmat(const std::optional<at::Tensor>& q) {
+  if (!q.has_value()) return QMat{nullptr, 0, kProbsF32};
+  return QMat{static_cast<const char*>(q->data_ptr()), q->stride(0) * static_cast<int64_t>(q->element_size()),
+              probs_kind(q->scalar_type())};
+}
+
+struct Common {
+  int64_t R;
+  int64_t V;
+  int64_t B;
+  int NC;
+  at::Tensor cu, temp, top_k, top_p, seed, pos;
+};
+
+// Argument checks (metadata only: no sync) and contiguous 1-D inputs.
+Common prepare(const at::Tensor& logits, const at::Tensor& cu, const char* cu_name, const at::Tensor& temperature,
+               const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
+               const at::Tensor& positions, int64_t chunk) {
+  TORCH_CHECK(logits.is_cuda(), "fastverify_cuda: target_logits must be a CUDA tensor");
+  TORCH_CHECK(logits.dim() == 2, "fastverify_cuda: target_logits must be 2-D, got shape ", logits.sizes());
+  Common c;
+  c.R = logits.size(0);
+  c.V = logits.size(1);
+  TORCH_CHECK(c.V >= 1 && c.V < (int64_t{1} << 31), "fastverify_cuda: vocabulary size ", c.V, " out of range");
+  TORCH_CHECK(c.R < (int64_t{1} << 31), "fastverify_cuda: too many target rows: ", c.R);
+  TORCH_CHECK(c.V == 1 || logits.stride(1) == 1,
+              "fastverify_cuda: target_logits must be contiguous in the vocabulary dimension");
+  TORCH_CHECK(chunk >= 1 && chunk <= kMaxChunk && (chunk & (chunk - 1)) == 0,
+              "fastverify_cuda: chunk_size must be a power of two in [1, ", kMaxChunk, "], got ", chunk);
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "fastverify_cuda: ", cu_name, " must be 1-D with B + 1 >= 2 entries");
+  c.B = cu.numel() - 1;
+  TORCH_CHECK(c.B < (int64_t{1} << 31), "fastverify_cuda: too many requests: ", c.B);
+  check_vector(cu, cu_name, at::kInt, -1, logits);
+  check_vector(temperature, "temperature", at::kFloat, c.B, logits);
+  check_vector(seed, "seed", at::kLong, c.B, logits);
+  check_vector(positions, "positions", at::kLong, c.B, logits);
+  if (top_k.has_value()) check_vector(*top_k, "top_k", at::kInt, c.B, logits);
+  if (top_p.has_value()) check_vector(*top_p, "top_p", at::kFloat, c.B, logits);
+  c.NC = static_cast<int>((c.V + chunk - 1) / chunk);
+  c.cu = cu.contiguous();
+  c.temp = temperature.contiguous();
+  c.seed = seed.contiguous();
+  c.pos = positions.contiguous();
+  if (top_k.has_value()) c.top_k = top_k->contiguous();
+  if (top_p.has_value()) c.top_p = top_p->contiguous();
+  return c;
+}
+
+struct RowStats {
+  at::Tensor thr;  // undefined without top-k / top-p
+  at::Tensor stats;
+  at::Tensor amax;
+};
+
+// Kernels 1 (if filtering) and 2 for all rows (_row_stats_pass).
+template <typename T>
+RowStats row_stats_pass(const at::Tensor& logits, const Common& c, int row_extra, int chunk, cudaStream_t stream) {
+  RowStats rs;
+  const auto f32 = logits.options().dtype(at::kFloat);
+  rs.stats = at::empty({3, c.R, c.NC}, f32);
+  rs.amax = at::empty({c.R, c.NC}, logits.options().dtype(at::kInt));
+  if (c.R == 0) return rs;
+  const T* l = static_cast<const T*>(logits.data_ptr());
+  const int64_t stride_l = logits.stride(0);
+  const int64_t elem = static_cast<int64_t>(sizeof(T));
+  const bool row_vec = aligned16(l) && (stride_l * elem) % 16 == 0;
+  const int B = static_cast<int>(c.B);
+  const int V = static_cast<int>(c.V);
+  if (c.top_k.defined() || c.top_p.defined()) {
+    rs.thr = at::empty({c.R}, f32);
+    filter_threshold_kernel<T><<<static_cast<unsigned>(c.R), kThrThreads, 0, stream>>>(
+        l, stride_l, row_vec, c.cu.data_ptr<int32_t>(), c.temp.data_ptr<float>(),
+        c.top_k.defined() ? c.top_k.data_ptr<int32_t>() : nullptr,
+        c.top_p.defined() ? c.top_p.data_ptr<float>() : nullptr, rs.thr.data_ptr<float>(), B, V, row_extra);
+    FASTVERIFY_CHECK_LAUNCH("filter_threshold_kernel");
+  }
+  const bool chunk_vec = row_vec && (chunk * elem) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(c.R), static_cast<unsigned>(std::min(c.NC, 65535)));
+  chunk_stats_kernel<T><<<grid, kStatsThreads, 0, stream>>>(
+      l, stride_l, chunk_vec, c.cu.data_ptr<int32_t>(), c.temp.data_ptr<float>(),
+      rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr, rs.stats.data_ptr<float>(), rs.amax.data_ptr<int32_t>(),
+      B, c.R, V, c.NC, chunk, row_extra);
+  FASTVERIFY_CHECK_LAUNCH("chunk_stats_kernel");
+  return rs;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
+    const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& positions, int64_t max_draft_len,
+    int64_t chunk_size, int64_t cuda_stream) {
+  TORCH_CHECK(target_logits.is_cuda(), "fastverify_cuda: target_logits must be a CUDA tensor");
+  const c10::DeviceGuard guard(target_logits.device());
+  const Common c = prepare(target_logits, cu_num_draft, "cu_num_draft", temperature, top_k, top_p, seed, positions, chunk_size);
+  TORCH_CHECK(c.R >= 1, "fastverify_cuda: target_logits needs a row per draft plus one per request");
+  check_ids(draft_tokens, "draft_tokens", target_logits);
+  TORCH_CHECK(max_draft_len >= 0 && max_draft_len < (int64_t{1} << 30),
+              "fastverify_cuda: max_draft_len out of range: ", max_draft_len);
+  const at::Tensor drafts = draft_tokens.contiguous();
+  const int64_t N = drafts.numel();
+  if (draft_probs.has_value()) check_probs(*draft_probs, N, c.V, target_logits);
+
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(cuda_stream));
+  const auto i32 = target_logits.options().dtype(at::kInt);
+  at::Tensor out = at::empty({c.B, max_draft_len + 1}, i32);
+  at::Tensor num = at::empty({c.B}, i32);
+  const int chunk = static_cast<int>(chunk_size);
+
+  dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const RowStats rs = row_stats_pass<T>(target_logits, c, 1, chunk, stream);
+    at::Tensor wbuf;
+    if (draft_probs.has_value()) wbuf = at::empty({c.B, c.NC}, target_logits.options().dtype(at::kFloat));
+    ChainArgs<T> a;
+    a.logits = static_cast<const T*>(target_logits.data_ptr());
+    a.stride_l = target_logits.stride(0);
+    a.q = make_qmat(draft_probs);
+    a.has_q = draft_probs.has_value();
+    a.draft = Ids{drafts.data_ptr(), drafts.scalar_type() == at::kLong};
+    a.cu = c.cu.data_ptr<int32_t>();
+    a.temp = c.temp.data_ptr<float>();
+    a.seed = c.seed.data_ptr<int64_t>();
+    a.pos = c.pos.data_ptr<int64_t>();
+    a.thr = rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr;
+    a.stats = rs.stats.data_ptr<float>();
+    a.amax = rs.amax.data_ptr<int32_t>();
+    a.wbuf = wbuf.defined() ? wbuf.data_ptr<float>() : nullptr;
+    a.out = out.data_ptr<int32_t>();
+    a.num = num.data_ptr<int32_t>();
+    a.R = c.R;
+    a.N = N;
+    a.V = static_cast<int>(c.V);
+    a.NC = c.NC;
+    a.chunk = chunk;
+    a.max_draft_len = static_cast<int>(max_draft_len);
+    chain_finalize_kernel<T><<<static_cast<unsigned>(c.B), kFinThreads, 0, stream>>>(a);
+    FASTVERIFY_CHECK_LAUNCH("chain_finalize_kernel");
+  });
+  return {out, num};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
+    const at::Tensor& target_logits, const at::Tensor& tree_tokens, const at::Tensor& parents,
+    const at::Tensor& cu_num_nodes, const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
+    const at::Tensor& positions, int64_t max_depth, int64_t chunk_size, int64_t cuda_stream) {
+  TORCH_CHECK(target_logits.is_cuda(), "fastverify_cuda: target_logits must be a CUDA tensor");
+  const c10::DeviceGuard guard(target_logits.device());
+  const Common c = prepare(target_logits, cu_num_nodes, "cu_num_nodes", temperature, top_k, top_p, seed, positions, chunk_size);
+  check_ids(tree_tokens, "tree_tokens", target_logits);
+  check_ids(parents, "parents", target_logits);
+  const int64_t T_rows = c.R;
+  TORCH_CHECK(tree_tokens.numel() == T_rows && parents.numel() == T_rows,
+              "fastverify_cuda: tree_tokens and parents must have one entry per target_logits row (", T_rows,
+              "), got ", tree_tokens.numel(), " and ", parents.numel());
+  TORCH_CHECK(max_depth >= 0 && max_depth < (int64_t{1} << 30), "fastverify_cuda: max_depth out of range: ",
+              max_depth);
+  if (draft_probs.has_value()) check_probs(*draft_probs, T_rows, c.V, target_logits);
+  const at::Tensor tok = tree_tokens.contiguous();
+  const at::Tensor par = parents.contiguous();
+
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(cuda_stream));
+  const auto i32 = target_logits.options().dtype(at::kInt);
+  const int64_t D = max_depth + 1;
+  at::Tensor accepted = at::empty({c.B, D}, i32);
+  at::Tensor out = at::empty({c.B, D}, i32);
+  at::Tensor num = at::empty({c.B}, i32);
+  const int chunk = static_cast<int>(chunk_size);
+
+  dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const RowStats rs = row_stats_pass<T>(target_logits, c, 0, chunk, stream);
+    at::Tensor ws;
+    at::Tensor wbuf;
+    if (draft_probs.has_value()) {
+      const auto f32 = target_logits.options().dtype(at::kFloat);
+      ws = at::empty({T_rows + 1, 2}, f32);
+      wbuf = at::empty({c.B, c.NC}, f32);
+    }
+    TreeArgs<T> a;
+    a.logits = static_cast<const T*>(target_logits.data_ptr());
+    a.stride_l = target_logits.stride(0);
+    a.q = make_qmat(draft_probs);
+    a.has_q = draft_probs.has_value();
+    a.tok = Ids{tok.data_ptr(), tok.scalar_type() == at::kLong};
+    a.par = Ids{par.data_ptr(), par.scalar_type() == at::kLong};
+    a.cu = c.cu.data_ptr<int32_t>();
+    a.temp = c.temp.data_ptr<float>();
+    a.seed = c.seed.data_ptr<int64_t>();
+    a.pos = c.pos.data_ptr<int64_t>();
+    a.thr = rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr;
+    a.stats = rs.stats.data_ptr<float>();
+    a.amax = rs.amax.data_ptr<int32_t>();
+    a.ws = ws.defined() ? ws.data_ptr<float>() : nullptr;
+    a.wbuf = wbuf.defined() ? wbuf.data_ptr<float>() : nullptr;
+    a.acc = accepted.data_ptr<int32_t>();
+    a.out = out.data_ptr<int32_t>();
+    a.num = num.data_ptr<int32_t>();
+    a.num_rows = T_rows;
+    a.V = static_cast<int>(c.V);
+    a.NC = c.NC;
+    a.chunk = chunk;
+    a.max_depth = static_cast<int>(max_depth);
+    tree_finalize_kernel<T><<<static_cast<unsigned>(c.B), kFinThreads, 0, stream>>>(a);
+    FASTVERIFY_CHECK_LAUNCH("tree_finalize_kernel");
+  });
+  return {accepted, out, num};
+}
+
+}  // namespace fastverify

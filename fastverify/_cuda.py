@@ -1,0 +1,160 @@
+"""CUDA backend: lazy loader of the compiled extension and the backend entry points.
+
+Nothing is compiled or loaded at import. The first call of :func:`library` (made by
+the entry points below) loads, in order:
+
+1. an ahead-of-time build: ``fastverify/_C*.so`` next to this file
+   (``FASTVERIFY_BUILD_CUDA=1 pip install --no-build-isolation -e .``);
+2. else a JIT build of ``csrc/cuda/*.cu`` and ``*.cpp`` with
+   ``torch.utils.cpp_extension.load`` (ninja + nvcc), cached in
+   ``$FASTVERIFY_CACHE`` (default ``~/.cache/fastverify``) under ``cuda-<hash>``, the
+   hash covering the sources, the torch and CUDA versions and the compiler flags.
+
+Sources are taken from ``$FASTVERIFY_CSRC``, else ``<package>/../csrc/cuda`` (a
+checkout), else ``<package>/_csrc/cuda`` (a wheel). Set ``FASTVERIFY_VERBOSE_BUILD=1``
+to see the build.
+
+The ops it registers, ``torch.ops.fastverify_cuda.{rejection_sample,
+tree_rejection_sample}``, take the chunk width and the CUDA stream explicitly; the
+functions here have the Triton launchers' signatures and fill those in.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+
+import torch
+
+from .ops.sampling import default_chunk
+
+LIB_NAME = "fastverify_cuda"
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_loaded = False
+_rejection_sample_op = None
+_tree_rejection_sample_op = None
+
+
+def source_dir() -> str:
+    """Folder of the CUDA sources (``csrc/cuda``)."""
+    env = os.environ.get("FASTVERIFY_CSRC")
+    if env:
+        return env
+    for cand in (os.path.join(_PKG_DIR, os.pardir, "csrc", "cuda"), os.path.join(_PKG_DIR, "_csrc", "cuda")):
+        if os.path.isdir(cand):
+            return os.path.normpath(cand)
+    raise RuntimeError(
+        "fastverify: the CUDA sources (csrc/cuda) were not found next to the package; "
+        "set FASTVERIFY_CSRC to their folder")
+
+
+def sources(folder: str | None = None) -> list[str]:
+    """The translation units of the extension: every ``*.cu`` and ``*.cpp`` of the folder."""
+    folder = folder or source_dir()
+    return sorted(glob.glob(os.path.join(folder, "*.cu")) + glob.glob(os.path.join(folder, "*.cpp")))
+
+
+def _build_hash(folder: str, cxx_flags, nvcc_flags) -> str:
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(folder, "*"))):
+        if os.path.isfile(path):
+            h.update(os.path.basename(path).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    h.update(repr((list(cxx_flags), list(nvcc_flags))).encode())
+    return h.hexdigest()[:16]
+
+
+def _aot_library() -> str | None:
+    found = sorted(glob.glob(os.path.join(_PKG_DIR, "_C*.so")))
+    return found[0] if found else None
+
+
+def _registered() -> bool:
+    """Whether this process already holds the kernels (loaded by an earlier call)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIB_NAME}::rejection_sample", "CUDA")
+    except RuntimeError:  # no such operator yet
+        return False
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    from ._build_flags import CXX_FLAGS, NVCC_FLAGS
+
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if nvcc is None or not os.path.exists(nvcc):
+        raise RuntimeError(
+            "fastverify: the cuda backend compiles its kernels on first use and needs nvcc, which was not found "
+            f"(CUDA_HOME={cuda_home!r}). Install the CUDA toolkit (or set CUDA_HOME), build ahead of time with "
+            "FASTVERIFY_BUILD_CUDA=1 pip install --no-build-isolation -e ., or use the triton backend.")
+    folder = source_dir()
+    srcs = sources(folder)
+    if not srcs:
+        raise RuntimeError(f"fastverify: no CUDA sources (*.cu, *.cpp) in {folder}")
+    cache = os.environ.get("FASTVERIFY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastverify")
+    build_dir = os.path.join(cache, "cuda-" + _build_hash(folder, CXX_FLAGS, NVCC_FLAGS))
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name=LIB_NAME,
+        sources=srcs,
+        extra_cflags=list(CXX_FLAGS),
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=os.environ.get("FASTVERIFY_VERBOSE_BUILD", "0") not in ("", "0"),
+    )
+
+
+def library():
+    """Load the extension once (ahead-of-time build, else JIT) and return the
+    ``torch.ops.fastverify_cuda`` namespace."""
+    global _loaded, _rejection_sample_op, _tree_rejection_sample_op
+    if _loaded:
+        return getattr(torch.ops, LIB_NAME)
+    with _lock:
+        if not _loaded:
+            if not torch.cuda.is_available():
+                raise RuntimeError("fastverify: the cuda backend needs a CUDA GPU and a CUDA build of torch "
+                                   "(torch.cuda.is_available() is False)")
+            if not _registered():
+                path = _aot_library()
+                if path is not None:
+                    torch.ops.load_library(path)
+                else:
+                    _jit_build()
+            ns = getattr(torch.ops, LIB_NAME)
+            _rejection_sample_op = ns.rejection_sample.default
+            _tree_rejection_sample_op = ns.tree_rejection_sample.default
+            _loaded = True
+    return getattr(torch.ops, LIB_NAME)
+
+
+def rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed,
+                     positions, max_draft_len, *, chunk_size=None):
+    """CUDA backend of :func:`fastverify.rejection_sample` (arguments as there;
+    unchecked — call through the op). ``chunk_size`` overrides the chunk width."""
+    if _rejection_sample_op is None:
+        library()
+    return _rejection_sample_op(
+        target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed, positions,
+        max_draft_len, chunk_size or default_chunk(target_logits.shape[1]),
+        torch.cuda.current_stream(target_logits.device).cuda_stream)
+
+
+def tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p,
+                          seed, positions, max_depth, *, chunk_size=None):
+    """CUDA backend of :func:`fastverify.tree_rejection_sample` (unchecked)."""
+    if _tree_rejection_sample_op is None:
+        library()
+    return _tree_rejection_sample_op(
+        target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p, seed, positions,
+        max_depth, chunk_size or default_chunk(target_logits.shape[1]),
+        torch.cuda.current_stream(target_logits.device).cuda_stream)
