@@ -124,7 +124,7 @@ def test_sibling_tokens_must_be_distinct():
 
 def test_tensor_on_another_device_is_named(chain):
     meta = torch.empty(3, device="meta")
-    with pytest.raises(ValueError, match="temperature is on meta but target_logits is on cpu"):
+    with pytest.raises(ValueError, match="temperature is on meta but the op's other tensors are on cpu"):
         call_chain(chain, temperature=meta)
 
 

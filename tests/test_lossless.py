@@ -13,16 +13,15 @@ Zero-probability cells (filtered by top-k/top-p) must stay empty.
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import naive
+from law import assert_law
 from conftest import BACKEND_DEVICES, HAS_CUDA
 
 import fastverify
 
 V = 10
 SAMPLES = 100_000
-ALPHA = 1e-3
 # Statistical runs: the torch backend everywhere; Triton and CUDA where a GPU runs
 # them at this size (the CPU interpreter is exact-tested against the oracle instead).
 BACKENDS = ["torch"] + (["triton", "cuda"] if HAS_CUDA else [])
@@ -66,22 +65,6 @@ def continue_to_pairs(target, out, num, seed):
     y1 = y1.copy()
     y1[need] = (rng.random(need.sum())[:, None] < cdf).argmax(1)
     return y0, y1
-
-
-def assert_law(counts, law, what):
-    counts, law = counts.ravel(), law.ravel()
-    assert counts[law == 0].sum() == 0, f"{what}: tokens emitted where the target has probability 0"
-    exp = law * counts.sum()
-    big = exp >= 5
-    f_obs = np.append(counts[big], counts[~big & (law > 0)].sum())
-    f_exp = np.append(exp[big], exp[~big & (law > 0)].sum())
-    if f_exp[-1] == 0:
-        f_obs, f_exp = f_obs[:-1], f_exp[:-1]
-    if len(f_obs) < 2:
-        return 1.0  # a point mass: the empty-cells check above is the whole test
-    p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue
-    assert p > ALPHA, f"{what}: chi-squared p = {p:.2e} (counts do not follow the target law)"
-    return p
 
 
 def check(target, out, num, seed=0):

@@ -27,11 +27,35 @@ def check_tensor(t, name: str, *, ndim: int, dtypes, device: torch.device, shape
     if t.dtype not in dtypes:
         raise ValueError(f"{name} must be {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but target_logits is on {device}")
+        raise ValueError(f"{name} is on {t.device} but the op's other tensors are on {device}")
     if shape is not None:
         for dim, (got, want) in enumerate(zip(t.shape, shape)):
             if want is not None and got != want:
                 raise ValueError(f"{name} must have shape {_shape_str(shape)}, got {tuple(t.shape)} (dimension {dim})")
+
+
+_last_passed: dict[str, tuple] = {}
+
+
+def passed_before(op: str, tensors: tuple, meta: tuple) -> bool:
+    """Whether ``op``'s value checks last passed for these very tensor objects, unmodified
+    since (same version counters), and the same metadata. A model calls tree_attention
+    once per layer with one step's block table, lengths and mask: it pays for the value
+    checks once per step instead of once per layer."""
+    last = _last_passed.get(op)
+    if last is None or last[1] != meta or len(last[0]) != len(tensors):
+        return False
+    try:
+        return all(a is b and v == b._version for (a, v), b in zip(last[0], tensors))
+    except RuntimeError:  # inference tensors have no version counter
+        return False
+
+
+def remember_passed(op: str, tensors: tuple, meta: tuple) -> None:
+    try:
+        _last_passed[op] = (tuple((t, t._version) for t in tensors), meta)
+    except RuntimeError:
+        _last_passed.pop(op, None)
 
 
 def _shape_str(shape) -> str:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import _backend
-from ._checks import ID_DTYPES, check_cu, check_tensor, check_tree
+from ._checks import ID_DTYPES, check_cu, check_tensor, check_tree, passed_before, remember_passed
 from ._common import implementation, row_requests
 
 lib = torch.library.Library("fastverify", "FRAGMENT")
@@ -109,6 +110,9 @@ def check_tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
         raise ValueError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
     if not (values and _backend.value_checks_enabled(q)):
         return
+    checked = (block_table, seq_lens, cu_num_nodes, tree_mask)
+    if passed_before("tree_attention", checked, (T, k_cache.shape[:2])):
+        return
     check_cu(cu_num_nodes, "cu_num_nodes", T, "q.shape[0]", min_step=1)
     n = (cu_num_nodes[1:] - cu_num_nodes[:-1]).long()
     if int(n.max()) > WORD * tree_mask.shape[1]:
@@ -120,6 +124,7 @@ def check_tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
                          f"{b} (cu_num_nodes): the tree's own K/V must be the last keys in the cache")
     _check_pages(seq_lens.long(), block_table, k_cache, "seq_lens")
     _check_ancestor_closed(tree_mask, cu_num_nodes)
+    remember_passed("tree_attention", checked, (T, k_cache.shape[:2]))
 
 
 def _check_pages(lengths, block_table, k_cache, name):
@@ -238,30 +243,25 @@ def build_tree_torch(parents, cu_num_nodes, prefix_lens, max_nodes):
 def _gather_keys(cache, block_table, b, length):
     """Keys 0..length-1 of request b from a paged cache: [length, H, D]."""
     page = cache.shape[1]
-    pages = block_table[b, : -(-length // page)].long()
-    return cache[pages].reshape(-1, *cache.shape[2:])[:length]
+    pages = block_table[b, : -(-length // page)]
+    return cache.index_select(0, pages).flatten(0, 1)[:length]
 
 
 def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale):
     """torch backend of :func:`fastverify.tree_attention`: per request, gather its keys
     and attend with the prefix fully visible and the tree part masked (fp32 math)."""
-    T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
-    scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.empty_like(q)
     cu, lens = cu_num_nodes.tolist(), seq_lens.tolist()
     for b in range(len(cu) - 1):
         n0, n = cu[b], cu[b + 1] - cu[b]
         L = lens[b]
-        k = _gather_keys(k_cache, block_table, b, L).float()                # [L, Hkv, D]
-        v = _gather_keys(v_cache, block_table, b, L).float()
-        qb = q[n0:n0 + n].float().view(n, Hkv, G, D)                          # [n, Hkv, G, D]
-        s = torch.einsum("nhgd,lhd->hgnl", qb, k) * scale                    # [Hkv, G, n, L]
+        k = _gather_keys(k_cache, block_table, b, L).float().transpose(0, 1)   # [Hkv, L, D]
+        v = _gather_keys(v_cache, block_table, b, L).float().transpose(0, 1)
         allow = torch.cat([torch.ones(n, L - n, dtype=torch.bool, device=q.device),
-                           unpack_mask(tree_mask[n0:n0 + n], n)], 1)         # [n, L]
-        p = torch.softmax(s.masked_fill(~allow, float("-inf")), -1)
-        out[n0:n0 + n] = torch.einsum("hgnl,lhd->nhgd", p, v).reshape(n, Hq, D).to(q.dtype)
+                           unpack_mask(tree_mask[n0:n0 + n], n)], 1)          # [n, L]
+        o = F.scaled_dot_product_attention(q[n0:n0 + n].float().transpose(0, 1), k, v, attn_mask=allow,
+                                           scale=sm_scale, enable_gqa=True)     # [Hq, n, D]
+        out[n0:n0 + n] = o.transpose(0, 1).to(q.dtype)
     return out
 
 

@@ -1,0 +1,322 @@
+"""Batched decoding loops: autoregressive, chain speculation, tree speculation.
+
+Every step has the same shape. Each running request has committed tokens (prompt +
+output); all but the last are in the target's KV cache, and the last — the *root* — is
+where this step starts:
+
+1. draft: a drafter proposes a chain or a tree after the root (autoregressive: nothing);
+2. verify: one target forward over root + draft, one tree per request (``tree_attention``);
+3. sample: ``rejection_sample`` (chains; autoregressive = a chain of zero drafts) or
+   ``tree_rejection_sample`` (trees) turns the target's logits into 1 + accepted tokens,
+   distributed exactly as sampling the target one token at a time. Randomness is keyed
+   by (seed, position), so a request's output does not depend on the batch it runs in;
+4. commit: append the tokens; the cache keeps root + accepted drafts (trees: moved into
+   place by ``compact_kv``) and the last emitted token becomes the next root.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ops
+from ..models import Step, chain_parents
+from .drafters import Draft, ModelDrafter, NgramDrafter, layerskip
+
+METHODS = ("ar", "chain", "tree")
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0          # tokens generated, all requests
+    steps: int = 0               # target forwards after the prompt
+    seconds: float = 0.0         # wall time of the whole call
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0        # target forwards of the steps
+    sample_s: float = 0.0        # rejection sampling + cache compaction
+    accepted: list[list[int]] = field(default_factory=list)  # per request: drafts accepted at each step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts accepted per request-step (τ − 1, τ = tokens per target forward)."""
+        n = sum(len(a) for a in self.accepted)
+        return sum(sum(a) for a in self.accepted) / n if n else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.mean_accepted + 1.0
+
+    def shares(self) -> dict[str, float]:
+        """Share of the wall time in prefill, draft, verify and sample."""
+        t = self.seconds or 1.0
+        return {k: getattr(self, f"{k}_s") / t for k in ("prefill", "draft", "verify", "sample")}
+
+    def as_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "steps": self.steps, "seconds": self.seconds,
+                "tokens_per_s": self.tokens_per_s, "mean_accepted": self.mean_accepted,
+                "tokens_per_step": self.tokens_per_step, **{f"{k}_share": v for k, v in self.shares().items()}}
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]      # generated ids per prompt, prompt excluded
+    texts: list[str]
+    stats: GenerationStats
+    prompt_tokens: list[list[int]]
+
+
+class Run:
+    """The state of one batched generation: committed tokens, target cache, sampling
+    parameters (``[B]`` tensors) and which requests still run."""
+
+    def __init__(self, model, prompts: list[list[int]], *, max_new_tokens: int, temperature, top_k, top_p, seed,
+                 stop_ids, headroom: int, page_size: int = 16):
+        B = len(prompts)
+        dev = model.device
+        self.model = model
+        self.tokens = [list(p) for p in prompts]
+        self.prompt_lens = [len(p) for p in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.max_len = max(self.prompt_lens) + max_new_tokens + headroom
+        if self.max_len > model.config.max_seq_len:
+            raise ValueError(f"the longest prompt ({max(self.prompt_lens)} tokens) + max_new_tokens "
+                             f"({max_new_tokens}) + draft headroom ({headroom}) exceeds the model's context of "
+                             f"{model.config.max_seq_len} tokens")
+        self.cache = model.new_cache(B, self.max_len, page_size=page_size)
+        self.cache_len = [0] * B
+        self.done = [False] * B
+        self.stop_ids = set(stop_ids)
+        self.temperature = _per_request(temperature, B, torch.float32, dev, "temperature")
+        self.top_k = _per_request(top_k, B, torch.int32, dev, "top_k")
+        self.top_p = _per_request(top_p, B, torch.float32, dev, "top_p")
+        self.seed = _per_request(seed, B, torch.int64, dev, "seed")
+        self.seed_base = int(self.seed[0])
+        self.filter_k = bool((self.top_k > 0).any())
+        self.filter_p = bool((self.top_p < 1).any())
+        self.stats = GenerationStats(accepted=[[] for _ in range(B)])
+
+    def running(self) -> list[int]:
+        return [b for b in range(len(self.tokens)) if not self.done[b]]
+
+    def sampling(self, reqs: list[int]) -> dict:
+        idx = torch.tensor(reqs, device=self.model.device)
+        return dict(temperature=self.temperature[idx], top_k=self.top_k[idx] if self.filter_k else None,
+                    top_p=self.top_p[idx] if self.filter_p else None, seed=self.seed[idx])
+
+    def emit(self, b: int, new: list[int]) -> list[int]:
+        """Append a step's tokens, cut at a stop token or the token budget; returns those kept."""
+        room = self.prompt_lens[b] + self.max_new_tokens - len(self.tokens[b])
+        kept = []
+        for t in new[:room]:
+            kept.append(t)
+            if t in self.stop_ids:
+                break
+        self.tokens[b] += kept
+        if len(kept) == room or (kept and kept[-1] in self.stop_ids):
+            self.done[b] = True
+        return kept
+
+
+def _per_request(value, B: int, dtype, device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.to(device=device, dtype=dtype).flatten()
+    elif isinstance(value, (list, tuple)):
+        t = torch.tensor(value, dtype=dtype, device=device)
+    else:
+        t = torch.full((B,), value, dtype=dtype, device=device)
+    if t.numel() != B:
+        raise ValueError(f"{name} must be a scalar or one value per prompt ({B}), got {t.numel()} values")
+    return t
+
+
+def _cumsum(counts: list[int], device) -> torch.Tensor:
+    return torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
+
+
+def prefill(run: Run) -> None:
+    """Put every prompt but its last token (the first root) into the cache, as one chain per request."""
+    reqs = [b for b in range(len(run.tokens)) if run.prompt_lens[b] > 1]
+    if not reqs:
+        return
+    dev = run.model.device
+    feed = [run.tokens[b][:-1] for b in reqs]
+    cu = _cumsum([len(f) for f in feed], dev)
+    step = Step.build(run.cache, torch.tensor(reqs, device=dev), chain_parents(cu), cu,
+                      torch.zeros(len(reqs), dtype=torch.int32, device=dev))
+    no_logits = torch.zeros(0, dtype=torch.long, device=dev)
+    run.model(torch.tensor([t for f in feed for t in f], device=dev), step, run.cache, logit_rows=no_logits)
+    for b, f in zip(reqs, feed):
+        run.cache_len[b] = len(f)
+
+
+def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool) -> list[list[int]]:
+    """One target forward over root + draft of each running request, then sampling.
+    Returns the tokens each request emits (1 + accepted)."""
+    model, dev = run.model, run.model.device
+    stats = run.stats
+    roots = [run.tokens[b][-1] for b in reqs]
+    counts = [1 + len(t) for t in draft.tokens]
+    cu = _cumsum(counts, dev)
+    tokens = torch.tensor([t for r, d in zip(roots, draft.tokens) for t in [r] + d], device=dev)
+    parents = torch.tensor([p for ps in draft.parents for p in [-1] + ps], device=dev)
+    prefix = torch.tensor([run.cache_len[b] for b in reqs], dtype=torch.int32, device=dev)
+    idx = torch.tensor(reqs, device=dev)
+
+    t0 = time.perf_counter()
+    step = Step.build(run.cache, idx, parents, cu, prefix)
+    logits = model(tokens, step, run.cache)                           # [T, V]
+    t1 = time.perf_counter()
+    stats.verify_s += t1 - t0
+
+    positions = prefix.long() + 1                                     # position of the first new token
+    max_len = max(counts) - 1
+    if tree:
+        depth = _depths(draft.parents)
+        accepted_nodes, out, num = ops.tree_rejection_sample(
+            logits, tokens, parents, cu, positions=positions, max_depth=max(depth), **run.sampling(reqs))
+        run.cache.compact(idx, prefix, accepted_nodes, num)
+    else:
+        out, num = ops.rejection_sample(
+            logits, tokens[_draft_rows(counts, dev)], _cumsum([c - 1 for c in counts], dev),
+            draft_probs=draft.probs, positions=positions, max_draft_len=max_len, **run.sampling(reqs))
+    out, num = out.tolist(), num.tolist()
+    stats.sample_s += time.perf_counter() - t1
+    emitted = []
+    for i, b in enumerate(reqs):
+        run.cache_len[b] += 1 + num[i]                                # root + accepted drafts
+        stats.accepted[b].append(num[i])
+        emitted.append(out[i][:num[i] + 1])
+    stats.steps += 1
+    return emitted
+
+
+def _draft_rows(counts: list[int], device) -> torch.Tensor:
+    """Rows of the flattened root + draft tokens that are drafts (every row but each root)."""
+    is_root = torch.zeros(sum(counts), dtype=torch.bool, device=device)
+    is_root[_cumsum(counts, device)[:-1].long()] = True
+    return (~is_root).nonzero()[:, 0]
+
+
+def _depths(parents: list[list[int]]) -> list[int]:
+    """Depth of the deepest node of each draft tree (the root has depth 0)."""
+    out = []
+    for ps in parents:
+        d = [0]
+        for p in ps:
+            d.append(d[p] + 1)
+        out.append(max(d))
+    return out
+
+
+def make_drafter(model, drafter, **options):
+    """``None``/"layerskip"/"ngram"/a model/a drafter object -> a drafter."""
+    if drafter is None or drafter == "layerskip":
+        return layerskip(model, options.get("draft_layers"))
+    if drafter == "ngram":
+        return NgramDrafter(max_ngram=options.get("ngram_max", 3), min_ngram=options.get("ngram_min", 1),
+                            branches=options.get("ngram_branches", 4))
+    if isinstance(drafter, (NgramDrafter, ModelDrafter)):
+        return drafter
+    if isinstance(drafter, torch.nn.Module):
+        return ModelDrafter(drafter)
+    raise ValueError(f"drafter must be None, 'layerskip', 'ngram', a model or a drafter object, got {drafter!r}")
+
+
+def encode_prompts(model, prompts, chat: bool = True) -> list[list[int]]:
+    """Strings (chat template applied when the tokenizer has one and ``chat``) or id lists."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+    tok = model.tokenizer
+    V = model.config.vocab_size
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tok is None:
+                raise ValueError("string prompts need a model with a tokenizer; pass token-id lists instead")
+            if chat and tok.has_chat_template:
+                p = tok.apply_chat_template(p)
+                ids = tok.encode(p, add_bos=False)
+            else:
+                ids = tok.encode(p)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"prompt {i} holds a token id outside [0, {V})")
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens: int = 64, temperature=0.0,
+             top_k=0, top_p=1.0, seed=0, chat: bool = True, num_draft: int = 4, tree_depth: int = 5,
+             tree_topk: int = 4, tree_nodes: int = 32, stop_at_eos: bool = True, on_tokens=None,
+             page_size: int = 16, **options) -> GenerationResult:
+    """Generate continuations of ``prompts`` with ``model``, batched and lossless.
+
+    Args:
+        method: "ar" (one token per forward), "chain" (``num_draft`` drafted tokens
+            verified per forward) or "tree" (a draft tree of at most ``tree_nodes`` nodes,
+            ``tree_depth`` levels, ``tree_topk`` children per expanded node).
+        drafter: "layerskip" (default; the target on a subset of its layers,
+            ``draft_layers=[...]``), "ngram" (prompt lookup), or a model sharing the
+            target's tokenizer.
+        temperature, top_k, top_p, seed: scalars or one value per prompt; temperature 0
+            is greedy.
+        on_tokens: ``callback(request, new_ids)`` after every step (streaming).
+
+    Returns:
+        :class:`GenerationResult` with ``.tokens`` (new ids per prompt), ``.texts`` and ``.stats``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = encode_prompts(model, prompts, chat)
+    tree = method == "tree"
+    draft_obj = make_drafter(model, drafter, **options) if method != "ar" else None
+    if tree and not 1 <= tree_nodes <= 256:
+        raise ValueError(f"tree_nodes must be in [1, 256], got {tree_nodes}")
+    headroom = 1 + (num_draft if method == "chain" else 0) + (tree_depth * tree_topk * tree_topk + tree_nodes if tree else 0)
+    stop_ids = set(model.config.eos_ids) if stop_at_eos else set()
+    t_start = time.perf_counter()
+    run = Run(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              seed=seed, stop_ids=stop_ids, headroom=headroom, page_size=page_size)
+    if draft_obj is not None:
+        draft_obj.start(run)
+    stats = run.stats
+    prefill(run)
+    stats.prefill_s = time.perf_counter() - t_start
+    while True:
+        reqs = run.running()
+        if not reqs:
+            break
+        t0 = time.perf_counter()
+        if method == "ar":
+            draft = Draft([[] for _ in reqs], [[] for _ in reqs])
+        elif tree:
+            draft = draft_obj.tree(run, reqs, tree_depth, tree_topk, tree_nodes)
+        else:
+            draft = draft_obj.chain(run, reqs, num_draft)
+        stats.draft_s += time.perf_counter() - t0
+        emitted = verify_step(run, reqs, draft, tree)
+        for b, new in zip(reqs, emitted):
+            kept = run.emit(b, new)
+            stats.new_tokens += len(kept)
+            if on_tokens is not None and kept:
+                on_tokens(b, kept)
+        if draft_obj is not None:
+            draft_obj.commit(run, reqs)
+    stats.seconds = time.perf_counter() - t_start
+    new = [run.tokens[b][run.prompt_lens[b]:] for b in range(len(ids))]
+    tok = model.tokenizer
+    texts = [tok.decode(t) if tok is not None else "" for t in new]
+    return GenerationResult(new, texts, stats, ids)

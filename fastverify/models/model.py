@@ -1,0 +1,342 @@
+"""Reference Llama / Qwen2 / Qwen3 decoder in plain PyTorch, with a paged KV cache.
+
+One forward serves every step of every decoding method: the tokens of a step form
+one *tree* per request (a single node for autoregressive decoding, a chain for a
+prompt or chain speculation, a tree for tree speculation), their K/V are written into
+the paged cache and attention runs through ``fastverify.tree_attention``.
+
+Shapes: T = tokens of the step (all requests, flattened), B = requests, d = hidden
+size, Hq / Hkv = query / KV heads, D = head_dim, V = vocabulary.
+
+    Llama   x = x + o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));  x = x + down(silu(gate(n2 x)) · up(n2 x))
+    Qwen2   as Llama, with biases on q, k, v
+    Qwen3   as Llama, with RMSNorm over head_dim on q and k before RoPE
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops._common import row_requests
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.arch == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch == "qwen3"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """From a Hugging Face ``config.json`` dict (model_type llama / qwen2 / qwen3)."""
+        arch = cfg.get("model_type")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {arch!r}: fastverify.models supports {', '.join(ARCHITECTURES)}")
+        n_heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        # transformers >= 5 writes `rope_parameters` (theta included); older files `rope_theta` + `rope_scaling`
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        return cls(
+            arch=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate_size=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=theta, rope_scaling=rope or None,
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_id=cfg.get("bos_token_id"),
+            eos_ids=eos)
+
+
+# --------------------------------------------------------------------------- cache and step layout
+
+
+class KVCache:
+    """Paged K/V of all layers.
+
+    ``k, v [num_pages, page_size, n_layers, Hkv, D]``; position p of request b lives at
+    page ``block_table[b, p // page_size]``, slot ``p % page_size``. Layer i's cache is the
+    strided view ``k[:, :, i]``; keeping the layers of a slot together lets one
+    ``compact_kv`` call move every layer at once (``k.flatten(2, 3)``). Pages are handed
+    out in a shuffled order when ``shuffle_pages`` (nothing may assume they are contiguous).
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *, page_size: int = 16,
+                 n_layers: int | None = None, dtype=torch.float32, device="cpu", shuffle_pages: bool = False):
+        self.page_size = page_size
+        pages_per_seq = -(-max_len // page_size)
+        self.max_len = pages_per_seq * page_size
+        n_pages = batch_size * pages_per_seq
+        shape = (n_pages, page_size, n_layers or args.n_layers, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        order = torch.randperm(n_pages) if shuffle_pages else torch.arange(n_pages)
+        self.block_table = order.view(batch_size, pages_per_seq).to(device=device, dtype=torch.int32)
+
+    def slots(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Flat slot (page · page_size + offset) of position ``pos`` of request ``b``."""
+        page = self.block_table[b, pos // self.page_size].long()
+        return page * self.page_size + pos % self.page_size
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V ``[N, Hkv, D]`` of layer ``layer`` into flat ``slots [N]``."""
+        self.k.view(-1, *self.k.shape[2:])[slots, layer] = k.to(self.k.dtype)
+        self.v.view(-1, *self.v.shape[2:])[slots, layer] = v.to(self.v.dtype)
+
+    def compact(self, reqs: torch.Tensor, prefix_lens: torch.Tensor, accepted_nodes: torch.Tensor,
+                num_accepted: torch.Tensor) -> None:
+        """Move each request's accepted tree path to contiguous positions, all layers in one call."""
+        ops.compact_kv(self.k.flatten(2, 3), self.v.flatten(2, 3), self.block_table[reqs], prefix_lens,
+                       accepted_nodes, num_accepted)
+
+
+@dataclass
+class Step:
+    """The tokens one forward computes, as one tree per request.
+
+    Request ``reqs[b]``'s tree has n_b = cu_num_nodes[b+1] − cu_num_nodes[b] nodes, stored
+    at cache positions ``seq_lens[b] − n_b … seq_lens[b] − 1`` in node order. ``rows``
+    (when set) says which tree nodes this forward computes — the others already have
+    their K/V in the cache, as when a drafter grows a tree one level at a time.
+    """
+
+    positions: torch.Tensor     # [N] int64 RoPE position of each computed token
+    slots: torch.Tensor         # [N] int64 flat cache slot its K/V go to
+    block_table: torch.Tensor   # [B, max_pages] int32 pages of the requests in this step
+    cu_num_nodes: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor      # [B] int32, tree included
+    tree_mask: torch.Tensor     # [T, W] int64 ancestor bits of every tree node
+    rows: torch.Tensor | None = None  # [N] int64 tree node of each computed token (None: N == T, all)
+
+    @classmethod
+    def build(cls, cache: KVCache, reqs: torch.Tensor, parents: torch.Tensor, cu_num_nodes: torch.Tensor,
+              prefix_lens: torch.Tensor, rows: torch.Tensor | None = None) -> "Step":
+        """Layout of a step over requests ``reqs [B]`` (rows of the cache's block table)
+        whose trees (tree-local ``parents [T]``, ``cu_num_nodes [B+1]``) hang off
+        ``prefix_lens [B]`` tokens already in the cache."""
+        n = cu_num_nodes[1:] - cu_num_nodes[:-1]
+        max_nodes = int(n.max())
+        tree_mask, positions, _ = ops.build_tree(parents, cu_num_nodes, prefix_lens, max_nodes=max_nodes)
+        req, local = row_requests(cu_num_nodes, parents.numel(), 0)
+        slots = cache.slots(reqs[req], prefix_lens.long()[req] + local)
+        if rows is not None:
+            positions, slots = positions[rows], slots[rows]
+        return cls(positions, slots, cache.block_table[reqs], cu_num_nodes, (prefix_lens + n).to(torch.int32),
+                   tree_mask, rows)
+
+
+def chain_parents(cu: torch.Tensor) -> torch.Tensor:
+    """Parents of one chain per request (node i's parent is i − 1): ``[cu[-1]]``."""
+    _, local = row_requests(cu, int(cu[-1]), 0)
+    return local - 1
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x · rsqrt(mean(x²) + eps) · w, in fp32 as Hugging Face does
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """inv_freq [D/2] = θ^(−2i/D), with Llama-3 style long-context rescaling when configured."""
+    D = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are divided by factor, short ones kept, the band between interpolated
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
+                               torch.where(wavelen < old_len / hi, inv_freq, mid))
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, llama3)")
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves: x·cos + rotate_half(x)·sin.  x [T, H, D], cos/sin [T, 1, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        Hq, Hkv, D = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, Hq * D, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, Hkv * D, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, Hkv * D, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(Hq * D, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(D, args.norm_eps)
+            self.k_norm = RMSNorm(D, args.norm_eps)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [..., d] -> q [..., Hq, D], k, v [..., Hkv, D] with q/k-norm and RoPE applied."""
+        a = self.args
+        q = self.q_proj(x).unflatten(-1, (a.n_heads, a.head_dim))
+        k = self.k_proj(x).unflatten(-1, (a.n_kv_heads, a.head_dim))
+        v = self.v_proj(x).unflatten(-1, (a.n_kv_heads, a.head_dim))
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, step: Step):
+        """x [N, d] computed tokens; writes their K/V at ``step.slots`` and attends
+        over each request's prefix and tree ancestors."""
+        q, k, v = self.qkv(x, cos, sin)
+        cache.write(layer, step.slots, k, v)
+        k_cache, v_cache = cache.k[:, :, layer], cache.v[:, :, layer]
+        if step.rows is not None:
+            # nodes outside `rows` need no output: give them zero queries and drop their rows
+            q = q.new_zeros(step.tree_mask.shape[0], *q.shape[1:]).index_copy_(0, step.rows, q)
+        out = ops.tree_attention(q, k_cache, v_cache, step.block_table, step.seq_lens, step.cu_num_nodes,
+                                 step.tree_mask)
+        if step.rows is not None:
+            out = out[step.rows]
+        return self.o_proj(out.flatten(-2))
+
+    def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Plain causal attention without a cache: x [B, L, d]."""
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x, cos, sin))  # [B, H, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    """Parameter names follow Hugging Face (``model.layers.{i}.self_attn.q_proj.weight``…)
+    so checkpoints load with a plain ``load_state_dict``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.config = args
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.model.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.model.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.tokenizer = None
+        self.layer_ids = list(range(args.n_layers))  # which layers run; a layer-skipping drafter takes a subset
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def rope(self, positions: torch.Tensor):
+        """cos, sin [..., 1, D] at integer positions [...]."""
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq   # [..., D/2]
+        angles = torch.cat((angles, angles), -1)[..., None, :]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:
+        kw.setdefault("dtype", self.dtype)
+        kw.setdefault("device", self.device)
+        return KVCache(self.config, batch_size, max_len, n_layers=len(self.layer_ids), **kw)
+
+    def forward(self, tokens: torch.Tensor, step: Step, cache: KVCache,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[N, V]`` (or ``[len(logit_rows), V]``) of the step's computed tokens ``[N]``.
+
+        ``cache`` holds one K/V pair per running layer (``len(self.layer_ids)``)."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope(step.positions)
+        for i, layer_id in enumerate(self.layer_ids):
+            layer = self.model.layers[layer_id]
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, cache, i, step)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return self.lm_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, V]`` of a plain causal forward over ``input_ids [B, L]`` (no
+        cache, positions 0..L−1), for checking against other implementations."""
+        x = self.model.embed_tokens(input_ids.to(self.device))
+        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=self.device))
+        for layer_id in self.layer_ids:
+            layer = self.model.layers[layer_id]
+            x = x + layer.self_attn.forward_dense(layer.input_layernorm(x), cos, sin)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x))
+
+    def with_layers(self, layer_ids) -> "Transformer":
+        """A view of this model that runs only ``layer_ids`` (shared weights): the
+        layer-skipping self-drafter."""
+        layer_ids = sorted(set(int(i) for i in layer_ids))
+        if not layer_ids or layer_ids[0] < 0 or layer_ids[-1] >= self.config.n_layers:
+            raise ValueError(f"layer_ids must be a non-empty subset of 0..{self.config.n_layers - 1}, got {layer_ids}")
+        view = copy.copy(self)  # shares parameters and modules
+        view.layer_ids = layer_ids
+        return view
