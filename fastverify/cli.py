@@ -2,10 +2,12 @@
 
     fastverify bench [--quick] [--family rejection,attention] [--ops chain,tree] [--backends ...]
                      [--prefix ...] [--nodes ...] [--dtype ...] [--out DIR]
+    fastverify generate [--model smollm2|FOLDER|FILE.gguf] --prompt TEXT [--prompt ...] [--method ar|chain|tree]
+                        [--drafter layerskip|ngram|MODEL] [--temperature T] [--max-new-tokens N] ...
+    fastverify compare [--model ...] [--max-new-tokens N] [--methods ...] [--no-hf] [--out DIR]
     fastverify info
 
-Each subcommand is a ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`;
-more (``generate``, ``compare``) plug in the same way.
+Each subcommand is a ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
 """
 
 from __future__ import annotations
@@ -190,6 +192,191 @@ def _bench_attention(args, device, bw=None):
     return ba.render_markdown, report, paths
 
 
+# --------------------------------------------------------------------------- generate / compare
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (the embedded SmolLM2-135M-Instruct, default), a Hugging Face checkpoint folder or "
+                        "a .gguf file")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights and activations")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) (CPU)")
+
+
+def _add_decoding_args(p) -> None:
+    p.add_argument("--num-draft", type=int, default=None, help="chain: drafted tokens per step (default 4; "
+                                                                "ngram 8)")
+    p.add_argument("--tree-depth", type=int, default=None, help="tree: levels of the draft tree (default 5)")
+    p.add_argument("--tree-topk", type=int, default=None, help="tree: children per expanded node (default 4)")
+    p.add_argument("--tree-nodes", type=int, default=None, help="tree: node budget, root included (default 32)")
+    p.add_argument("--draft-layers", type=_layer_list, default=None,
+                   help="layerskip: layers the drafter runs, e.g. 0-14,29 (default: first half + last)")
+
+
+def _layer_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _decoding_options(args) -> dict:
+    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _load_model(args):
+    import torch
+
+    from . import models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    _log(f"loading {args.model} ({args.dtype}, {device}) ...")
+    model = models.load(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    c = model.config
+    _log(f"loaded {c.arch}: {c.n_layers} layers, d={c.dim}, heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size} "
+         f"in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
+def _drafter(args, model):
+    if args.drafter in (None, "layerskip", "ngram"):
+        return args.drafter
+    from . import models
+    from .decoding import ModelDrafter
+
+    _log(f"loading drafter {args.drafter} ...")
+    return ModelDrafter(models.load(args.drafter, dtype=model.dtype, device=model.device), name=args.drafter)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a decoding method, streaming it, then print statistics",
+                       description="Generate continuations of the prompts (batched) with autoregressive, chain or "
+                                   "tree speculative decoding. The first prompt's text streams as it is verified; "
+                                   "the others print at the end, then a statistics table.")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--method", default="tree", choices=("ar", "chain", "tree"))
+    p.add_argument("--drafter", default=None, help="layerskip (default), ngram, or a model (folder / .gguf) "
+                                                   "sharing the tokenizer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="request b uses seed + b")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    _add_decoding_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from .decoding import generate
+
+    model = _load_model(args)
+    drafter = _drafter(args, model)
+    tok = model.tokenizer
+    stream = tok.stream_decoder() if tok is not None else None
+    counts = [0] * len(args.prompt)
+    started = time.perf_counter()
+
+    def on_tokens(b, new):
+        counts[b] += len(new)
+        if b == 0 and stream is not None:
+            print(stream.push(new), end="", flush=True)
+        elif stream is None and b == 0:
+            print(" ".join(map(str, new)), end=" ", flush=True)
+
+    what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method != "ar" else "")
+    _log(f"generating {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s), {what}, "
+         f"temperature {args.temperature}\n")
+    if len(args.prompt) > 1:
+        print("[prompt 0]", flush=True)
+    r = generate(model, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=[args.seed + b for b in range(len(args.prompt))], chat=not args.no_chat,
+                 on_tokens=on_tokens, **_decoding_options(args))
+    if stream is not None:
+        print(stream.flush(), end="")
+    print(flush=True)
+    for b, text in enumerate(r.texts[1:], 1):
+        print(f"\n[prompt {b}]\n{text}", flush=True)
+    s = r.stats
+    sh = s.shares()
+    print()
+    print("| tokens | seconds | tokens/s | target forwards | tokens per forward | prefill | draft | verify | sample |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {s.new_tokens} | {s.seconds:.2f} | {s.tokens_per_s:.1f} | {s.steps} | {s.tokens_per_step:.2f} | "
+          f"{sh['prefill']:.0%} | {sh['draft']:.0%} | {sh['verify']:.0%} | {sh['sample']:.0%} |", flush=True)
+    return 0
+
+
+def _add_compare(sub) -> None:
+    from . import compare
+
+    labels = [m[0] for m in compare.METHODS]
+    p = sub.add_parser("compare", help="every decoding method vs transformers' generate on the same prompts",
+                       description="Run each decoding method (greedy, batch 1) and Hugging Face transformers' "
+                                   "generate (plain, prompt lookup, early-exit assisted) on built-in summarising, "
+                                   "code-editing, extraction and open prompts with the same model on this machine; "
+                                   "check every method's tokens against the autoregressive baseline; print a table "
+                                   "and write <out>/compare-<device>-<yyyymmdd>.{md,json,png}.")
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--methods", type=_csv(str, labels), default=labels, help=",".join(labels))
+    p.add_argument("--hf", type=_csv(str, compare.HF_METHODS), default=compare.HF_METHODS,
+                   help=",".join(compare.HF_METHODS))
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' runs")
+    p.add_argument("--prompts", type=_csv(str, tuple(compare.PROMPTS)), default=list(compare.PROMPTS),
+                   help=",".join(compare.PROMPTS))
+    p.add_argument("--out", default=None, help="output folder (default: perf/results of the checkout)")
+    _add_decoding_args(p)
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    import datetime
+
+    import torch
+
+    from . import bench, compare
+
+    model = _load_model(args)
+    methods = [m for m in compare.METHODS if m[0] in args.methods]
+    if methods[0][0] != "ar":
+        methods = [compare.METHODS[0]] + methods  # the baseline every check refers to
+    hf = [] if args.no_hf else args.hf
+    prompts = {k: compare.PROMPTS[k] for k in args.prompts}
+    _log(f"compare on {bench.device_name(model.device)}: {len(methods)} fastverify methods + {len(hf)} transformers "
+         f"runs x {len(prompts)} prompts, greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
+    report = compare.run(model, prompts=prompts, methods=methods, hf_methods=hf, max_new_tokens=args.max_new_tokens,
+                         options=_decoding_options(args), log=_log)
+    stamp = datetime.date.today().strftime("%Y%m%d")
+    device = bench.device_name(model.device)
+    report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {device}"
+    report["header"] = (f"# {report['title']}\n\ncommand: `{args.command}`  \nversions: "
+                        + ", ".join(f"{k} {v}" for k, v in bench.versions().items()) + "\n\n")
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf", "results")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in device.lower()).strip("-")
+    paths = compare.write_report(report, os.path.join(out, f"compare-{slug}-{stamp}"))
+    print()
+    print(compare.render_markdown(report), flush=True)
+    for r in report["rows"]:
+        for name, pos, margin in r["divergences"]:
+            print(f"DIVERGED: {r['label']} on {name} at token {pos} (ar top-2 margin {margin:.3g})", flush=True)
+        for name, pos, margin in r["ties"]:
+            print(f"near-tie: {r['label']} on {name} at token {pos} (ar top-2 margin {margin:.3g})", flush=True)
+    print("wrote " + ", ".join(paths), flush=True)
+    return 1 if any(r["divergences"] for r in report["rows"]) else 0
+
+
 # --------------------------------------------------------------------------- info
 
 
@@ -270,6 +457,8 @@ def build_parser(prog: str = "fastverify") -> argparse.ArgumentParser:
                                                             "verification.")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
+    _add_generate(sub)
+    _add_compare(sub)
     _add_bench(sub)
     _add_info(sub)
     return parser

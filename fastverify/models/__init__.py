@@ -27,6 +27,7 @@ def from_state_dict(config: dict, state_dict: dict, *, dtype=torch.float32, devi
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_frequencies(args), persistent=False)  # built on meta above
+    model.hf_config = dict(config)  # to build the transformers twin of the same weights (fastverify compare)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

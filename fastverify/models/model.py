@@ -283,6 +283,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.tokenizer = None
+        self.hf_config: dict | None = None
         self.layer_ids = list(range(args.n_layers))  # which layers run; a layer-skipping drafter takes a subset
 
     @property

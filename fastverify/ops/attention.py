@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import _backend
 from ._checks import ID_DTYPES, check_cu, check_tensor, check_tree, passed_before, remember_passed
@@ -249,7 +248,12 @@ def _gather_keys(cache, block_table, b, length):
 
 def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale):
     """torch backend of :func:`fastverify.tree_attention`: per request, gather its keys
-    and attend with the prefix fully visible and the tree part masked (fp32 math)."""
+    and attend with the prefix fully visible and the tree part masked (fp32 math).
+    The G query heads of a KV head go through one matmul, as rows [G·n] against [L]."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.empty_like(q)
     cu, lens = cu_num_nodes.tolist(), seq_lens.tolist()
     for b in range(len(cu) - 1):
@@ -257,11 +261,12 @@ def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
         L = lens[b]
         k = _gather_keys(k_cache, block_table, b, L).float().transpose(0, 1)   # [Hkv, L, D]
         v = _gather_keys(v_cache, block_table, b, L).float().transpose(0, 1)
-        allow = torch.cat([torch.ones(n, L - n, dtype=torch.bool, device=q.device),
-                           unpack_mask(tree_mask[n0:n0 + n], n)], 1)          # [n, L]
-        o = F.scaled_dot_product_attention(q[n0:n0 + n].float().transpose(0, 1), k, v, attn_mask=allow,
-                                           scale=sm_scale, enable_gqa=True)     # [Hq, n, D]
-        out[n0:n0 + n] = o.transpose(0, 1).to(q.dtype)
+        qb = q[n0:n0 + n].float().view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
+        s = torch.bmm(qb, k.transpose(1, 2)).view(Hkv, G, n, L) * scale      # [Hkv, G, n, L]
+        s[..., L - n:] = s[..., L - n:].masked_fill(~unpack_mask(tree_mask[n0:n0 + n], n), float("-inf"))
+        p = torch.softmax(s, -1).view(Hkv, G * n, L)
+        o = torch.bmm(p, v).view(Hkv, G, n, D)                                # [Hkv, G, n, D]
+        out[n0:n0 + n] = o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(q.dtype)
     return out
 
 
