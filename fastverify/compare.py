@@ -157,7 +157,7 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
             s = r.stats
             row.tokens += s.new_tokens
             row.seconds += s.seconds
-            row.steps += s.steps + 1  # the prompt's forward emits the first token's logits too
+            row.steps += s.steps
             row.accepted += sum(s.accepted[0])
             for k in ("draft_s", "verify_s", "sample_s", "prefill_s"):
                 setattr(row, k, getattr(row, k) + getattr(s, k))

