@@ -211,7 +211,7 @@ def _add_decoding_args(p) -> None:
     p.add_argument("--tree-topk", type=int, default=None, help="tree: children per expanded node (default 4)")
     p.add_argument("--tree-nodes", type=int, default=None, help="tree: node budget, root included (default 32)")
     p.add_argument("--draft-layers", type=_layer_list, default=None,
-                   help="layerskip: layers the drafter runs, e.g. 0-14,29 (default: first half + last)")
+                   help="layerskip: layers the drafter runs, e.g. 0-9,11-29 (default: all but every third layer of the middle half)")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -483,6 +483,9 @@ def main(argv: Optional[Sequence[str]] = None, command: Optional[str] = None) ->
     started = time.perf_counter()
     try:
         return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names it; no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted after {_hms(time.perf_counter() - started)}", file=sys.stderr)
         return 130

