@@ -15,8 +15,11 @@ checkout), else ``<package>/_csrc/cuda`` (a wheel). Set ``FASTVERIFY_VERBOSE_BUI
 to see the build.
 
 The ops it registers, ``torch.ops.fastverify_cuda.{rejection_sample,
-tree_rejection_sample}``, take the chunk width and the CUDA stream explicitly; the
-functions here have the Triton launchers' signatures and fill those in.
+tree_rejection_sample, build_tree, tree_attention, compact_kv}``, take what the
+Triton launchers compute in Python (chunk width, mask width, softmax scale, prefix
+splits) and the CUDA stream explicitly; the entry points here (:class:`Kernels`) have
+the Triton launchers' signatures and fill those in. tests/cuda_emu builds the same
+kernels for the CPU and drives them through the same :class:`Kernels`.
 """
 
 from __future__ import annotations
@@ -25,17 +28,17 @@ import glob
 import hashlib
 import os
 import threading
+import types
 
 import torch
 
+from .ops.attention import mask_words
 from .ops.sampling import default_chunk
 
 LIB_NAME = "fastverify_cuda"
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
 _loaded = False
-_rejection_sample_op = None
-_tree_rejection_sample_op = None
 
 
 def source_dir() -> str:
@@ -116,7 +119,7 @@ def _jit_build() -> None:
 def library():
     """Load the extension once (ahead-of-time build, else JIT) and return the
     ``torch.ops.fastverify_cuda`` namespace."""
-    global _loaded, _rejection_sample_op, _tree_rejection_sample_op
+    global _loaded
     if _loaded:
         return getattr(torch.ops, LIB_NAME)
     with _lock:
@@ -130,31 +133,69 @@ def library():
                     torch.ops.load_library(path)
                 else:
                     _jit_build()
-            ns = getattr(torch.ops, LIB_NAME)
-            _rejection_sample_op = ns.rejection_sample.default
-            _tree_rejection_sample_op = ns.tree_rejection_sample.default
             _loaded = True
     return getattr(torch.ops, LIB_NAME)
 
 
-def rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed,
-                     positions, max_draft_len, *, chunk_size=None):
-    """CUDA backend of :func:`fastverify.rejection_sample` (arguments as there;
-    unchecked — call through the op). ``chunk_size`` overrides the chunk width."""
-    if _rejection_sample_op is None:
-        library()
-    return _rejection_sample_op(
-        target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed, positions,
-        max_draft_len, chunk_size or default_chunk(target_logits.shape[1]),
-        torch.cuda.current_stream(target_logits.device).cuda_stream)
+def _stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of t's device; 0 for CPU tensors (the emulator)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
 
 
-def tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p,
-                          seed, positions, max_depth, *, chunk_size=None):
-    """CUDA backend of :func:`fastverify.tree_rejection_sample` (unchecked)."""
-    if _tree_rejection_sample_op is None:
-        library()
-    return _tree_rejection_sample_op(
-        target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p, seed, positions,
-        max_depth, chunk_size or default_chunk(target_logits.shape[1]),
-        torch.cuda.current_stream(target_logits.device).cuda_stream)
+class Kernels:
+    """The backend entry points, with the Triton launchers' signatures (unchecked: call
+    them through the ops), over one library of ``fastverify_cuda`` ops: ``load()``
+    returns its ``torch.ops`` namespace, loading it on first use."""
+
+    OPS = ("rejection_sample", "tree_rejection_sample", "build_tree", "tree_attention", "compact_kv")
+
+    def __init__(self, load):
+        self._load = load
+        self._ops = None
+
+    def ops(self):
+        """The ops' default overloads, resolved once."""
+        if self._ops is None:
+            ns = self._load()
+            self._ops = types.SimpleNamespace(**{name: getattr(ns, name).default for name in self.OPS})
+        return self._ops
+
+    def rejection_sample(self, target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
+                         seed, positions, max_draft_len, *, chunk_size=None):
+        """CUDA backend of :func:`fastverify.rejection_sample`. ``chunk_size`` overrides the chunk width."""
+        return self.ops().rejection_sample(
+            target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed, positions,
+            max_draft_len, chunk_size or default_chunk(target_logits.shape[1]), _stream(target_logits))
+
+    def tree_rejection_sample(self, target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
+                              top_k, top_p, seed, positions, max_depth, *, chunk_size=None):
+        """CUDA backend of :func:`fastverify.tree_rejection_sample`."""
+        return self.ops().tree_rejection_sample(
+            target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p, seed,
+            positions, max_depth, chunk_size or default_chunk(target_logits.shape[1]), _stream(target_logits))
+
+    def build_tree(self, parents, cu_num_nodes, prefix_lens, max_nodes):
+        """CUDA backend of :func:`fastverify.build_tree`: one thread per node."""
+        num_words = mask_words(max_nodes if max_nodes is not None else parents.numel())
+        return self.ops().build_tree(parents, cu_num_nodes, prefix_lens, num_words, _stream(parents))
+
+    def tree_attention(self, q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale, *,
+                       num_splits=None):
+        """CUDA backend of :func:`fastverify.tree_attention`. ``num_splits`` (1 .. 16)
+        overrides the number of prefix splits."""
+        scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        return self.ops().tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask,
+                                         float(scale), num_splits or 0, _stream(q))
+
+    def compact_kv(self, k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_accepted):
+        """CUDA backend of :func:`fastverify.compact_kv` (in place, one launch)."""
+        self.ops().compact_kv(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_accepted,
+                              _stream(k_cache))
+
+
+_extension = Kernels(library)
+rejection_sample = _extension.rejection_sample
+tree_rejection_sample = _extension.tree_rejection_sample
+build_tree = _extension.build_tree
+tree_attention = _extension.tree_attention
+compact_kv = _extension.compact_kv

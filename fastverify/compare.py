@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .decoding import generate
+from .models import unfuse_hf
 
 # Prompts of the kinds speculative decoding is judged on: summarising and editing
 # (much of the answer copies the prompt) and open questions (little does).
@@ -93,7 +94,7 @@ def hf_twin(model):
     arch = cfg.pop("model_type")
     config = transformers.AutoConfig.for_model(arch, **{k: v for k, v in cfg.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(unfuse_hf(model.state_dict(), model.config), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"transformers twin: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .model import ARCHITECTURES, KVCache, ModelArgs, Step, Transformer, chain_parents, rope_frequencies
+from .model import (ARCHITECTURES, KVCache, ModelArgs, Step, Transformer, chain_parents, fuse_hf, rope_frequencies,
+                    unfuse_hf)
 
 
 def from_state_dict(config: dict, state_dict: dict, *, dtype=torch.float32, device="cpu") -> Transformer:
@@ -16,7 +17,7 @@ def from_state_dict(config: dict, state_dict: dict, *, dtype=torch.float32, devi
     args = ModelArgs.from_hf_config(config)
     with torch.device("meta"):
         model = Transformer(args)
-    state_dict = dict(state_dict)
+    state_dict = fuse_hf(state_dict)
     if args.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -28,7 +29,8 @@ def from_state_dict(config: dict, state_dict: dict, *, dtype=torch.float32, devi
         model.lm_head.weight = model.model.embed_tokens.weight
     model.register_buffer("inv_freq", rope_frequencies(args), persistent=False)  # built on meta above
     model.hf_config = dict(config)  # to build the transformers twin of the same weights (fastverify compare)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.keep_transposed_weights() if torch.device(device).type == "cpu" else model
 
 
 def load(source: str = "smollm2", *, dtype=torch.float32, device="cpu") -> Transformer:
@@ -48,4 +50,5 @@ def load(source: str = "smollm2", *, dtype=torch.float32, device="cpu") -> Trans
     return model
 
 
-__all__ = ["ARCHITECTURES", "KVCache", "ModelArgs", "Step", "Transformer", "chain_parents", "from_state_dict", "load"]
+__all__ = ["ARCHITECTURES", "KVCache", "ModelArgs", "Step", "Transformer", "chain_parents", "from_state_dict", "fuse_hf",
+           "load", "unfuse_hf"]

@@ -259,14 +259,14 @@ def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
     for b in range(len(cu) - 1):
         n0, n = cu[b], cu[b + 1] - cu[b]
         L = lens[b]
-        k = _gather_keys(k_cache, block_table, b, L).float().transpose(0, 1)   # [Hkv, L, D]
-        v = _gather_keys(v_cache, block_table, b, L).float().transpose(0, 1)
-        qb = q[n0:n0 + n].float().view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
-        s = torch.bmm(qb, k.transpose(1, 2)).view(Hkv, G, n, L) * scale      # [Hkv, G, n, L]
-        s[..., L - n:] = s[..., L - n:].masked_fill(~unpack_mask(tree_mask[n0:n0 + n], n), float("-inf"))
-        p = torch.softmax(s, -1).view(Hkv, G * n, L)
-        o = torch.bmm(p, v).view(Hkv, G, n, D)                                # [Hkv, G, n, D]
-        out[n0:n0 + n] = o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(q.dtype)
+        k = _gather_keys(k_cache, block_table, b, L).float()                 # [L, Hkv, D]
+        v = _gather_keys(v_cache, block_table, b, L).float()
+        qb = (q[n0:n0 + n].float() * scale).view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
+        s = torch.bmm(qb, k.permute(1, 2, 0))                                 # [Hkv, G·n, L]
+        if n > 1:  # a single node sees all its keys; otherwise mask the tree part
+            s.view(Hkv, G, n, L)[..., L - n:].masked_fill_(~unpack_mask(tree_mask[n0:n0 + n], n), float("-inf"))
+        o = torch.bmm(torch.softmax(s, -1), v.transpose(0, 1))                # [Hkv, G·n, D]
+        out[n0:n0 + n] = o.view(Hkv, G, n, D).permute(2, 0, 1, 3).reshape(n, Hq, D)
     return out
 
 
