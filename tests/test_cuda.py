@@ -1,8 +1,13 @@
 """The cuda backend (csrc/cuda, loaded by fastverify/_cuda.py) against the torch backend
-(the spec, run on CPU copies) and the Triton backend. Needs a CUDA GPU.
+(the spec, run on CPU copies), the Triton backend and the naive oracles. Needs a CUDA GPU.
 
-Every comparison is exact: the three backends run the same algorithm on the same
-Philox bits, so they emit the same tokens. Inputs come from fixed seeds.
+Sampling comparisons are exact: the three backends run the same algorithm on the same
+Philox bits, so they emit the same tokens. Attention is compared with float tolerances
+per dtype. Inputs come from fixed seeds.
+
+The comparisons are ``check_*`` functions taking the backend's entry points (``kern``,
+``fastverify._cuda`` here) and the device of its tensors: tests/test_cuda_emulated.py
+runs a subset of them with the same kernels emulated on the CPU (tests/cuda_emu).
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ import itertools
 import pytest
 import torch
 
+from attention_problems import (ancestors, dense_sdpa_oracle, mask_words_oracle, paged_problem,
+                                path_attention_oracle, tree_parents)
+from test_tree_attention import CASES as CPU_ATTENTION_CASES
+
 import fastverify
 from fastverify import _cuda
+from fastverify.ops.attention import build_tree_torch, compact_kv_torch, tree_attention_torch
 from fastverify.ops.rejection import rejection_sample_torch, tree_rejection_sample_torch
 
 pytestmark = [pytest.mark.cuda,
@@ -149,10 +159,10 @@ def assert_same(got, want, what: str) -> None:
         assert torch.equal(x, y), f"{what}: output {i} differs\n got {x.tolist()}\nwant {y.tolist()}"
 
 
-def triton_backend():
+def triton_backend(family: str = "rejection"):
     pytest.importorskip("triton")
-    from fastverify.triton import rejection as triton_rejection
-    return triton_rejection
+    import importlib
+    return importlib.import_module(f"fastverify.triton.{family}")
 
 
 # ----------------------------------------------------------------------------- chain
@@ -168,17 +178,14 @@ CHAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("V,chunk,with_triton", CHAIN_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("q,filt", list(itertools.product((False, True), repeat=2)), ids=lambda x: str(x))
-def test_chain_matches_torch_and_triton(V, chunk, with_triton, dtype, q, filt):
+def check_chain(kern, dev, V, chunk, with_triton, dtype, q, filt):
     for seed in (0, 1):
         a = make_chain(seed * 1000 + V, 12, V, 4, q=q, filt=filt, dtype=dtype,
                        q_dtype=torch.float32 if dtype == torch.float16 else dtype,
                        id_dtype=torch.int32 if seed else torch.int64)
         want = rejection_sample_torch(*chain_positional(a))
-        ca = to(a, DEV)
-        got = _cuda.rejection_sample(*chain_positional(ca), chunk_size=chunk)
+        ca = to(a, dev)
+        got = kern.rejection_sample(*chain_positional(ca), chunk_size=chunk)
         assert_same(got, want, f"cuda vs torch (seed {seed})")
         if with_triton:
             tri = triton_backend().rejection_sample(*chain_positional(ca), chunk_size=chunk)
@@ -186,6 +193,13 @@ def test_chain_matches_torch_and_triton(V, chunk, with_triton, dtype, q, filt):
         out, num = (t.cpu() for t in got)
         assert ((out >= -1) & (out < V)).all()
         assert (out[torch.arange(len(num)), num.long()] >= 0).all(), "every request emits a token"
+
+
+@pytest.mark.parametrize("V,chunk,with_triton", CHAIN_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q,filt", list(itertools.product((False, True), repeat=2)), ids=lambda x: str(x))
+def test_chain_matches_torch_and_triton(V, chunk, with_triton, dtype, q, filt):
+    check_chain(_cuda, DEV, V, chunk, with_triton, dtype, q, filt)
 
 
 def test_chain_public_op_uses_cuda_backend():
@@ -198,20 +212,24 @@ def test_chain_public_op_uses_cuda_backend():
     assert_same(via_op, rejection_sample_torch(*chain_positional(to(a, "cpu"))), "public op vs torch")
 
 
-def test_chain_strided_logits_and_mixed_dtypes():
+def check_chain_strided_logits_and_mixed_dtypes(kern, dev):
     """Rows whose stride or start is off 16 bytes take the scalar load path;
     draft_probs may have another dtype than the logits."""
     a = make_chain(11, 8, 1001, 3, q=True, filt=True, dtype=torch.bfloat16, q_dtype=torch.float16)
     want = rejection_sample_torch(*chain_positional(a))
     R = a["target_logits"].shape[0]
-    aligned = torch.zeros(R, 1008, dtype=torch.bfloat16, device=DEV)  # 2016-byte rows: 16-byte loads, partial last
-    odd = torch.zeros(R + 1, 1004, dtype=torch.bfloat16, device=DEV)   # 2008-byte rows: scalar loads
+    aligned = torch.zeros(R, 1008, dtype=torch.bfloat16, device=dev)  # 2016-byte rows: 16-byte loads, partial last
+    odd = torch.zeros(R + 1, 1004, dtype=torch.bfloat16, device=dev)   # 2008-byte rows: scalar loads
     for view in (aligned[:, :1001], odd[:R, :1001], odd[1:, 1:1002]):  # the last one also starts off alignment
-        view.copy_(a["target_logits"].to(DEV))
-        ca = to(a, DEV)
+        view.copy_(a["target_logits"].to(dev))
+        ca = to(a, dev)
         ca["target_logits"] = view
-        assert_same(_cuda.rejection_sample(*chain_positional(ca)), want,
+        assert_same(kern.rejection_sample(*chain_positional(ca)), want,
                     f"strided logits (stride {view.stride(0)}, offset {view.storage_offset()})")
+
+
+def test_chain_strided_logits_and_mixed_dtypes():
+    check_chain_strided_logits_and_mixed_dtypes(_cuda, DEV)
 
 
 # ----------------------------------------------------------------------------- tree
@@ -220,17 +238,14 @@ def test_chain_strided_logits_and_mixed_dtypes():
 TREE_CASES = [(37, None, True), (37, 16, True), (BIG_V, None, True), (BIG_V, 16, False)]
 
 
-@pytest.mark.parametrize("V,chunk,with_triton", TREE_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("q,filt", list(itertools.product((False, True), repeat=2)), ids=lambda x: str(x))
-def test_tree_matches_torch_and_triton(V, chunk, with_triton, dtype, q, filt):
+def check_tree(kern, dev, V, chunk, with_triton, dtype, q, filt):
     for seed in (0, 1):
         a = make_tree(seed * 1000 + V, 10, V, q=q, filt=filt, dtype=dtype,
                       q_dtype=torch.float32 if dtype == torch.float16 else dtype,
                       tok_dtype=torch.int32 if seed else torch.int64, par_dtype=torch.int64 if seed else torch.int32)
         want = tree_rejection_sample_torch(*tree_positional(a))
-        ca = to(a, DEV)
-        got = _cuda.tree_rejection_sample(*tree_positional(ca), chunk_size=chunk)
+        ca = to(a, dev)
+        got = kern.tree_rejection_sample(*tree_positional(ca), chunk_size=chunk)
         assert_same(got, want, f"cuda vs torch (seed {seed})")
         if with_triton:
             tri = triton_backend().tree_rejection_sample(*tree_positional(ca), chunk_size=chunk)
@@ -238,6 +253,13 @@ def test_tree_matches_torch_and_triton(V, chunk, with_triton, dtype, q, filt):
         _, out, num = (t.cpu() for t in got)
         assert ((out >= -1) & (out < V)).all()
         assert (out[torch.arange(len(num)), num.long()] >= 0).all()
+
+
+@pytest.mark.parametrize("V,chunk,with_triton", TREE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q,filt", list(itertools.product((False, True), repeat=2)), ids=lambda x: str(x))
+def test_tree_matches_torch_and_triton(V, chunk, with_triton, dtype, q, filt):
+    check_tree(_cuda, DEV, V, chunk, with_triton, dtype, q, filt)
 
 
 def test_tree_public_op_uses_cuda_backend():
@@ -254,9 +276,7 @@ def test_tree_public_op_uses_cuda_backend():
 # ----------------------------------------------------------------------------- special values
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("filt", (False, True))
-def test_nan_and_inf_logits(dtype, filt):
+def check_nan_and_inf_logits(kern, dev, dtype, filt):
     V = 300
     a = make_chain(3, 6, V, 3, q=True, filt=filt, dtype=torch.float32)
     l = a["target_logits"]
@@ -270,7 +290,7 @@ def test_nan_and_inf_logits(dtype, filt):
     l[-1] = float("nan")
     a["target_logits"] = l.to(dtype)
     want = rejection_sample_torch(*chain_positional(a))
-    got = _cuda.rejection_sample(*chain_positional(to(a, DEV)))
+    got = kern.rejection_sample(*chain_positional(to(a, dev)))
     out, num = (t.cpu() for t in got)
     assert ((out >= -1) & (out < V)).all()
     emitted = out[torch.arange(len(num)), num.long()]
@@ -283,7 +303,7 @@ def test_nan_and_inf_logits(dtype, filt):
     lt[1:3, ::2] = float("-inf")
     lt[3, 7] = float("inf")
     t["target_logits"] = lt.to(dtype)
-    acc, out, num = (x.cpu() for x in _cuda.tree_rejection_sample(*tree_positional(to(t, DEV))))
+    acc, out, num = (x.cpu() for x in kern.tree_rejection_sample(*tree_positional(to(t, dev))))
     assert ((out >= -1) & (out < V)).all()
     assert (out[torch.arange(len(num)), num.long()] >= 0).all()
     assert_same((acc, out, num), tree_rejection_sample_torch(*tree_positional(t)), "nan/inf tree")
@@ -293,10 +313,16 @@ def test_nan_and_inf_logits(dtype, filt):
     l = a["target_logits"].float()
     l[2:5, 10:20] = float("inf")
     a["target_logits"] = l.to(dtype)
-    out, num = (x.cpu() for x in _cuda.rejection_sample(*chain_positional(to(a, DEV))))
+    out, num = (x.cpu() for x in kern.rejection_sample(*chain_positional(to(a, dev))))
     assert ((out >= -1) & (out < V)).all()
     emitted = out[torch.arange(len(num)), num.long()]
     assert ((emitted >= 0) & (emitted < V)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("filt", (False, True))
+def test_nan_and_inf_logits(dtype, filt):
+    check_nan_and_inf_logits(_cuda, DEV, dtype, filt)
 
 
 # ----------------------------------------------------------------------------- graphs, compile
@@ -401,3 +427,249 @@ def test_bad_chunk_size_is_rejected():
     a = to(make_chain(61, 3, 100, 2, q=False, filt=False), DEV)
     with pytest.raises(RuntimeError, match="chunk_size"):
         _cuda.rejection_sample(*chain_positional(a), chunk_size=24)
+
+
+# ============================================================================ tree attention
+
+ATTN_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+# The CPU suite's grid (tests/test_tree_attention.py) plus shapes that only matter for
+# the CUDA tiles: several q tiles and prefix splits, a head dim off the 16-byte grid.
+ATTENTION_CASES = dict(CPU_ATTENTION_CASES)
+ATTENTION_CASES.update({
+    "full_64_node_tree_gqa_4": ([64, 3], [100, 7], dict(Hq=8, Hkv=2, kind="full")),
+    "long_prefixes_many_splits": ([3, 64, 1], [700, 1500, 33], dict(Hq=4, Hkv=1, page=32)),
+    "mixed_sizes_page_7": ([1, 17, 64, 2], [50, 0, 13, 290], dict(Hq=6, Hkv=3, page=7)),
+    "head_dim_33_unaligned": ([5, 2], [19, 7], dict(D=33)),
+    "head_dim_200": ([4, 9], [40, 18], dict(D=200, Hq=2, Hkv=1)),
+})
+
+
+def assert_close(got, want, dtype, what=""):
+    tol = ATTN_TOL[dtype]
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * max(1.0, want.abs().max().item()), f"{what}: max abs error {err:.3g} > {tol}"
+
+
+def attention_problem(case: str, dtype):
+    sizes, prefixes, kw = ATTENTION_CASES[case]
+    return paged_problem(sizes, prefixes, seed=len(case), dtype=dtype, **kw)
+
+
+def attention_oracle(p):
+    # the dense oracle gathers each request's keys once: cheaper for long prefixes
+    return dense_sdpa_oracle(p) if max(p.prefixes) > 200 else path_attention_oracle(p)
+
+
+def check_tree_attention(kern, dev, case, dtype, *, with_triton=True, num_splits=None):
+    """The cuda backend against the oracle, the torch backend and (on dev) Triton."""
+    p = attention_problem(case, dtype)
+    x = p.to(dev)
+    got = kern.tree_attention(*x.args(), None, num_splits=num_splits).cpu()
+    assert got.dtype == dtype and got.shape == p.q.shape
+    assert_close(got, attention_oracle(p), dtype, "cuda vs oracle")
+    assert_close(got, tree_attention_torch(*p.args(), None), dtype, "cuda vs torch")
+    if with_triton:
+        tri = triton_backend("tree_attention").tree_attention(*x.args(), None).cpu()
+        assert_close(got, tri, dtype, "cuda vs triton")
+
+
+def check_tree_attention_scale_and_splits(kern, dev, dtype):
+    """sm_scale, and every number of prefix splits merging to the same result."""
+    p = paged_problem([4, 2, 7], [150, 61, 300], Hq=4, Hkv=2, D=64, page=16, seed=6, spare_columns=3, dtype=dtype)
+    from dataclasses import replace
+    want = dense_sdpa_oracle(replace(p, q=p.q.double() * (0.3 * p.q.shape[-1] ** 0.5)))
+    x = p.to(dev)
+    for splits in (None, 1, 2, 5, 16):
+        got = kern.tree_attention(*x.args(), 0.3, num_splits=splits).cpu()
+        assert_close(got, want, dtype, f"num_splits={splits}")
+
+
+def check_tree_attention_strided_layouts(kern, dev, dtype):
+    """q, out and the caches as views with padded rows: strides off the dense layout
+    (16-byte aligned and not), handled without copies."""
+    p = attention_problem("random_trees", dtype)
+    want = path_attention_oracle(p)
+    T, Hq, D = p.q.shape
+    for pad in (8, 3):  # 8 keeps 16-byte rows for 16-bit types, 3 forces scalar loads
+        q = torch.zeros(T, Hq, D + pad, dtype=dtype, device=dev)[..., :D]
+        q.copy_(p.q)
+        caches = []
+        for c in (p.k_cache, p.v_cache):
+            big = torch.zeros(*c.shape[:3], D + pad, dtype=dtype, device=dev)[..., :D]
+            big.copy_(c)
+            caches.append(big)
+        x = p.to(dev)
+        got = kern.tree_attention(q, caches[0], caches[1], *x.args()[3:], None).cpu()
+        assert_close(got, want, dtype, f"rows padded by {pad}")
+
+
+def check_tree_attention_garbage_is_memory_safe(kern, dev):
+    """Unchecked garbage (CUDA without FASTVERIFY_CHECKS): seq_lens beyond the block
+    table and page ids outside the cache are masked out, never read."""
+    p = paged_problem([3, 4], [5, 9], Hq=4, Hkv=2, D=64, page=4, seed=13)
+    table = p.block_table.clone()
+    table[1, 1] = 10**6
+    table[0, 0] = -5
+    lens = p.seq_lens.clone()
+    lens[0] = 10**6
+    x = p.to(dev)
+    out = kern.tree_attention(x.q, x.k_cache, x.v_cache, table.to(dev), lens.to(dev), x.cu, x.tree_mask,
+                              None).cpu()
+    assert torch.isfinite(out.float()).all()
+
+
+def check_build_tree(kern, dev):
+    g = torch.Generator().manual_seed(0)
+    sizes = [1, 5, 64, 100, 3]
+    kinds = ["single", "random", "full", "random", "chain"]
+    parents = [tree_parents(k, n, g) for k, n in zip(kinds, sizes)]
+    prefixes = [0, 7, 1000, 3, 2**33]
+    cu = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)), dtype=torch.int32)
+    want_mask = torch.tensor(sum((mask_words_oracle(p, 2) for p in parents), []), dtype=torch.int64)
+    want_depth = [len(ancestors(p, i)) - 1 for p in parents for i in range(len(p))]
+    request = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    for par_dtype, prefix_dtype in ((torch.int64, torch.int64), (torch.int32, torch.int32)):
+        par = torch.tensor(sum(parents, []), dtype=par_dtype)
+        prefix = torch.tensor(prefixes if prefix_dtype == torch.int64 else [x % 2**31 for x in prefixes],
+                              dtype=prefix_dtype)
+        mask, pos, depth = (t.cpu() for t in kern.build_tree(par.to(dev), cu.to(dev), prefix.to(dev), 128))
+        assert mask.dtype == torch.int64 and pos.dtype == torch.int64 and depth.dtype == torch.int32
+        assert torch.equal(mask, want_mask)
+        assert depth.tolist() == want_depth
+        assert torch.equal(pos, prefix.long()[request] + depth)
+        for got, want in zip((mask, pos, depth), build_tree_torch(par, cu, prefix, 128)):
+            assert torch.equal(got, want)
+    # default width (max_nodes=None: T bits), 256 nodes in 4 words
+    p256 = tree_parents("random", 256, g)
+    mask, _, _ = kern.build_tree(torch.tensor(p256, device=dev), torch.tensor([0, 256], dtype=torch.int32, device=dev),
+                                 torch.tensor([0], device=dev), None)
+    assert torch.equal(mask.cpu(), torch.tensor(mask_words_oracle(p256, 4)))
+
+
+def check_build_tree_garbage_is_memory_safe(kern, dev):
+    mask, pos, depth = kern.build_tree(torch.tensor([-1, 2, 1, 7], device=dev),
+                                       torch.tensor([0, 4], dtype=torch.int32, device=dev),
+                                       torch.tensor([0], device=dev), 4)
+    assert (depth.cpu() >= 0).all() and (depth.cpu() <= 4).all()
+    # node 1's parent 2 comes after it: the walk stops there
+    assert mask.cpu()[:, 0].tolist()[:2] == [1, 2]
+
+
+COMPACT_LAYOUTS = {
+    # name: (dtype, head_dim, padded head row): 16-byte units, 4-byte and 2-byte elements
+    "fp32_d16": (torch.float32, 16, 16),
+    "bf16_d64": (torch.bfloat16, 64, 64),
+    "fp16_d80_padded": (torch.float16, 80, 88),
+    "fp16_d33": (torch.float16, 33, 33),
+    "fp32_d5_padded": (torch.float32, 5, 7),
+}
+
+
+def check_compact_kv(kern, dev, layout):
+    """Paths with overlapping source/destination steps, empty paths, lone roots: the same
+    bytes as the torch spec (gather before scatter), other slots untouched."""
+    dtype, D, row = COMPACT_LAYOUTS[layout]
+    p = paged_problem([7, 5, 1, 9], [13, 0, 30, 6], Hq=2, Hkv=2, D=D, page=4, seed=8, dtype=dtype)
+    paths = [[0, 2, 5], [0], [0], [0, 1, 3, 8]]
+    accepted = torch.full((4, 5), -1, dtype=torch.int32)
+    for b, path in enumerate(paths):
+        accepted[b, :len(path)] = torch.tensor(path)
+    num = torch.tensor([len(x) - 1 for x in paths], dtype=torch.int32)
+    prefix = torch.tensor(p.prefixes, dtype=torch.int32)
+    k_want, v_want = p.k_cache.clone(), p.v_cache.clone()
+    compact_kv_torch(k_want, v_want, p.block_table, prefix, accepted, num)
+    caches = []
+    for c in (p.k_cache, p.v_cache):
+        big = torch.zeros(*c.shape[:3], row, dtype=dtype, device=dev)
+        big[..., :D] = c
+        caches.append(big)
+    k, v = (c[..., :D] for c in caches)
+    kern.compact_kv(k, v, p.block_table.to(dev), prefix.to(dev), accepted.to(dev), num.to(dev))
+    assert torch.equal(k.cpu(), k_want) and torch.equal(v.cpu(), v_want)
+    assert all((c[..., D:] == 0).all() for c in caches), "bytes past head_dim untouched"
+
+
+def check_compact_kv_garbage_is_memory_safe(kern, dev):
+    p = paged_problem([2], [3], Hq=2, Hkv=1, D=16, page=4, seed=2).to(dev)
+    k_before = p.k_cache.clone()
+    acc = torch.tensor([[0, 3, 1000]], dtype=torch.int32, device=dev)
+    kern.compact_kv(p.k_cache, p.v_cache, p.block_table, torch.tensor([3], dtype=torch.int32, device=dev), acc,
+                    torch.tensor([2], dtype=torch.int32, device=dev))
+    # step 1 (node 3, slot 6) is past the request's 5 keys but inside its pages: copied;
+    # step 2 (node 1000) is past the block table: skipped
+    page = p.k_cache.shape[1]
+    src, dst = 3 + 3, 3 + 1
+    t = p.block_table.cpu()
+    k_before[int(t[0, dst // page]), dst % page] = k_before[int(t[0, src // page]), src % page]
+    assert torch.equal(p.k_cache.cpu(), k_before.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_tree_attention_matches_oracle_torch_and_triton(case, dtype):
+    check_tree_attention(_cuda, DEV, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tree_attention_scale_and_splits(dtype):
+    check_tree_attention_scale_and_splits(_cuda, DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tree_attention_strided_layouts(dtype):
+    check_tree_attention_strided_layouts(_cuda, DEV, dtype)
+
+
+def test_tree_attention_garbage_is_memory_safe():
+    check_tree_attention_garbage_is_memory_safe(_cuda, DEV)
+
+
+def test_build_tree_matches_oracle_and_torch():
+    check_build_tree(_cuda, DEV)
+
+
+def test_build_tree_garbage_is_memory_safe():
+    check_build_tree_garbage_is_memory_safe(_cuda, DEV)
+
+
+@pytest.mark.parametrize("layout", list(COMPACT_LAYOUTS))
+def test_compact_kv_matches_torch(layout):
+    check_compact_kv(_cuda, DEV, layout)
+
+
+def test_compact_kv_garbage_is_memory_safe():
+    check_compact_kv_garbage_is_memory_safe(_cuda, DEV)
+
+
+def test_attention_public_ops_use_cuda_backend():
+    p = paged_problem([5, 9], [21, 14], Hq=4, Hkv=2, D=128, page=16, dtype=torch.bfloat16, seed=5).to(DEV)
+    parents = torch.tensor(sum(p.parents, []), device=DEV)
+    prefix = torch.tensor(p.prefixes, device=DEV)
+    with fastverify.use_backend("cuda"):
+        mask, pos, depth = fastverify.build_tree(parents, p.cu, prefix, max_nodes=64)
+        out = fastverify.tree_attention(p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, p.cu, mask)
+    assert torch.equal(mask, p.tree_mask)
+    assert torch.equal(out, _cuda.tree_attention(*p.args(), None))
+    assert_close(out.cpu(), path_attention_oracle(p.to("cpu")), torch.bfloat16, "public op vs oracle")
+
+
+def test_attention_cuda_graph_and_compile():
+    p = paged_problem([6, 64], [300, 40], Hq=8, Hkv=2, D=128, page=16, dtype=torch.float16, seed=14).to(DEV)
+    fn = lambda: _cuda.tree_attention(*p.args(), None)  # noqa: E731
+    graph, out = _capture(fn)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn())
+    p.q.copy_(torch.randn_like(p.q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn()), "the replay follows new q"
+
+    def f(q, k, v, table, lens, cu, mask):
+        return torch.ops.fastverify.tree_attention(q * 1.0, k, v, table, lens, cu, mask) * 2
+
+    with fastverify.use_backend("cuda"):
+        got = torch.compile(f, fullgraph=True)(*p.args())
+        want = f(*p.args())
+    assert torch.equal(got, want)

@@ -1,6 +1,7 @@
-// Host launchers of the CUDA backend (csrc/cuda/rejection.cu). Schemas live in
-// torch_bindings.cpp (torch.ops.fastverify_cuda.*); arguments as the Triton launchers
-// in fastverify/triton/rejection.py, plus the chunk width and the stream to launch on.
+// Host launchers of the CUDA backend (csrc/cuda/rejection.cu, csrc/cuda/tree_attention.cu).
+// Schemas live in torch_bindings.cpp (torch.ops.fastverify_cuda.*); arguments as the
+// Triton launchers in fastverify/triton/, plus what Python resolves (chunk width, mask
+// width, softmax scale, number of prefix splits) and the stream to launch on.
 #pragma once
 
 #include <cstdint>
@@ -24,5 +25,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
     const at::Tensor& cu_num_nodes, const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
     const at::Tensor& positions, int64_t max_depth, int64_t chunk_size, int64_t cuda_stream);
+
+// parents [T] int32/int64, cu_num_nodes [B + 1] int32, prefix_lens [B] int32/int64
+// -> (tree_mask [T, num_words] int64, positions [T] int64, depth [T] int32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> build_tree_cuda(const at::Tensor& parents,
+                                                               const at::Tensor& cu_num_nodes,
+                                                               const at::Tensor& prefix_lens, int64_t num_words,
+                                                               int64_t cuda_stream);
+
+// q [T, Hq, D], k_cache / v_cache [num_pages, page_size, Hkv, D] (fp16 / bf16 / fp32, D <= 256),
+// block_table [B, max_pages] int32, seq_lens [B] int32, cu_num_nodes [B + 1] int32,
+// tree_mask [T, W] int64; num_splits 0 lets the launcher choose -> out [T, Hq, D]
+at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens,
+                               const at::Tensor& cu_num_nodes, const at::Tensor& tree_mask, double sm_scale,
+                               int64_t num_splits, int64_t cuda_stream);
+
+// Moves the accepted path's K/V to contiguous slots, in place (fastverify.compact_kv).
+// block_table [B, max_pages], prefix_lens [B], accepted_nodes [B, max_depth + 1], num_accepted [B]: int32
+void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table,
+                     const at::Tensor& prefix_lens, const at::Tensor& accepted_nodes, const at::Tensor& num_accepted,
+                     int64_t cuda_stream);
 
 }  // namespace fastverify

@@ -20,12 +20,6 @@
 // (also under CUDA-graph replay). No host synchronisation, no data-dependent shapes.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
 
 #include <cfloat>
 #include <climits>
@@ -33,6 +27,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common.cuh"
 #include "ops.h"
 #include "philox.cuh"
 
@@ -68,10 +63,6 @@ constexpr int kProbsF16 = 2;
 
 // ------------------------------------------------------------------------------ helpers
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
 // fp32 logit with NaN -> -inf (_load_logits).
 __device__ __forceinline__ float sanitize(float l) { return l == l ? l : -kInf; }
 
@@ -96,22 +87,6 @@ __device__ __forceinline__ float key_float(uint32_t key) {
   const int32_t key32 = static_cast<int32_t>(key ^ 0x80000000u);
   const int32_t bits = key32 ^ ((key32 >> 31) & 0x7FFFFFFF);
   return __int_as_float(bits);
-}
-
-// Largest b in [0, B) with cu[b] + b * extra <= row (_request_of_row).
-__device__ __forceinline__ int request_of_row(const int32_t* cu, int64_t row, int B, int extra) {
-  int lo = 0;
-  int hi = B;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    const int64_t first = static_cast<int64_t>(cu[mid]) + static_cast<int64_t>(mid) * extra;
-    if (first <= row) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
 }
 
 // int32 or int64 token ids / parents.
@@ -961,35 +936,6 @@ __global__ void __launch_bounds__(kFinThreads) tree_finalize_kernel(const TreeAr
 
 // ------------------------------------------------------------------------------ launchers
 
-#define FASTVERIFY_CHECK_LAUNCH(what)                                                                   \
-  do {                                                                                                  \
-    const cudaError_t err_ = cudaGetLastError();                                                        \
-    TORCH_CHECK(err_ == cudaSuccess, "fastverify_cuda: launch of ", what, " failed: ", cudaGetErrorString(err_)); \
-  } while (0)
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// f(Tag<device type>{}) for the logits dtype.
-template <typename F>
-void dispatch_logits(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(Tag<float>{});
-      break;
-    case at::kBFloat16:
-      f(Tag<__nv_bfloat16>{});
-      break;
-    case at::kHalf:
-      f(Tag<__half>{});
-      break;
-    default:
-      TORCH_CHECK(false, "fastverify_cuda: target_logits must be float32, bfloat16 or float16, got ", st);
-  }
-}
-
 int probs_kind(at::ScalarType st) {
   switch (st) {
     case at::kFloat:
@@ -1003,8 +949,6 @@ int probs_kind(at::ScalarType st) {
   }
   return kProbsF32;
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 void check_vector(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t numel,
                   const at::Tensor& logits) {
@@ -1051,7 +995,8 @@ struct Common {
 Common prepare(const at::Tensor& logits, const at::Tensor& cu, const char* cu_name, const at::Tensor& temperature,
                const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
                const at::Tensor& positions, int64_t chunk) {
-  TORCH_CHECK(logits.is_cuda(), "fastverify_cuda: target_logits must be a CUDA tensor");
+  TORCH_CHECK(logits.device().type() == kKernelDevice, "fastverify_cuda: target_logits must be a ", kKernelDevice,
+              " tensor, got one on ", logits.device());
   TORCH_CHECK(logits.dim() == 2, "fastverify_cuda: target_logits must be 2-D, got shape ", logits.sizes());
   Common c;
   c.R = logits.size(0);
@@ -1103,19 +1048,18 @@ RowStats row_stats_pass(const at::Tensor& logits, const Common& c, int row_extra
   const int V = static_cast<int>(c.V);
   if (c.top_k.defined() || c.top_p.defined()) {
     rs.thr = at::empty({c.R}, f32);
-    filter_threshold_kernel<T><<<static_cast<unsigned>(c.R), kThrThreads, 0, stream>>>(
-        l, stride_l, row_vec, c.cu.data_ptr<int32_t>(), c.temp.data_ptr<float>(),
-        c.top_k.defined() ? c.top_k.data_ptr<int32_t>() : nullptr,
-        c.top_p.defined() ? c.top_p.data_ptr<float>() : nullptr, rs.thr.data_ptr<float>(), B, V, row_extra);
-    FASTVERIFY_CHECK_LAUNCH("filter_threshold_kernel");
+    launch_kernel("filter_threshold_kernel", filter_threshold_kernel<T>, dim3(static_cast<unsigned>(c.R)),
+                  dim3(kThrThreads), stream, l, stride_l, row_vec, c.cu.data_ptr<int32_t>(),
+                  c.temp.data_ptr<float>(), c.top_k.defined() ? c.top_k.data_ptr<int32_t>() : nullptr,
+                  c.top_p.defined() ? c.top_p.data_ptr<float>() : nullptr, rs.thr.data_ptr<float>(), B, V,
+                  row_extra);
   }
   const bool chunk_vec = row_vec && (chunk * elem) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(c.R), static_cast<unsigned>(std::min(c.NC, 65535)));
-  chunk_stats_kernel<T><<<grid, kStatsThreads, 0, stream>>>(
-      l, stride_l, chunk_vec, c.cu.data_ptr<int32_t>(), c.temp.data_ptr<float>(),
-      rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr, rs.stats.data_ptr<float>(), rs.amax.data_ptr<int32_t>(),
-      B, c.R, V, c.NC, chunk, row_extra);
-  FASTVERIFY_CHECK_LAUNCH("chunk_stats_kernel");
+  launch_kernel("chunk_stats_kernel", chunk_stats_kernel<T>, grid, dim3(kStatsThreads), stream, l, stride_l, chunk_vec,
+                c.cu.data_ptr<int32_t>(), c.temp.data_ptr<float>(),
+                rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr, rs.stats.data_ptr<float>(),
+                rs.amax.data_ptr<int32_t>(), B, c.R, V, c.NC, chunk, row_extra);
   return rs;
 }
 
@@ -1126,7 +1070,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& positions, int64_t max_draft_len,
     int64_t chunk_size, int64_t cuda_stream) {
-  TORCH_CHECK(target_logits.is_cuda(), "fastverify_cuda: target_logits must be a CUDA tensor");
+  TORCH_CHECK(target_logits.device().type() == kKernelDevice, "fastverify_cuda: target_logits must be a ",
+              kKernelDevice, " tensor, got one on ", target_logits.device());
   const c10::DeviceGuard guard(target_logits.device());
   const Common c = prepare(target_logits, cu_num_draft, "cu_num_draft", temperature, top_k, top_p, seed, positions, chunk_size);
   TORCH_CHECK(c.R >= 1, "fastverify_cuda: target_logits needs a row per draft plus one per request");
@@ -1137,13 +1082,13 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const int64_t N = drafts.numel();
   if (draft_probs.has_value()) check_probs(*draft_probs, N, c.V, target_logits);
 
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(cuda_stream));
+  const cudaStream_t stream = as_stream(cuda_stream);
   const auto i32 = target_logits.options().dtype(at::kInt);
   at::Tensor out = at::empty({c.B, max_draft_len + 1}, i32);
   at::Tensor num = at::empty({c.B}, i32);
   const int chunk = static_cast<int>(chunk_size);
 
-  dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
+  dispatch_float(target_logits.scalar_type(), "target_logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const RowStats rs = row_stats_pass<T>(target_logits, c, 1, chunk, stream);
     at::Tensor wbuf;
@@ -1170,8 +1115,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     a.NC = c.NC;
     a.chunk = chunk;
     a.max_draft_len = static_cast<int>(max_draft_len);
-    chain_finalize_kernel<T><<<static_cast<unsigned>(c.B), kFinThreads, 0, stream>>>(a);
-    FASTVERIFY_CHECK_LAUNCH("chain_finalize_kernel");
+    launch_kernel("chain_finalize_kernel", chain_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
+                  dim3(kFinThreads), stream, a);
   });
   return {out, num};
 }
@@ -1181,7 +1126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
     const at::Tensor& cu_num_nodes, const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
     const at::Tensor& positions, int64_t max_depth, int64_t chunk_size, int64_t cuda_stream) {
-  TORCH_CHECK(target_logits.is_cuda(), "fastverify_cuda: target_logits must be a CUDA tensor");
+  TORCH_CHECK(target_logits.device().type() == kKernelDevice, "fastverify_cuda: target_logits must be a ",
+              kKernelDevice, " tensor, got one on ", target_logits.device());
   const c10::DeviceGuard guard(target_logits.device());
   const Common c = prepare(target_logits, cu_num_nodes, "cu_num_nodes", temperature, top_k, top_p, seed, positions, chunk_size);
   check_ids(tree_tokens, "tree_tokens", target_logits);
@@ -1196,7 +1142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
   const at::Tensor tok = tree_tokens.contiguous();
   const at::Tensor par = parents.contiguous();
 
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(cuda_stream));
+  const cudaStream_t stream = as_stream(cuda_stream);
   const auto i32 = target_logits.options().dtype(at::kInt);
   const int64_t D = max_depth + 1;
   at::Tensor accepted = at::empty({c.B, D}, i32);
@@ -1204,7 +1150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
   at::Tensor num = at::empty({c.B}, i32);
   const int chunk = static_cast<int>(chunk_size);
 
-  dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
+  dispatch_float(target_logits.scalar_type(), "target_logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const RowStats rs = row_stats_pass<T>(target_logits, c, 0, chunk, stream);
     at::Tensor ws;
@@ -1238,8 +1184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
     a.NC = c.NC;
     a.chunk = chunk;
     a.max_depth = static_cast<int>(max_depth);
-    tree_finalize_kernel<T><<<static_cast<unsigned>(c.B), kFinThreads, 0, stream>>>(a);
-    FASTVERIFY_CHECK_LAUNCH("tree_finalize_kernel");
+    launch_kernel("tree_finalize_kernel", tree_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
+                  dim3(kFinThreads), stream, a);
   });
   return {accepted, out, num};
 }

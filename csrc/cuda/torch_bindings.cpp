@@ -1,10 +1,22 @@
 // The schemas of torch.ops.fastverify_cuda.* and their CUDA kernels. Loaded with
 // torch.ops.load_library (fastverify/_cuda.py); no Python module.
+//
+// tests/cuda_emu compiles this file with FASTVERIFY_CUDA_EMULATOR: the same launchers,
+// kernels emulated on the CPU, registered as torch.ops.fastverify_cuda_emu.* for CPU
+// tensors, so both libraries can live in one process.
 #include <torch/library.h>
 
 #include "ops.h"
 
-TORCH_LIBRARY_FRAGMENT(fastverify_cuda, m) {
+#ifdef FASTVERIFY_CUDA_EMULATOR
+#define FASTVERIFY_CUDA_NAMESPACE fastverify_cuda_emu
+#define FASTVERIFY_CUDA_KEY CPU
+#else
+#define FASTVERIFY_CUDA_NAMESPACE fastverify_cuda
+#define FASTVERIFY_CUDA_KEY CUDA
+#endif
+
+TORCH_LIBRARY_FRAGMENT(FASTVERIFY_CUDA_NAMESPACE, m) {
   m.def(
       "rejection_sample(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, Tensor? draft_probs, "
       "Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor seed, Tensor positions, int max_draft_len, "
@@ -13,9 +25,21 @@ TORCH_LIBRARY_FRAGMENT(fastverify_cuda, m) {
       "tree_rejection_sample(Tensor target_logits, Tensor tree_tokens, Tensor parents, Tensor cu_num_nodes, "
       "Tensor? draft_probs, Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor seed, Tensor positions, "
       "int max_depth, int chunk_size, int cuda_stream) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "build_tree(Tensor parents, Tensor cu_num_nodes, Tensor prefix_lens, int num_words, int cuda_stream) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor cu_num_nodes, Tensor tree_mask, float sm_scale, int num_splits, int cuda_stream) -> Tensor");
+  m.def(
+      "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor prefix_lens, "
+      "Tensor accepted_nodes, Tensor num_accepted, int cuda_stream) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastverify_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTVERIFY_CUDA_NAMESPACE, FASTVERIFY_CUDA_KEY, m) {
   m.impl("rejection_sample", &fastverify::rejection_sample_cuda);
   m.impl("tree_rejection_sample", &fastverify::tree_rejection_sample_cuda);
+  m.impl("build_tree", &fastverify::build_tree_cuda);
+  m.impl("tree_attention", &fastverify::tree_attention_cuda);
+  m.impl("compact_kv", &fastverify::compact_kv_cuda);
 }

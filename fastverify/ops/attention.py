@@ -239,34 +239,39 @@ def build_tree_torch(parents, cu_num_nodes, prefix_lens, max_nodes):
     return mask, prefix_lens.long()[row_req] + depth, depth.to(torch.int32)
 
 
-def _gather_keys(cache, block_table, b, length):
-    """Keys 0..length-1 of request b from a paged cache: [length, H, D]."""
-    page = cache.shape[1]
-    pages = block_table[b, : -(-length // page)]
-    return cache.index_select(0, pages).flatten(0, 1)[:length]
-
-
 def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale):
-    """torch backend of :func:`fastverify.tree_attention`: per request, gather its keys
-    and attend with the prefix fully visible and the tree part masked (fp32 math).
-    The G query heads of a KV head go through one matmul, as rows [G·n] against [L]."""
+    """torch backend of :func:`fastverify.tree_attention` (fp32 math). Requests with the
+    same (nodes, keys) run together: gather their keys [g, L, Hkv, D] from the pages,
+    scores of the G query heads of each KV head as rows [G·n] against [L], the tree part
+    masked, softmax, weighted sum."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
+    page = k_cache.shape[1]
     scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.empty_like(q)
     cu, lens = cu_num_nodes.tolist(), seq_lens.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
     for b in range(len(cu) - 1):
-        n0, n = cu[b], cu[b + 1] - cu[b]
-        L = lens[b]
-        k = _gather_keys(k_cache, block_table, b, L).float()                 # [L, Hkv, D]
-        v = _gather_keys(v_cache, block_table, b, L).float()
-        qb = (q[n0:n0 + n].float() * scale).view(n, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * n, D)
-        s = torch.bmm(qb, k.permute(1, 2, 0))                                 # [Hkv, G·n, L]
+        groups.setdefault((cu[b + 1] - cu[b], lens[b]), []).append(b)
+    for (n, L), reqs in groups.items():
+        g = len(reqs)
+        if g == 1:  # slices instead of index tensors: the common decode case stays cheap
+            b = reqs[0]
+            pages, rows = block_table[b:b + 1, : -(-L // page)], slice(cu[b], cu[b] + n)
+        else:
+            idx = torch.tensor(reqs, device=q.device)
+            pages = block_table[idx, : -(-L // page)]                          # [g, P]
+            rows = (cu_num_nodes[idx].long()[:, None] + torch.arange(n, device=q.device)).flatten()  # [g·n]
+        k = k_cache[pages].flatten(1, 2)[:, :L].float()                        # [g, L, Hkv, D]
+        v = v_cache[pages].flatten(1, 2)[:, :L].float()
+        qb = (q[rows].float() * scale).view(g, n, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(g, Hkv, G * n, D)
+        s = qb @ k.permute(0, 2, 3, 1)                                          # [g, Hkv, G·n, L]
         if n > 1:  # a single node sees all its keys; otherwise mask the tree part
-            s.view(Hkv, G, n, L)[..., L - n:].masked_fill_(~unpack_mask(tree_mask[n0:n0 + n], n), float("-inf"))
-        o = torch.bmm(torch.softmax(s, -1), v.transpose(0, 1))                # [Hkv, G·n, D]
-        out[n0:n0 + n] = o.view(Hkv, G, n, D).permute(2, 0, 1, 3).reshape(n, Hq, D)
+            allow = unpack_mask(tree_mask[rows], n).view(g, 1, 1, n, n)
+            s.view(g, Hkv, G, n, L)[..., L - n:].masked_fill_(~allow, float("-inf"))
+        o = torch.softmax(s, -1) @ v.transpose(1, 2)                           # [g, Hkv, G·n, D]
+        out[rows] = o.view(g, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(g * n, Hq, D).to(q.dtype)
     return out
 
 
