@@ -205,13 +205,15 @@ def _add_model_args(p) -> None:
 
 
 def _add_decoding_args(p) -> None:
-    p.add_argument("--num-draft", type=int, default=None, help="chain: drafted tokens per step (default 4; "
-                                                                "ngram 8)")
+    p.add_argument("--num-draft", type=int, default=None,
+                   help="chain: most drafted tokens per step (default 10 for ngram — as many as pay off, measured as "
+                        "it runs — and 4 for model drafters)")
     p.add_argument("--tree-depth", type=int, default=None, help="tree: levels of the draft tree (default 5)")
     p.add_argument("--tree-topk", type=int, default=None, help="tree: children per expanded node (default 4)")
     p.add_argument("--tree-nodes", type=int, default=None, help="tree: node budget, root included (default 32)")
     p.add_argument("--draft-layers", type=_layer_list, default=None,
-                   help="layerskip: layers the drafter runs, e.g. 0-9,11-29 (default: all but every third layer of the middle half)")
+                   help="layerskip: layers the drafter runs, e.g. 0-9,11-29 (default: all but every third layer of "
+                        "the middle half)")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -284,30 +286,32 @@ def _cmd_generate(args) -> int:
     drafter = _drafter(args, model)
     tok = model.tokenizer
     stream = tok.stream_decoder() if tok is not None else None
-    counts = [0] * len(args.prompt)
+    n = len(args.prompt)
+    budget = n * args.max_new_tokens
+    produced = [0]
     started = time.perf_counter()
 
     def on_tokens(b, new):
-        counts[b] += len(new)
-        if b == 0 and stream is not None:
-            print(stream.push(new), end="", flush=True)
-        elif stream is None and b == 0:
-            print(" ".join(map(str, new)), end=" ", flush=True)
+        if n == 1:  # one prompt: stream its text as it is verified
+            print(stream.push(new) if stream is not None else " ".join(map(str, new)), end="", flush=True)
+            return
+        produced[0] += len(new)  # a batch: a progress bar, the texts at the end
+        done = produced[0] / budget
+        print(f"\r[{'#' * int(30 * done):<30}] {produced[0]}/{budget} tokens  {time.perf_counter() - started:5.1f}s",
+              end="", file=sys.stderr, flush=True)
 
     what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method != "ar" else "")
-    _log(f"generating {args.max_new_tokens} tokens for {len(args.prompt)} prompt(s), {what}, "
-         f"temperature {args.temperature}\n")
-    if len(args.prompt) > 1:
-        print("[prompt 0]", flush=True)
+    _log(f"generating up to {args.max_new_tokens} tokens for {n} prompt(s), {what}, temperature {args.temperature}\n")
     r = generate(model, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=[args.seed + b for b in range(len(args.prompt))], chat=not args.no_chat,
+                 seed=[args.seed + b for b in range(n)], chat=not args.no_chat,
                  on_tokens=on_tokens, **_decoding_options(args))
-    if stream is not None:
-        print(stream.flush(), end="")
-    print(flush=True)
-    for b, text in enumerate(r.texts[1:], 1):
-        print(f"\n[prompt {b}]\n{text}", flush=True)
+    if n == 1:
+        print(stream.flush() if stream is not None else "", flush=True)
+    else:
+        print(file=sys.stderr)
+        for b, text in enumerate(r.texts):
+            print(f"\n[prompt {b}] {args.prompt[b]}\n{text}", flush=True)
     s = r.stats
     sh = s.shares()
     print()
@@ -315,6 +319,13 @@ def _cmd_generate(args) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {s.new_tokens} | {s.seconds:.2f} | {s.tokens_per_s:.1f} | {s.steps} | {s.tokens_per_step:.2f} | "
           f"{sh['prefill']:.0%} | {sh['draft']:.0%} | {sh['verify']:.0%} | {sh['sample']:.0%} |", flush=True)
+    if args.method != "ar":
+        hist: dict[int, int] = {}
+        for per_request in s.accepted:
+            for a in per_request:
+                hist[a] = hist.get(a, 0) + 1
+        print("accepted drafts per step (count×steps): " + "  ".join(f"{a}×{hist[a]}" for a in sorted(hist)),
+              flush=True)
     return 0
 
 
