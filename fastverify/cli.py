@@ -373,7 +373,9 @@ def _cmd_compare(args) -> int:
     device = bench.device_name(model.device)
     report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {device}"
     report["header"] = (f"# {report['title']}\n\ncommand: `{args.command}`  \nversions: "
-                        + ", ".join(f"{k} {v}" for k, v in bench.versions().items()) + "\n\n")
+                        + ", ".join(f"{k} {v}" for k, v in bench.versions().items())
+                        + f"  \ngit: {bench.git_revision()}  \nmachine: {bench.device_name(model.device)}; "
+                          f"greedy, batch 1, up to {args.max_new_tokens} new tokens per prompt\n\n")
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf", "results")
     slug = "".join(ch if ch.isalnum() else "-" for ch in device.lower()).strip("-")
     paths = compare.write_report(report, os.path.join(out, f"compare-{slug}-{stamp}"))

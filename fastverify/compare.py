@@ -74,6 +74,7 @@ class Row:
     sample_s: float = 0.0
     prefill_s: float = 0.0
     same_as_ar: int = 0          # prompts whose tokens equal the baseline's
+    per_prompt: dict = field(default_factory=dict)  # prompt -> [tokens, seconds]
     ties: list = field(default_factory=list)        # (prompt, position, margin) accepted near-ties
     divergences: list = field(default_factory=list)  # (prompt, position, margin) real mismatches
 
@@ -158,6 +159,7 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
             s = r.stats
             row.tokens += s.new_tokens
             row.seconds += s.seconds
+            row.per_prompt[name] = [s.new_tokens, s.seconds]
             row.steps += s.steps
             row.accepted += sum(s.accepted[0])
             for k in ("draft_s", "verify_s", "sample_s", "prefill_s"):
@@ -175,6 +177,7 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
                     out, seconds = _hf_generate(hf, prompt, kind, max_new_tokens, eos, early_exit)
                     row.tokens += len(out)
                     row.seconds += seconds
+                    row.per_prompt[name] = [len(out), seconds]
                     _check(model, row, name, prompt, base, out, tie_tolerance)
                     progress(kind, name, len(out), seconds)
     return {"rows": [dict(asdict(r), tokens_per_s=r.tokens_per_s, tokens_per_step=r.tokens_per_step)
@@ -220,6 +223,12 @@ def render_markdown(report: dict) -> str:
         if r["divergences"]:
             same += f" — {len(r['divergences'])} DIVERGED"
         lines.append(f"| {r['label']} | {tps:.1f} | {tau} | {vs_hf} | {vs_ar} | {shares} | {same} |")
+    names = list(report["prompts"])
+    lines += ["", "tokens/s per prompt:", "", "| method | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for r in rows:
+        cells = [f"{t / sec:.1f}" if sec else "–" for t, sec in (r["per_prompt"].get(n, (0, 0)) for n in names)]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
