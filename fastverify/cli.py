@@ -422,15 +422,7 @@ def _cuda_extension_state() -> list[str]:
             lines.append(f"cuda extension, ahead-of-time build (fastverify._C): built, NOT loadable ({msg})")
     if loader is not None:
         try:
-            mod = importlib.import_module("fastverify._cuda")   # importing never compiles (DESIGN.md)
-            fn = getattr(mod, "is_built", None)      # a no-build query, if the loader offers one
-            if callable(fn):
-                try:
-                    lines.append(f"fastverify._cuda.is_built(): {fn()}")
-                except Exception as e:  # noqa: BLE001
-                    lines.append(f"fastverify._cuda.is_built(): raised {type(e).__name__}: {e}"[:200])
-            else:
-                lines.append("JIT build state: unknown without building (fastverify._cuda has no is_built())")
+            importlib.import_module("fastverify._cuda")   # importing never compiles (DESIGN.md)
         except Exception as e:  # noqa: BLE001
             lines.append(f"fastverify._cuda: import failed ({type(e).__name__}: {e})"[:240])
     return lines

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .decoding import generate
+from .decoding import encode_prompts, generate
 from .models import unfuse_hf
 
 # Prompts of the kinds speculative decoding is judged on: summarising and editing
@@ -134,8 +134,6 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
     methods = methods if methods is not None else METHODS
     hf_methods = hf_methods if hf_methods is not None else HF_METHODS
     options = options or {}
-    from .decoding import encode_prompts
-
     ids = {name: encode_prompts(model, [text])[0] for name, text in prompts.items()}
     eos = sorted(model.config.eos_ids)
     rows: dict[str, Row] = {}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import Step, chain_parents
+from ..models import Step, chain_parents, cu_from_counts
 
 
 @dataclass
@@ -132,7 +132,7 @@ class ModelDrafter:
         feed = [run.tokens[b][self.length[b]:] for b in reqs]
         dev = self.model.device
         tokens = torch.tensor([t for f in feed for t in f], device=dev)
-        cu = _cumsum([len(f) for f in feed], dev)
+        cu = cu_from_counts([len(f) for f in feed], dev)
         last = cu[1:] - 1
         idx = torch.tensor(reqs, device=dev)
         step = Step.build(self.cache, idx, chain_parents(cu), cu, torch.tensor([self.length[b] for b in reqs], device=dev))
@@ -211,7 +211,7 @@ class ModelDrafter:
                 break
             # run the frontier: its K/V go to slots prefix + node index, the rest of the pool is masked off
             counts = [len(t) for t in tok]
-            cu = _cumsum(counts, dev)
+            cu = cu_from_counts(counts, dev)
             parents = torch.tensor([p for ps in par for p in ps], device=dev)
             rows = torch.tensor([int(cu[r]) + n for r in range(B) for n in frontier[r]], device=dev)
             tokens = torch.tensor([tok[r][n] for r in range(B) for n in frontier[r]], device=dev)
@@ -245,10 +245,3 @@ def layerskip(model, layers=None) -> ModelDrafter:
     if layers is None:
         layers = [i for i in range(L) if not (L // 4 <= i < 3 * L // 4 and i % 3 == 0)]
     return ModelDrafter(model.with_layers(layers), name=f"layerskip[{len(set(layers))}/{L}]")
-
-
-def _cumsum(counts: list[int], device) -> torch.Tensor:
-    cu = [0]
-    for c in counts:
-        cu.append(cu[-1] + c)
-    return torch.tensor(cu, dtype=torch.int32, device=device)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from ..models import Step, chain_parents
+from ..models import Step, chain_parents, cu_from_counts
 from .drafters import Draft, ModelDrafter, NgramDrafter, layerskip
 
 METHODS = ("ar", "chain", "tree")
@@ -137,10 +137,6 @@ def _per_request(value, B: int, dtype, device, name: str) -> torch.Tensor:
     return t
 
 
-def _cumsum(counts: list[int], device) -> torch.Tensor:
-    return torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
-
-
 def prefill(run: Run) -> None:
     """Put every prompt but its last token (the first root) into the cache, as one chain per request."""
     reqs = [b for b in range(len(run.tokens)) if run.prompt_lens[b] > 1]
@@ -148,7 +144,7 @@ def prefill(run: Run) -> None:
         return
     dev = run.model.device
     feed = [run.tokens[b][:-1] for b in reqs]
-    cu = _cumsum([len(f) for f in feed], dev)
+    cu = cu_from_counts([len(f) for f in feed], dev)
     step = Step.build(run.cache, torch.tensor(reqs, device=dev), chain_parents(cu), cu,
                       torch.zeros(len(reqs), dtype=torch.int32, device=dev))
     no_logits = torch.zeros(0, dtype=torch.long, device=dev)
@@ -212,7 +208,7 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool) -> list[lis
     stats = run.stats
     roots = [run.tokens[b][-1] for b in reqs]
     counts = [1 + len(t) for t in draft.tokens]
-    cu = _cumsum(counts, dev)
+    cu = cu_from_counts(counts, dev)
     tokens = torch.tensor([t for r, d in zip(roots, draft.tokens) for t in [r] + d], device=dev)
     parents = torch.tensor([p for ps in draft.parents for p in [-1] + ps], device=dev)
     prefix = torch.tensor([run.cache_len[b] for b in reqs], dtype=torch.int32, device=dev)
@@ -234,7 +230,7 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool) -> list[lis
         run.cache.compact(idx, prefix, accepted_nodes, num)
     else:
         out, num = ops.rejection_sample(
-            logits, tokens[_draft_rows(counts, dev)], _cumsum([c - 1 for c in counts], dev),
+            logits, tokens[_draft_rows(counts, dev)], cu_from_counts([c - 1 for c in counts], dev),
             draft_probs=draft.probs, positions=positions, max_draft_len=max_len, **run.sampling(reqs))
     out, num = out.tolist(), num.tolist()
     stats.sample_s += time.perf_counter() - t1
@@ -252,7 +248,7 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool) -> list[lis
 def _draft_rows(counts: list[int], device) -> torch.Tensor:
     """Rows of the flattened root + draft tokens that are drafts (every row but each root)."""
     is_root = torch.zeros(sum(counts), dtype=torch.bool, device=device)
-    is_root[_cumsum(counts, device)[:-1].long()] = True
+    is_root[cu_from_counts(counts, device)[:-1].long()] = True
     return (~is_root).nonzero()[:, 0]
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .model import (ARCHITECTURES, KVCache, ModelArgs, Step, Transformer, chain_parents, fuse_hf, rope_frequencies,
-                    unfuse_hf)
+from .model import (ARCHITECTURES, KVCache, ModelArgs, Step, Transformer, chain_parents, cu_from_counts, fuse_hf,
+                    rope_frequencies, unfuse_hf)
 
 
 def from_state_dict(config: dict, state_dict: dict, *, dtype=torch.float32, device="cpu") -> Transformer:
@@ -50,5 +50,6 @@ def load(source: str = "smollm2", *, dtype=torch.float32, device="cpu") -> Trans
     return model
 
 
-__all__ = ["ARCHITECTURES", "KVCache", "ModelArgs", "Step", "Transformer", "chain_parents", "from_state_dict", "fuse_hf",
+__all__ = ["ARCHITECTURES", "KVCache", "ModelArgs", "Step", "Transformer", "chain_parents", "cu_from_counts",
+           "from_state_dict", "fuse_hf",
            "load", "unfuse_hf"]

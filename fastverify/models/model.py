@@ -155,6 +155,14 @@ class Step:
                    tree_mask, rows)
 
 
+def cu_from_counts(counts: list[int], device=None) -> torch.Tensor:
+    """Exclusive prefix sum ``[B+1]`` int32 of per-request counts (the ``cu_*`` layout)."""
+    cu = [0]
+    for c in counts:
+        cu.append(cu[-1] + c)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
 def chain_parents(cu: torch.Tensor) -> torch.Tensor:
     """Parents of one chain per request (node i's parent is i − 1): ``[cu[-1]]``."""
     _, local = row_requests(cu, int(cu[-1]), 0)
