@@ -175,13 +175,14 @@ def chain_parents(cu: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """``nn.Linear`` that, once :meth:`keep_transposed` was called (CPU), also holds
     ``weight_t [in, out]``. CPU BLAS streams a weight fastest for one row as ``x @ Wᵀ``
-    stored [in, out], and for 2–8 rows as ``W @ xᵀ`` stored [out, in]; ``F.linear``
+    stored [in, out], and for 2–4 rows as ``W @ xᵀ`` stored [out, in]; ``F.linear``
     (which repacks W for small row counts) is 1.3–1.8× slower for both on this project's
-    2-core machines (perf/results: decode step of SmolLM2-135M 100 → 68 ms at 1 thread).
+    2-core machines (``python perf/decode_step.py``: SmolLM2-135M, 1 thread, 1 row 65 → 51 ms,
+    2 rows 116 → 58 ms).
     Costs a second copy of the weights."""
 
     weight_t: torch.Tensor | None = None
-    FEW_ROWS = 8
+    FEW_ROWS = 4  # at 8 rows W·xᵀ and F.linear are even (perf/decode_step.py)
 
     def keep_transposed(self) -> None:
         self.weight_t = self.weight.detach().t().contiguous()

@@ -1,0 +1,65 @@
+"""Time one target forward of the reference model over M tokens per step (a decode
+step is M = 1; verifying k drafts is M = k + 1), with and without the CPU layout trick
+of ``fastverify.models.model.Linear`` (a transposed weight copy for 1 row, W·xᵀ for
+2–4 rows), after a 200-token prompt:
+
+    python perf/decode_step.py [--model smollm2] [--threads N] [--rows 1,2,4,8,16,32]
+
+Prints a markdown table of median ms per forward and the speedup.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fastverify.models import Step, chain_parents, load
+from fastverify.models.model import Linear
+
+
+def time_forward(model, rows: int, repeats: int = 7) -> float:
+    cache = model.new_cache(1, 512)
+    with torch.no_grad():
+        cu = torch.tensor([0, 200], dtype=torch.int32)
+        prompt = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+        model(prompt, Step.build(cache, torch.tensor([0]), chain_parents(cu), cu, torch.zeros(1, dtype=torch.int32)),
+              cache)
+        cu = torch.tensor([0, rows], dtype=torch.int32)
+        step = Step.build(cache, torch.tensor([0]), chain_parents(cu), cu, torch.tensor([200], dtype=torch.int32))
+        tokens = prompt[:rows]
+        model(tokens, step, cache)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(tokens, step, cache)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rows", default="1,2,4,8,16,32")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    print(f"{args.model}, fp32, {torch.get_num_threads()} threads\n")
+    print("| rows M | F.linear ms | fastverify Linear ms | speedup |")
+    print("|--:|--:|--:|--:|")
+    for rows in (int(r) for r in args.rows.split(",")):
+        fast = time_forward(model, rows)
+        kept = [m.weight_t for m in linears]
+        for m in linears:
+            m.weight_t = None
+        plain = time_forward(model, rows)
+        for m, w in zip(linears, kept):
+            m.weight_t = w
+        print(f"| {rows} | {plain:.1f} | {fast:.1f} | {plain / fast:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
