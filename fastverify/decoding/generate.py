@@ -161,13 +161,15 @@ class DraftLength:
     With α_j the measured rate at which the j-th draft is accepted given the ones before
     it, k drafts yield E(k) = 1 + Σ_{j≤k} Π_{i≤j} α_i tokens per step; the step keeps the
     k ≤ k_max that maximises E(k) / t(B·(k + 1)), t measured per total token count
-    (before a count is measured: t(1)·(1 + 0.25·(tokens − 1)))."""
+    (before a count is measured: t(1)·(1 + 0.25·(tokens − 1))). Forward times are a
+    property of the model on its machine, so they carry over from run to run
+    (``seconds``, kept on the model); acceptance rates belong to one run's text."""
 
-    def __init__(self, k_max: int):
+    def __init__(self, k_max: int, seconds: dict[int, float] | None = None):
         self.k_max = k_max
         self.tried = [0.0] * (k_max + 1)   # drafts at depth j that were checked (decayed counts)
         self.taken = [0.0] * (k_max + 1)   # ... and accepted
-        self.seconds: dict[int, float] = {}
+        self.seconds = {} if seconds is None else seconds
 
     def accept_rate(self, j: int) -> float:
         # prior 0.8 (worth 5 drafts): an n-gram match is evidence that copying has begun
@@ -345,7 +347,7 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
     if draft_obj is not None:
         draft_obj.start(run)
     if method == "chain" and isinstance(draft_obj, NgramDrafter) and adaptive:
-        run.draft_length = DraftLength(num_draft)
+        run.draft_length = DraftLength(num_draft, model.step_seconds)
     stats = run.stats
     prefill(run)
     stats.prefill_s = time.perf_counter() - t_start

@@ -317,6 +317,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.tokenizer = None
         self.hf_config: dict | None = None
+        self.step_seconds: dict[int, float] = {}  # measured forward time per token count (decoding's cost model)
         self.layer_ids = list(range(args.n_layers))  # which layers run; a layer-skipping drafter takes a subset
 
     @property
