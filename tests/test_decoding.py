@@ -190,6 +190,12 @@ def test_bad_input_fails_before_work(small):
         generate(small, [[1]], method="chain", drafter=ModelDrafter(tiny("llama", vocab=16, layers=1)[1]))
     with pytest.raises(ValueError, match="temperature"):
         generate(small, [[1], [2]], temperature=[1.0])
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        generate(small, [[1]], temperature=-0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(small, [[1]], temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(small, [[1]], temperature=1.0, top_k=-1)
     with pytest.raises(ValueError, match="drafter"):
         generate(small, [[1]], method="chain", drafter="oracle")
     with pytest.raises(ValueError, match="min_ngram"):

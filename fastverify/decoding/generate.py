@@ -97,6 +97,12 @@ class Run:
         self.top_k = _per_request(top_k, B, torch.int32, dev, "top_k")
         self.top_p = _per_request(top_p, B, torch.float32, dev, "top_p")
         self.seed = _per_request(seed, B, torch.int64, dev, "seed")
+        if not bool(torch.isfinite(self.temperature).all()) or bool((self.temperature < 0).any()):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature.tolist()}")
+        if bool((self.top_k < 0).any()):
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k.tolist()}")
+        if not bool(((self.top_p > 0) & (self.top_p <= 1)).all()):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p.tolist()}")
         self.seed_base = int(self.seed[0])
         self.filter_k = bool((self.top_k > 0).any())
         self.filter_p = bool((self.top_p < 1).any())
