@@ -204,8 +204,8 @@ def render_markdown(report: dict) -> str:
     ar = rows[0]
     n = len(report["prompts"])
     lines = [
-        f"| method | tokens/s | tokens per target forward | vs transformers generate | vs fastverify ar "
-        f"| draft / verify / sample share | same tokens as ar |",
+        "| method | tokens/s | tokens per target forward | vs transformers generate | vs fastverify ar "
+        "| draft / verify / sample share | same tokens as ar |",
         "|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:

@@ -24,6 +24,18 @@ def tree_parents(kind: str, n: int, g: torch.Generator) -> list[int]:
     return random_tree(n, 1000, g)[0]
 
 
+
+def build_tree_cases(g: torch.Generator):
+    """Trees of every kind for build_tree — a single node, random, a full 64-node tree,
+    one wider than a mask word, a chain — with their prefix lengths (one past 2**32) and
+    cu_num_nodes: (parents per tree, prefix_lens, cu_num_nodes [B+1] int32)."""
+    sizes = [1, 5, 64, 100, 3]
+    kinds = ["single", "random", "full", "random", "chain"]
+    parents = [tree_parents(k, n, g) for k, n in zip(kinds, sizes)]
+    prefixes = [0, 7, 1000, 3, 2**33]
+    cu = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)), dtype=torch.int32)
+    return parents, prefixes, cu
+
 def ancestors(parents: list[int], i: int) -> list[int]:
     """Root-to-node path of tree-local node i."""
     path = [i]

@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 
-from attention_problems import (ancestors, dense_sdpa_oracle, mask_words_oracle, paged_problem,
+from attention_problems import (ancestors, build_tree_cases, dense_sdpa_oracle, mask_words_oracle, paged_problem,
                                 path_attention_oracle, tree_parents)
 from test_tree_attention import CASES as CPU_ATTENTION_CASES
 
@@ -521,11 +521,8 @@ def check_tree_attention_garbage_is_memory_safe(kern, dev):
 
 def check_build_tree(kern, dev):
     g = torch.Generator().manual_seed(0)
-    sizes = [1, 5, 64, 100, 3]
-    kinds = ["single", "random", "full", "random", "chain"]
-    parents = [tree_parents(k, n, g) for k, n in zip(kinds, sizes)]
-    prefixes = [0, 7, 1000, 3, 2**33]
-    cu = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)), dtype=torch.int32)
+    parents, prefixes, cu = build_tree_cases(g)
+    sizes = [len(p) for p in parents]
     want_mask = torch.tensor(sum((mask_words_oracle(p, 2) for p in parents), []), dtype=torch.int64)
     want_depth = [len(ancestors(p, i)) - 1 for p in parents for i in range(len(p))]
     request = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from attention_problems import (Paged, ancestors, dense_sdpa_oracle, mask_words_oracle, paged_problem,
-                                path_attention_oracle, tree_parents)
+from attention_problems import (Paged, ancestors, build_tree_cases, dense_sdpa_oracle, mask_words_oracle,
+                                paged_problem, path_attention_oracle, tree_parents)
 from conftest import BACKEND_DEVICES
 
 import fastverify
@@ -32,11 +32,7 @@ def assert_close(got, want, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_build_tree_matches_oracle(backend):
     g = torch.Generator().manual_seed(0)
-    sizes = [1, 5, 64, 100, 3]
-    kinds = ["single", "random", "full", "random", "chain"]
-    parents = [tree_parents(k, n, g) for k, n in zip(kinds, sizes)]
-    prefixes = [0, 7, 1000, 3, 2**33]
-    cu = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)), dtype=torch.int32)
+    parents, prefixes, cu = build_tree_cases(g)
     dev = BACKEND_DEVICES[backend]
     with fastverify.use_backend(backend):
         mask, pos, depth = fastverify.build_tree(torch.tensor(sum(parents, [])).to(dev), cu.to(dev),
