@@ -92,14 +92,17 @@ def chain_problem(B=6, V=111, max_k=4, *, dtype=torch.float32, q=False, filters=
                  **sampling_params(B, g, greedy_share=greedy_share, filters=filters))
 
 
-def random_tree(n: int, V: int, g: torch.Generator, narrow: int = 6) -> tuple[list[int], list[int]]:
+def random_tree(n: int, V: int, g: torch.Generator, narrow: int = 6,
+                likely: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Random tree of n nodes: parents precede children, siblings carry distinct tokens
-    drawn from the first ``narrow`` ids (so target samples often match a child)."""
+    drawn from ``likely`` (default: the first ``narrow`` ids), so that target samples
+    often match a child."""
+    likely = list(range(min(narrow, V))) if likely is None else likely
     parents, tokens, used = [-1], [int(torch.randint(0, V, (1,), generator=g))], set()
     for j in range(1, n):
         while True:
             p = int(torch.randint(0, j, (1,), generator=g))
-            t = int(torch.randint(0, min(narrow, V), (1,), generator=g))
+            t = likely[int(torch.randint(0, len(likely), (1,), generator=g))]
             if (p, t) not in used:
                 break
         used.add((p, t))

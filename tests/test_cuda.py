@@ -19,6 +19,7 @@ import torch
 
 from attention_problems import (ancestors, build_tree_cases, dense_sdpa_oracle, mask_words_oracle, paged_problem,
                                 path_attention_oracle, tree_parents)
+from problems import random_tree
 from test_tree_attention import CASES as CPU_ATTENTION_CASES
 
 import fastverify
@@ -82,21 +83,6 @@ def make_chain(seed: int, B: int, V: int, max_k: int, *, q: bool, filt: bool, dt
         max_draft_len=max_k)
 
 
-def _random_tree(n: int, V: int, g: torch.Generator, likely: list[int]):
-    """Parents (each before its children) and tokens (from `likely`, distinct among siblings)."""
-    parents, tokens, used = [-1], [int(torch.randint(0, V, (1,), generator=g))], set()
-    for j in range(1, n):
-        while True:
-            p = int(torch.randint(0, j, (1,), generator=g))
-            t = likely[int(torch.randint(0, len(likely), (1,), generator=g))]
-            if (p, t) not in used:
-                break
-        used.add((p, t))
-        parents.append(p)
-        tokens.append(t)
-    return parents, tokens
-
-
 def make_tree(seed: int, B: int, V: int, *, q: bool, filt: bool, dtype=torch.float32, q_dtype=torch.float32,
               tok_dtype=torch.int64, par_dtype=torch.int64, max_nodes: int = 12) -> dict:
     """CPU inputs of tree_rejection_sample: B random trees whose tokens come from a
@@ -106,7 +92,7 @@ def make_tree(seed: int, B: int, V: int, *, q: bool, filt: bool, dtype=torch.flo
     par, tok, cu, max_depth = [], [], [0], 0
     for b in range(B):
         n = 1 if b == 1 else int(torch.randint(2, max_nodes + 1, (1,), generator=g))  # request 1: root only
-        p, t = _random_tree(n, V, g, likely.tolist())
+        p, t = random_tree(n, V, g, likely=likely.tolist())
         par += p
         tok += t
         cu.append(cu[-1] + n)
