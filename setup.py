@@ -17,14 +17,16 @@ CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glo
 
 
 class BuildPyWithSources(build_py):
-    """Ship csrc/cuda inside the wheel (as fastverify/_csrc/cuda) so JIT builds work from an install."""
+    """Ship csrc/cuda and csrc/cpu inside the wheel (as fastverify/_csrc/...) so JIT builds
+    work from an install."""
 
     def run(self):
         super().run()
-        dest = os.path.join(self.build_lib, "fastverify", "_csrc", "cuda")
-        os.makedirs(dest, exist_ok=True)
-        for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*")):
-            self.copy_file(path, os.path.join(dest, os.path.basename(path)))
+        for kind in ("cuda", "cpu"):
+            dest = os.path.join(self.build_lib, "fastverify", "_csrc", kind)
+            os.makedirs(dest, exist_ok=True)
+            for path in glob.glob(os.path.join(ROOT, "csrc", kind, "*")):
+                self.copy_file(path, os.path.join(dest, os.path.basename(path)))
 
 
 kwargs = {"cmdclass": {"build_py": BuildPyWithSources}}

@@ -1,7 +1,7 @@
 """Time one target forward of the reference model over M tokens per step (a decode
-step is M = 1; verifying k drafts is M = k + 1), with and without the CPU layout trick
-of ``fastverify.models.model.Linear`` (a transposed weight copy for 1 row, W·xᵀ for
-2–4 rows), after a 200-token prompt:
+step is M = 1; verifying k drafts is M = k + 1), with the CPU decode kernel of
+``fastverify.models.model.Linear`` (``csrc/cpu/linear.cpp``, 1–8 rows) and with
+``F.linear``, after a 200-token prompt:
 
     python perf/decode_step.py [--model smollm2] [--threads N] [--rows 1,2,4,8,16,32]
 
@@ -15,7 +15,6 @@ import time
 import torch
 
 from fastverify.models import Step, chain_parents, load
-from fastverify.models.model import Linear
 
 
 def time_forward(model, rows: int, repeats: int = 7) -> float:
@@ -46,18 +45,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
     print(f"{args.model}, fp32, {torch.get_num_threads()} threads\n")
-    print("| rows M | F.linear ms | fastverify Linear ms | speedup |")
+    print("| rows M | F.linear ms | CPU decode kernel ms | speedup |")
     print("|--:|--:|--:|--:|")
     for rows in (int(r) for r in args.rows.split(",")):
-        fast = time_forward(model, rows)
-        kept = [m.weight_t for m in linears]
-        for m in linears:
-            m.weight_t = None
-        plain = time_forward(model, rows)
-        for m, w in zip(linears, kept):
-            m.weight_t = w
+        fast = time_forward(model.use_cpu_kernels(True), rows)
+        plain = time_forward(model.use_cpu_kernels(False), rows)
         print(f"| {rows} | {plain:.1f} | {fast:.1f} | {plain / fast:.2f}× |", flush=True)
 
 

@@ -189,3 +189,63 @@ def tree_rejection_sample(logits, tokens, parents, cu, draft_probs, temperature,
         accs.append(acc + [-1] * (max_depth + 1 - len(acc)))
         outs.append(out + [-1] * (max_depth + 1 - len(out)))
     return accs, outs, nums
+
+
+# ----------------------------------------------------------------------------- frequency-ranked LM head
+
+LM_HEAD_STREAM = 1  # counter word c3 of the draft draws; the verification ops use 0
+
+
+def gumbel(seed: int, position: int, row: int) -> float:
+    """Gumbel noise of subset row ``row`` for the draw at (seed, position):
+    u = ((o0 >> 8) + 0.5) / 2^24 in (0, 1), g = -log(-log u)."""
+    seed &= (1 << 64) - 1
+    o = philox(seed, (position & _M, (position >> 32) & _M, row & _M, LM_HEAD_STREAM))
+    u = ((o[0] >> 8) + 0.5) / 2.0**24
+    return -math.log(-math.log(u))
+
+
+def subset_scores(h, w, temperature: float) -> list[float]:
+    """logits of one hidden row against every subset row, divided by the temperature
+    (temperature <= 0 scores at 1: greedy needs only the order)."""
+    t = temperature if temperature > 0 else 1.0
+    return [sum(a * b for a, b in zip(h, wr)) / t for wr in w]
+
+
+def logsumexp(xs) -> float:
+    top = max(xs)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def lm_head_topk(hidden, weight, k: int, token_map=None, temperature=None):
+    """-> (ids [M][k] full-vocabulary, logprobs [M][k], lse [M]); ties: lower subset row first."""
+    ids, lps, lses = [], [], []
+    for m, h in enumerate(hidden):
+        s = subset_scores(h, weight, float(temperature[m]) if temperature is not None else 1.0)
+        lse = logsumexp(s)
+        order = sorted(range(len(s)), key=lambda v: (-s[v], v))[:k]
+        ids.append([int(token_map[v]) if token_map is not None else v for v in order])
+        lps.append([s[v] - lse for v in order])
+        lses.append(lse)
+    return ids, lps, lses
+
+
+def lm_head_sample(hidden, weight, temperature, seed, positions, token_map=None):
+    """Gumbel-max draw from softmax(subset logits / T) keyed by (seed[m], positions[m]);
+    greedy (argmax, no noise) where T <= 0. -> (ids [M], logprobs [M] of the drawn ids, lse [M])."""
+    ids, lps, lses = [], [], []
+    for m, h in enumerate(hidden):
+        t = float(temperature[m])
+        s = subset_scores(h, weight, t)
+        lse = logsumexp(s)
+        if t > 0:
+            noisy = [x + gumbel(int(seed[m]), int(positions[m]), v) for v, x in enumerate(s)]
+        else:
+            noisy = s
+        v = max(range(len(s)), key=lambda j: (noisy[j], -j))
+        ids.append(int(token_map[v]) if token_map is not None else v)
+        lps.append(s[v] - lse)
+        lses.append(lse)
+    return ids, lps, lses

@@ -30,7 +30,7 @@ def from_state_dict(config: dict, state_dict: dict, *, dtype=torch.float32, devi
     model.register_buffer("inv_freq", rope_frequencies(args), persistent=False)  # built on meta above
     model.hf_config = dict(config)  # to build the transformers twin of the same weights (fastverify compare)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return model.keep_transposed_weights() if torch.device(device).type == "cpu" else model
+    return model.use_cpu_kernels() if torch.device(device).type == "cpu" else model
 
 
 def load(source: str = "smollm2", *, dtype=torch.float32, device="cpu") -> Transformer:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import row_requests
+from . import cpu_linear
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -173,29 +174,21 @@ def chain_parents(cu: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that, once :meth:`keep_transposed` was called (CPU), also holds
-    ``weight_t [in, out]``. CPU BLAS streams a weight fastest for one row as ``x @ Wᵀ``
-    stored [in, out], and for 2–4 rows as ``W @ xᵀ`` stored [out, in]; ``F.linear``
-    (which repacks W for small row counts) is 1.3–1.8× slower for both on this project's
-    2-core machines (``python perf/decode_step.py``: SmolLM2-135M, 1 thread, 1 row 65 → 51 ms,
-    2 rows 116 → 58 ms).
-    Costs a second copy of the weights."""
+    """``nn.Linear`` whose CPU decode steps can run ``csrc/cpu/linear.cpp``.
 
-    weight_t: torch.Tensor | None = None
-    FEW_ROWS = 4  # at 8 rows W·xᵀ and F.linear are even (perf/decode_step.py)
+    Once :meth:`Transformer.use_cpu_kernels` set ``cpu_kernel``, fp32 inputs of 1–8 rows
+    (a decode step, a short chain) go through :mod:`fastverify.models.cpu_linear`, which
+    streams the weight at the memory bandwidth of the cores; torch's BLAS paths reach
+    about half of it for these shapes (``python perf/decode_step.py``). Everything else
+    is ``F.linear``.
+    """
 
-    def keep_transposed(self) -> None:
-        self.weight_t = self.weight.detach().t().contiguous()
+    cpu_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.weight_t is None or not 1 <= rows <= self.FEW_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        if rows == 1:
-            y = x @ self.weight_t
-        else:
-            y = (self.weight @ x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        if self.cpu_kernel and cpu_linear.supports(x, self.weight):
+            return cpu_linear.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -334,11 +327,13 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), -1)[..., None, :]
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
-    def keep_transposed_weights(self) -> "Transformer":
-        """Give every projection its [in, out] copy for fast CPU decoding (see :class:`Linear`)."""
+    def use_cpu_kernels(self, on: bool = True) -> "Transformer":
+        """Run the few-row CPU projections through the decode kernel (see :class:`Linear`);
+        builds it on first use. A no-op where it cannot be built."""
+        on = on and cpu_linear.available()
         for m in self.modules():
             if isinstance(m, Linear):
-                m.keep_transposed()
+                m.cpu_kernel = on
         return self
 
     def new_cache(self, batch_size: int, max_len: int, **kw) -> KVCache:

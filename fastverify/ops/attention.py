@@ -239,32 +239,63 @@ def build_tree_torch(parents, cu_num_nodes, prefix_lens, max_nodes):
     return mask, prefix_lens.long()[row_req] + depth, depth.to(torch.int32)
 
 
-def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale):
-    """torch backend of :func:`fastverify.tree_attention` (fp32 math). Requests with the
-    same (nodes, keys) run together: gather their keys [g, L, Hkv, D] from the pages,
-    scores of the G query heads of each KV head as rows [G·n] against [L], the tree part
-    masked, softmax, weighted sum."""
-    T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
-    page = k_cache.shape[1]
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    out = torch.empty_like(q)
+_last_plan: list = [None, None]  # [key, plan]: a model's layers share one step's plan
+
+
+def _attention_plan(block_table, seq_lens, cu_num_nodes, page):
+    """Requests grouped by (nodes n, keys L), each group as (n, L, query rows, key pages),
+    the rows a slice and the pages a page range where the group is one request with
+    consecutive pages (then its keys are a view of the cache, not a gathered copy).
+    Remembered for the same step tensors (identity and version), so a model's layers
+    build it once per step."""
+    tensors = (block_table, seq_lens, cu_num_nodes)
+    try:
+        key = (page,) + tuple((t, t._version) for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter: nothing to remember by
+        key = None
+    last = _last_plan[0]
+    if key is not None and last is not None and last[0] == page and all(
+            a is t and v == t._version for (a, v), t in zip(last[1:], tensors)):
+        return _last_plan[1]
     cu, lens = cu_num_nodes.tolist(), seq_lens.tolist()
     groups: dict[tuple[int, int], list[int]] = {}
     for b in range(len(cu) - 1):
         groups.setdefault((cu[b + 1] - cu[b], lens[b]), []).append(b)
+    plan = []
     for (n, L), reqs in groups.items():
-        g = len(reqs)
-        if g == 1:  # slices instead of index tensors: the common decode case stays cheap
+        P = -(-L // page)
+        if len(reqs) == 1:
             b = reqs[0]
-            pages, rows = block_table[b:b + 1, : -(-L // page)], slice(cu[b], cu[b] + n)
+            ids = block_table[b, :P].tolist()
+            consecutive = ids == list(range(ids[0], ids[0] + P)) if P else False
+            pages = slice(ids[0], ids[0] + P) if consecutive else block_table[b:b + 1, :P]
+            plan.append((n, L, slice(cu[b], cu[b] + n), pages))
         else:
-            idx = torch.tensor(reqs, device=q.device)
-            pages = block_table[idx, : -(-L // page)]                          # [g, P]
-            rows = (cu_num_nodes[idx].long()[:, None] + torch.arange(n, device=q.device)).flatten()  # [g·n]
-        k = k_cache[pages].flatten(1, 2)[:, :L].float()                        # [g, L, Hkv, D]
-        v = v_cache[pages].flatten(1, 2)[:, :L].float()
+            idx = torch.tensor(reqs, device=block_table.device)
+            rows = (cu_num_nodes[idx].long()[:, None] + torch.arange(n, device=idx.device)).flatten()  # [g·n]
+            plan.append((n, L, rows, block_table[idx, :P]))                   # pages [g, P]
+    _last_plan[:] = [key, plan]
+    return plan
+
+
+def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale):
+    """torch backend of :func:`fastverify.tree_attention` (fp32 math). Requests with the
+    same (nodes, keys) run together: their keys [g, L, Hkv, D] from the pages, scores of
+    the G query heads of each KV head as rows [G·n] against [L], the tree part masked,
+    softmax, weighted sum."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    out = torch.empty_like(q)
+    for n, L, rows, pages in _attention_plan(block_table, seq_lens, cu_num_nodes, k_cache.shape[1]):
+        if isinstance(pages, slice):  # one request, consecutive pages: a view
+            k = k_cache[pages].flatten(0, 1)[None, :L].float()                 # [1, L, Hkv, D]
+            v = v_cache[pages].flatten(0, 1)[None, :L].float()
+        else:
+            k = k_cache[pages].flatten(1, 2)[:, :L].float()                    # [g, L, Hkv, D]
+            v = v_cache[pages].flatten(1, 2)[:, :L].float()
+        g = k.shape[0]
         qb = (q[rows].float() * scale).view(g, n, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(g, Hkv, G * n, D)
         s = qb @ k.permute(0, 2, 3, 1)                                          # [g, Hkv, G·n, L]
         if n > 1:  # a single node sees all its keys; otherwise mask the tree part
