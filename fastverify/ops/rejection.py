@@ -171,6 +171,14 @@ def rejection_sample_torch(target_logits, draft_tokens, cu_num_draft, draft_prob
     valid = (x >= 0) & (x < V)
     xc = x.clamp(0, V - 1)
 
+    b = torch.arange(B, device=dev)
+    if dev.type == "cpu" and not bool((temperature > 0).any()):
+        # every request greedy (a host read, free on CPU): accept while draft == argmax, then
+        # emit the argmax: no probabilities, no random draws
+        argmax = sanitize(target_logits).argmax(1)                   # [R]
+        n_acc = _leading_accepts(is_draft & valid & (x == argmax), row_req, row_j, B, W)
+        return _chain_output(x, row_req, row_j, n_acc, argmax[cu[:-1] + b + n_acc], B, W)
+
     tgt = _Target(target_logits, row_req, temperature, top_k, top_p)
     all_rows = torch.arange(R, device=dev)
     p_x = torch.where(valid, tgt.prob_at(all_rows, xc), 0.0)
@@ -182,13 +190,9 @@ def rejection_sample_torch(target_logits, draft_tokens, cu_num_draft, draft_prob
         accept_random = u < p_x
     accept = is_draft & valid & torch.where(tgt.greedy, x == tgt.argmax, accept_random)
 
-    # accepted drafts are the leading run of accepts in each request
-    padded = torch.zeros(B, W, dtype=torch.long, device=dev)
-    padded[row_req, row_j] = accept.long()
-    n_acc = padded.cumprod(1).sum(1)                               # [B]
+    n_acc = _leading_accepts(accept, row_req, row_j, B, W)
 
     # the emitted token: recovered at the first rejected row, or the bonus row
-    b = torch.arange(B, device=dev)
     srow = cu[:-1] + b + n_acc                                     # [B]
     p = tgt.probs(srow)                                            # [B, V]
     excl = is_draft[srow] & valid[srow]                            # drop the rejected point-mass draft
@@ -200,10 +204,21 @@ def rejection_sample_torch(target_logits, draft_tokens, cu_num_draft, draft_prob
     u_s = philox.uniform(seed, positions + n_acc, philox.SAMPLE_LANE)
     token = inverse_cdf(w, u_s, tgt.argmax[srow])
     token = torch.where(tgt.greedy[srow], tgt.argmax[srow], token)
+    return _chain_output(x, row_req, row_j, n_acc, token, B, W)
 
-    drafts = torch.full((B, W), -1, dtype=torch.long, device=dev)
+
+def _leading_accepts(accept, row_req, row_j, B: int, W: int) -> torch.Tensor:
+    """Accepted drafts per request [B]: the leading run of accepts of its rows."""
+    padded = torch.zeros(B, W, dtype=torch.long, device=accept.device)
+    padded[row_req, row_j] = accept.long()
+    return padded.cumprod(1).sum(1)
+
+
+def _chain_output(x, row_req, row_j, n_acc, token, B: int, W: int):
+    """(output_tokens [B, W]: accepted drafts, the emitted token, -1 padding; num_accepted [B]), int32."""
+    drafts = torch.full((B, W), -1, dtype=torch.long, device=x.device)
     drafts[row_req, row_j] = x
-    cols = torch.arange(W, device=dev)
+    cols = torch.arange(W, device=x.device)
     out = torch.where(cols < n_acc[:, None], drafts, -1)
     out = torch.where(cols == n_acc[:, None], token[:, None], out)
     return out.to(torch.int32), n_acc.to(torch.int32)
