@@ -254,7 +254,10 @@ def tree_rejection_sample_torch(target_logits, tree_tokens, parents, cu_num_node
     D = max_depth + 1
     cu = cu_num_nodes.long()
     row_req, local = row_requests(cu, T, 0)
-    tgt = _Target(target_logits, row_req, temperature, top_k, top_p)
+    # every request greedy (a host read, free on CPU): the walk needs only each row's argmax
+    all_greedy = dev.type == "cpu" and not bool((temperature > 0).any())
+    tgt = None if all_greedy else _Target(target_logits, row_req, temperature, top_k, top_p)
+    argmax = sanitize(target_logits).argmax(1) if all_greedy else tgt.argmax    # [T]
     tokens = tree_tokens.long()
     kids = _children_table(cu, row_req, local, parents)                    # [T + 1, C]
     q_all = None if draft_probs is None else draft_probs.float()
@@ -270,14 +273,16 @@ def tree_rejection_sample_torch(target_logits, tree_tokens, parents, cu_num_node
     for d in range(D):
         kid = kids[node]                                                   # [B, C]
         kid_tok = torch.where(kid >= 0, tokens[kid.clamp(min=0)], -1)
-        p = tgt.probs(node)                                                # [B, V]
-        g = tgt.argmax[node]
-        u_s = philox.uniform(seed, positions + d, philox.SAMPLE_LANE)
-        # sample-then-match: y ~ p (argmax if greedy), move to the child carrying y
-        y = torch.where(greedy, g, inverse_cdf(p, u_s, g))
+        g = argmax[node]
+        y = g
+        if not all_greedy:
+            p = tgt.probs(node)                                            # [B, V]
+            u_s = philox.uniform(seed, positions + d, philox.SAMPLE_LANE)
+            # sample-then-match: y ~ p (argmax if greedy), move to the child carrying y
+            y = torch.where(greedy, g, inverse_cdf(p, u_s, g))
         hit = (kid_tok == y[:, None]) & (kid >= 0)
         nxt = torch.where(hit.any(1), kid.gather(1, hit.long().argmax(1, keepdim=True))[:, 0], -1)
-        if q_all is not None:
+        if q_all is not None and not all_greedy:
             # recursive rejection: children in node order against the running residual r
             q = q_all[node]                                                # [B, V]
             r = p
