@@ -74,7 +74,6 @@ from typing import Callable, Optional
 import torch
 
 import fastverify
-from fastverify import _backend
 
 OPS = ("chain", "tree")
 BASELINES = ("eager", "compiled")

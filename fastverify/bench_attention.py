@@ -1068,4 +1068,4 @@ def write_report(report: bench.Report, out_dir=None, stem: Optional[str] = None,
 __all__ = ["AttnProblem", "AttnResult", "AttnOptions", "build_problem", "build_sets", "eagle_parents", "configs",
            "default_grid", "default_backends", "run", "render_markdown", "write_report", "result_line",
            "sdpa_tree_attention", "flex_tree_attention", "gather_kv", "make_call", "Prepared", "reference",
-           "check_output", "unsupported_reason", "backend_context", "itertools"]
+           "check_output", "unsupported_reason", "backend_context"]

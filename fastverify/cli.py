@@ -214,6 +214,14 @@ def _add_decoding_args(p) -> None:
     p.add_argument("--draft-layers", type=_layer_list, default=None,
                    help="layerskip: layers the drafter runs, e.g. 0-9,11-29 (default: all but every third layer of "
                         "the middle half)")
+    p.add_argument("--frspec-vocab", type=int, default=None, metavar="N",
+                   help="model drafters: draft over the N most frequent tokens only (FR-Spec ranked head); "
+                        "verification keeps the full vocabulary, so the output is unchanged")
+    p.add_argument("--frspec-source", default=None, choices=("generated", "corpus"),
+                   help="ranking for --frspec-vocab: token counts of text the model generates itself (default; "
+                        "built once, a few minutes, then cached) or of the built-in corpus")
+    p.add_argument("--frspec-ranking", default=None, metavar="PATH",
+                   help="a saved ranking (fastverify.frspec.Ranking.save) instead of the default one")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -225,7 +233,8 @@ def _layer_list(text: str) -> list[int]:
 
 
 def _decoding_options(args) -> dict:
-    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers")
+    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers", "frspec_vocab", "frspec_source",
+             "frspec_ranking")
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
@@ -301,6 +310,8 @@ def _cmd_generate(args) -> int:
               end="", file=sys.stderr, flush=True)
 
     what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method != "ar" else "")
+    if args.method != "ar" and args.frspec_vocab:
+        what += f" over the {args.frspec_vocab} most frequent tokens"
     _log(f"generating up to {args.max_new_tokens} tokens for {n} prompt(s), {what}, temperature {args.temperature}\n")
     r = generate(model, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -51,7 +51,7 @@ PROMPTS = {
     "explain": "Explain in a few sentences why the sky is blue.",
 }
 
-# (label, method, drafter) of fastverify's runs; the first is the baseline.
+# (label, method, drafter[, options]) of fastverify's runs; the first is the baseline.
 METHODS = [
     ("ar", "ar", None),
     ("chain/ngram", "chain", "ngram"),
@@ -150,10 +150,11 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
             f"{tokens / seconds:6.1f} tok/s   elapsed {elapsed:5.0f}s ETA {eta:5.0f}s")
 
     generate(model, [ids[next(iter(ids))]], max_new_tokens=4)   # warm up kernels and allocator
-    for label, method, drafter in methods:
+    for label, method, drafter, *extra in methods:   # extra: options of this method only
         row = rows.setdefault(label, Row(label))
         for name, prompt in ids.items():
-            r = generate(model, [prompt], method=method, drafter=drafter, max_new_tokens=max_new_tokens, **options)
+            r = generate(model, [prompt], method=method, drafter=drafter, max_new_tokens=max_new_tokens,
+                         **{**options, **(extra[0] if extra else {})})
             s = r.stats
             row.tokens += s.new_tokens
             row.seconds += s.seconds

@@ -95,7 +95,6 @@ def draw(w, u: float, fallback: int) -> int:
 def rejection_sample(logits, drafts, cu, draft_probs, temperature, top_k, top_p, seed, positions, max_draft_len):
     """Oracle of fastverify.rejection_sample on Python lists; returns (rows, num_accepted)."""
     B = len(cu) - 1
-    V = len(logits[0])
     outs, nums = [], []
     for b in range(B):
         s, K = cu[b], cu[b + 1] - cu[b]

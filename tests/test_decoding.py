@@ -17,7 +17,8 @@ import transformers
 import naive
 from law import assert_law
 
-from fastverify.decoding import ModelDrafter, NgramDrafter, generate
+from fastverify import frspec
+from fastverify.decoding import ModelDrafter, NgramDrafter, generate, layerskip
 from fastverify.models import from_state_dict
 
 CONFIGS = {
@@ -46,12 +47,22 @@ def tiny(arch="llama", vocab=64, layers=4, seed=0, sharpen=3.0):
 
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9], [3, 1, 4, 1, 5, 9, 2, 6]]
 METHODS = [("chain", "layerskip"), ("chain", "ngram"), ("chain", "model"), ("tree", "layerskip"), ("tree", "ngram"),
-           ("tree", "model")]
+           ("tree", "model"), ("chain", "model+frspec"), ("tree", "layerskip+frspec")]
 
 
-def drafter_of(name, vocab=64):
-    if name == "model":
-        return ModelDrafter(tiny("llama", vocab=vocab, layers=2, seed=1)[1])
+def ranked(model, vocab):
+    """A frequency-ranked head over 5/8 of the vocabulary, in a shuffled order (the subset
+    misses tokens the target emits, so verification must repair the drafts)."""
+    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(5))[: vocab * 5 // 8]
+    return frspec.ranked_head(model, order)
+
+
+def drafter_of(name, target, vocab=64):
+    if name in ("model", "model+frspec"):
+        draft = tiny("llama", vocab=vocab, layers=2, seed=1)[1]
+        return ModelDrafter(draft, head=ranked(draft, vocab) if name.endswith("frspec") else None)
+    if name == "layerskip+frspec":
+        return layerskip(target, head=ranked(target, vocab))
     return name
 
 
@@ -73,7 +84,7 @@ def test_ar_greedy_equals_transformers(model_pair):
 def test_speculative_greedy_equals_autoregressive(model_pair, method, drafter):
     _, model = model_pair
     base = generate(model, PROMPTS, max_new_tokens=24, stop_at_eos=False)
-    spec = generate(model, PROMPTS, method=method, drafter=drafter_of(drafter), max_new_tokens=24,
+    spec = generate(model, PROMPTS, method=method, drafter=drafter_of(drafter, model), max_new_tokens=24,
                     stop_at_eos=False, num_draft=3, tree_depth=3, tree_topk=3, tree_nodes=12)
     assert spec.tokens == base.tokens
     assert spec.stats.steps <= base.stats.steps
@@ -133,7 +144,7 @@ def test_sampling_follows_the_target_law(small, method, drafter, filters):
     prompt = [1, 2, 1, 2, 1]
     temperature, top_k, top_p = (0.9, 5, 0.9) if filters else (1.0, 0, 1.0)
     law = exact_pair_law(small, prompt, temperature, top_k, top_p)
-    r = generate(small, [prompt] * SAMPLES, method=method, drafter=drafter_of(drafter, V_SMALL), max_new_tokens=2,
+    r = generate(small, [prompt] * SAMPLES, method=method, drafter=drafter_of(drafter, small, V_SMALL), max_new_tokens=2,
                  stop_at_eos=False, temperature=temperature, top_k=top_k, top_p=top_p,
                  seed=list(range(SAMPLES)), num_draft=2, tree_depth=2, tree_topk=3, tree_nodes=8)
     pairs = np.zeros((V_SMALL, V_SMALL))

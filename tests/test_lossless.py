@@ -144,7 +144,7 @@ def tree_replicas(target, draft_probs: bool, seed):
         kids = [[int(t) for t in torch.randperm(V, generator=g)[:3]]] * B
         grand = [[int(t) for t in torch.randperm(V, generator=g)[:2]]] * B
     dedup = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
-    tokens, parents, rows, qrows, cu = [], [], [], [], [0]
+    tokens, parents, rows, cu = [], [], [], [0]
     for b in range(B):
         c, gc = dedup(kids[b]), dedup(grand[b])
         tokens += [0] + c + gc

@@ -12,6 +12,12 @@ chain of up to ``k`` tokens after the root or a tree hanging off the root.
   temperature-scaled softmax q (greedy requests take its argmax) and come with q, so
   chain verification is standard speculative sampling; trees are grown EAGLE-2 style
   from the drafter's most probable nodes and verified by sample-then-match.
+
+A model drafter's head is its own LM head, or a frequency-ranked head
+(:class:`fastverify.frspec.RankedHead`: the rows of the most frequent tokens). Either
+way the drafter reads it only through ``lm_head_topk`` / ``lm_head_sample``, which never
+write the logits; with a ranked head, q is zero outside the subset. Verification
+always uses the target's full vocabulary, so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..models import Step, chain_parents, cu_from_counts
 
 
@@ -109,25 +116,33 @@ class ModelDrafter:
     request; every proposal first feeds it the committed tokens it has not seen yet
     (the root included), as one chain per request."""
 
-    def __init__(self, model, name: str = "model"):
+    def __init__(self, model, name: str = "model", head=None):
         self.model = model
-        self.name = name
+        self.name = name if head is None else f"{name}+frspec[{head.n}]"
+        self.head = head  # a fastverify.frspec.RankedHead, or None: the model's own LM head
 
     def start(self, run) -> None:
         target_tok, tok = run.model.tokenizer, self.model.tokenizer
         if target_tok is not None and tok is not None and target_tok.identity() != tok.identity():
             raise ValueError(f"drafter {self.name!r} does not share the target's tokenizer "
                              f"({tok.identity()} != {target_tok.identity()})")
-        if self.model.config.vocab_size != run.model.config.vocab_size:
-            raise ValueError(f"drafter vocabulary ({self.model.config.vocab_size}) differs from the target's "
-                             f"({run.model.config.vocab_size})")
+        V = run.model.config.vocab_size
+        if self.model.config.vocab_size != V:
+            raise ValueError(f"drafter vocabulary ({self.model.config.vocab_size}) differs from the target's ({V})")
+        if self.head is not None and self.head.vocab_size != V:
+            raise ValueError(f"the ranked head maps into a vocabulary of {self.head.vocab_size}, the target has {V}")
         self.cache = self.model.new_cache(len(run.tokens), run.max_len, page_size=run.cache.page_size)
         self.length = [0] * len(run.tokens)
-        self.generator = torch.Generator(device=self.model.device).manual_seed(run.seed_base + 1)
         self.run = run
 
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(head weight [V_sub, d], token_map [V_sub] or None for the full head)."""
+        if self.head is None:
+            return self.model.lm_head.weight, None
+        return self.head.weight, self.head.token_map
+
     def _catch_up(self, reqs: list[int]) -> torch.Tensor:
-        """Feed each request's unseen committed tokens (root included); logits at the roots [B, V]."""
+        """Feed each request's unseen committed tokens (root included); hidden states at the roots [B, d]."""
         run = self.run
         feed = [run.tokens[b][self.length[b]:] for b in reqs]
         dev = self.model.device
@@ -136,41 +151,52 @@ class ModelDrafter:
         last = cu[1:] - 1
         idx = torch.tensor(reqs, device=dev)
         step = Step.build(self.cache, idx, chain_parents(cu), cu, torch.tensor([self.length[b] for b in reqs], device=dev))
-        logits = self.model(tokens, step, self.cache, logit_rows=last.long())
+        h = self.model.hidden(tokens, step, self.cache, rows=last.long())
         for b, f in zip(reqs, feed):
             self.length[b] += len(f)
-        return logits.float()
+        return h
 
-    def _probs(self, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """q = softmax(logits / T) per request; greedy rows (T = 0) a point mass at the argmax."""
-        t = temperature.to(logits.device)[:, None]
-        q = torch.softmax(logits / torch.where(t > 0, t, 1.0), -1)
-        onehot = torch.zeros_like(q).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    def _draft_probs(self, h: torch.Tensor, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """q [R, V] each draft x [R] was drawn from, at hidden states h [R, d]: softmax(logits / T)
+        over the head's tokens (zero elsewhere); a point mass at x for greedy rows (T = 0).
+        One matmul for the whole chain, after drafting (the draws themselves never wrote logits)."""
+        weight, token_map = self._head()
+        t = temperature[:, None]
+        q_sub = torch.softmax((h.float() @ weight.float().t()) / torch.where(t > 0, t, 1.0), -1)   # [R, V_sub]
+        V = self.run.model.config.vocab_size
+        q = q_sub if token_map is None else q_sub.new_zeros(len(x), V).index_copy_(1, token_map, q_sub)
+        onehot = torch.zeros_like(q).scatter_(1, x[:, None], 1.0)
         return torch.where(t > 0, q, onehot)
 
     def chain(self, run, reqs: list[int], k: int) -> Draft:
+        """Draft d_1 .. d_k ~ q by Gumbel-max inside ``lm_head_sample``, keyed by (seed,
+        position of d_i) on a stream of its own, so draws never depend on the batch."""
         dev = self.model.device
-        temperature = run.temperature[reqs]
-        logits = self._catch_up(reqs)
         idx = torch.tensor(reqs, device=dev)
+        temperature, seed = run.temperature[idx], run.seed[idx]
+        weight, token_map = self._head()
+        h = self._catch_up(reqs)
         B = len(reqs)
-        drafts, probs = [], []
+        first = torch.tensor([self.length[b] for b in reqs], device=dev)   # position of d_1 (the root's + 1)
+        drafts, hiddens = [], []
         for i in range(k):
-            q = self._probs(logits, temperature)
-            x = torch.multinomial(q, 1, generator=self.generator)[:, 0]
+            x, _, _ = ops.lm_head_sample(h, weight, temperature=temperature, seed=seed, positions=first + i,
+                                         token_map=token_map)
             drafts.append(x)
-            probs.append(q)
+            hiddens.append(h)
             if i + 1 == k:
                 break
             one = torch.arange(B + 1, device=dev, dtype=torch.int32)
-            pos = torch.tensor([self.length[b] + i for b in reqs], device=dev)
-            step = Step.build(self.cache, idx, torch.full((B,), -1, device=dev), one, pos)
-            logits = self.model(x, step, self.cache).float()
+            step = Step.build(self.cache, idx, torch.full((B,), -1, device=dev), one, first + i)
+            h = self.model.hidden(x, step, self.cache)
         for b in reqs:
             self.length[b] += k - 1                                     # root, then d_1 .. d_{k-1} were fed
-        tokens = torch.stack(drafts, 1).tolist()                        # [B, k]
-        q = torch.stack(probs, 1).flatten(0, 1)                         # [B·k, V], request-major
-        return chain_draft(tokens, q)
+        x = torch.stack(drafts, 1)                                      # [B, k]
+        q = None
+        if bool((temperature > 0).any()):                               # all greedy: drafts are point masses
+            q = self._draft_probs(torch.stack(hiddens, 1).flatten(0, 1), x.flatten(),
+                                  temperature.repeat_interleave(k))     # [B·k, V], request-major
+        return chain_draft(x.tolist(), q)
 
     def tree(self, run, reqs: list[int], depth: int, topk: int, budget: int) -> Draft:
         """EAGLE-2 style dynamic tree. Each node's score is the drafter's log-probability
@@ -179,7 +205,8 @@ class ModelDrafter:
         at the end the ``budget − 1`` best-scoring nodes form the draft (a child scores
         at most its parent, so the best nodes are ancestor-closed)."""
         dev = self.model.device
-        logits = self._catch_up(reqs)
+        weight, token_map = self._head()
+        h = self._catch_up(reqs)
         B = len(reqs)
         idx = torch.tensor(reqs, device=dev)
         prefix = torch.tensor([self.length[b] - 1 for b in reqs], device=dev)  # roots sit at prefix
@@ -189,8 +216,7 @@ class ModelDrafter:
         score = [[0.0] for _ in reqs]
         frontier = [[0] for _ in reqs]
         for level in range(depth):
-            logp = torch.log_softmax(logits, -1)                          # [rows of frontier, V]
-            top_lp, top_id = logp.topk(topk, -1)
+            top_id, top_lp, _ = ops.lm_head_topk(h, weight, topk, token_map=token_map)  # [rows of frontier, topk]
             top_lp, top_id = top_lp.tolist(), top_id.tolist()
             row, new_frontier = 0, []
             for r in range(B):
@@ -216,7 +242,7 @@ class ModelDrafter:
             rows = torch.tensor([int(cu[r]) + n for r in range(B) for n in frontier[r]], device=dev)
             tokens = torch.tensor([tok[r][n] for r in range(B) for n in frontier[r]], device=dev)
             step = Step.build(self.cache, idx, parents, cu, prefix, rows=rows)
-            logits = self.model(tokens, step, self.cache).float()
+            h = self.model.hidden(tokens, step, self.cache)
         tokens, parents = [], []
         for r in range(B):
             keep = sorted(range(1, len(tok[r])), key=lambda n: (-score[r][n], n))[:budget - 1]
@@ -234,7 +260,7 @@ class ModelDrafter:
             self.length[b] = min(self.length[b], len(run.tokens[b]) - 1)
 
 
-def layerskip(model, layers=None) -> ModelDrafter:
+def layerskip(model, layers=None, head=None) -> ModelDrafter:
     """The target run with a subset of its layers as a drafter (shared weights, own cache).
 
     Default: skip every third layer of the middle half. The first and last layers carry
@@ -244,4 +270,4 @@ def layerskip(model, layers=None) -> ModelDrafter:
     L = model.config.n_layers
     if layers is None:
         layers = [i for i in range(L) if not (L // 4 <= i < 3 * L // 4 and i % 3 == 0)]
-    return ModelDrafter(model.with_layers(layers), name=f"layerskip[{len(set(layers))}/{L}]")
+    return ModelDrafter(model.with_layers(layers), name=f"layerskip[{len(set(layers))}/{L}]", head=head)

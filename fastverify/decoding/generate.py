@@ -272,17 +272,37 @@ def _depths(parents: list[list[int]]) -> list[int]:
 
 
 def make_drafter(model, drafter, **options):
-    """``None``/"layerskip"/"ngram"/a model/a drafter object -> a drafter."""
-    if drafter is None or drafter == "layerskip":
-        return layerskip(model, options.get("draft_layers"))
+    """``None``/"layerskip"/"ngram"/a model/a drafter object -> a drafter. A model drafter
+    gets a frequency-ranked head of ``frspec_vocab`` tokens when that option is set."""
     if drafter == "ngram":
+        if options.get("frspec_vocab"):
+            raise ValueError("frspec_vocab needs a model drafter (layerskip or a model); the n-gram drafter has no head")
         return NgramDrafter(max_ngram=options.get("ngram_max", 3), min_ngram=options.get("ngram_min", 1),
                             branches=options.get("ngram_branches", 4))
     if isinstance(drafter, (NgramDrafter, ModelDrafter)):
         return drafter
+    if drafter is None or drafter == "layerskip":
+        return layerskip(model, options.get("draft_layers"), head=ranked_head(model, model, **options))
     if isinstance(drafter, torch.nn.Module):
-        return ModelDrafter(drafter)
+        return ModelDrafter(drafter, head=ranked_head(model, drafter, **options))
     raise ValueError(f"drafter must be None, 'layerskip', 'ngram', a model or a drafter object, got {drafter!r}")
+
+
+def ranked_head(target, draft_model, *, frspec_vocab: int | None = None, frspec_ranking=None,
+                frspec_source: str = "generated", **_):
+    """The drafter's frequency-ranked head of ``frspec_vocab`` tokens (None when unset).
+    The ranking is ``frspec_ranking`` (a :class:`fastverify.frspec.Ranking` or a saved
+    one's path), else the target's cached default ranking from ``frspec_source``
+    ("generated": text the target writes itself; "corpus": the built-in corpus)."""
+    if not frspec_vocab:
+        return None
+    from .. import frspec
+
+    if frspec_ranking is None:
+        frspec_ranking = frspec.default_ranking(target, frspec_source)
+    elif not isinstance(frspec_ranking, frspec.Ranking):
+        frspec_ranking = frspec.Ranking.load(frspec_ranking, target.tokenizer)
+    return frspec.ranked_head(draft_model, frspec_ranking, frspec_vocab)
 
 
 def encode_prompts(model, prompts, chat: bool = True) -> list[list[int]]:
@@ -324,7 +344,9 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
             ``tree_depth`` levels, ``tree_topk`` children per expanded node).
         drafter: "layerskip" (default; the target on a subset of its layers,
             ``draft_layers=[...]``), "ngram" (prompt lookup), or a model sharing the
-            target's tokenizer.
+            target's tokenizer. A model drafter takes ``frspec_vocab=N`` (draft over the N
+            most frequent tokens only: FR-Spec), with ``frspec_ranking`` or ``frspec_source``
+            (see :func:`ranked_head`); verification still sees the full vocabulary.
         temperature, top_k, top_p, seed: scalars or one value per prompt; temperature 0
             is greedy.
         on_tokens: ``callback(request, new_ids)`` after every step (streaming).

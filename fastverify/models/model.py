@@ -346,15 +346,21 @@ class Transformer(nn.Module):
         """Logits ``[N, V]`` (or ``[len(logit_rows), V]``) of the step's computed tokens ``[N]``.
 
         ``cache`` holds one K/V pair per running layer (``len(self.layer_ids)``)."""
+        return self.lm_head(self.hidden(tokens, step, cache, logit_rows))
+
+    def hidden(self, tokens: torch.Tensor, step: Step, cache: KVCache,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states ``[N, d]`` (or ``[len(rows), d]``) that the LM head
+        turns into logits: what a drafter with its own head (``fastverify.lm_head_topk``) needs."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(step.positions)
         for i, layer_id in enumerate(self.layer_ids):
             layer = self.model.layers[layer_id]
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, cache, i, step)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        if logit_rows is not None:
-            x = x[logit_rows]
-        return self.lm_head(self.model.norm(x))
+        if rows is not None:
+            x = x[rows]
+        return self.model.norm(x)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ attempt)``:
     (o0, o1, o2, o3) = Philox4x32-10(counter, key)
 
 ``o0`` decides acceptance (the attempt-th draft scored at that position), ``o1``
-draws the emitted token at that position (attempt 0). A uint32 ``x`` becomes the
+draws the emitted token at that position (attempt 0). The frequency-ranked LM head's
+draft draws (``ops/frspec.py``) use their own stream, counter word ``c3 =
+LM_HEAD_STREAM = 1``, with the subset row in ``c2``: :func:`gumbel`. A uint32 ``x`` becomes the
 float32 uniform ``(x >> 8) * 2^-24`` in [0, 1), which is exact in every backend.
 The Triton (``fastverify/triton/philox.py``) and CUDA (``csrc/cuda/philox.cuh``)
 versions compute the same bits.
@@ -31,6 +33,8 @@ ROUNDS = 10
 # o0 decides acceptance, o1 draws the emitted token.
 ACCEPT_LANE = 0
 SAMPLE_LANE = 1
+# counter word c3 of the LM-head draft draws (the verification ops use 0)
+LM_HEAD_STREAM = 1
 
 
 def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,3 +80,15 @@ def uniform(seed, position, lane: int, attempt=0):
     """The ``lane``-th uniform keyed by (seed, position, attempt), in [0, 1)."""
     out = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, attempt, 0)
     return to_uniform(out[lane])
+
+
+def gumbel(seed, position, index) -> torch.Tensor:
+    """Gumbel noise of subset row ``index`` for the LM-head draw at ``(seed, position)``
+    (tensors, broadcast; float64):
+
+        o = Philox4x32-10(key = seed, counter = (position lo, position hi, index, LM_HEAD_STREAM))
+        u = ((o0 >> 8) + 0.5) · 2^-24  in (0, 1),   g = -log(-log u)
+    """
+    o0 = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, index, LM_HEAD_STREAM)[0]
+    u = ((o0 >> 8).to(torch.float64) + 0.5) * 2.0**-24
+    return -torch.log(-torch.log(u))

@@ -15,7 +15,6 @@ K/V block is loaded once for every node and every query head of the GQA group:
        m = max(m_t, m_s...),  out = (o_t·2^(m_t-m) + Σ_s o_s·2^(m_s-m)) / (l_t·2^(m_t-m) + Σ_s l_s·2^(m_s-m))
 """
 
-import math
 
 import torch
 import triton
