@@ -15,6 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastverify.triton import frspec as fr  # noqa: E402
 from fastverify.triton import rejection as rj  # noqa: E402
 from fastverify.triton import tree_attention as ta  # noqa: E402
 
@@ -81,9 +82,35 @@ def attention_variants():
         "CAPACITY": "i32", "D": "i32"}, {"D_P2": 128}, 1
 
 
+def frspec_variants():
+    for dt, (bm, kp2), has_t in itertools.product(("bf16", "fp16", "fp32"), ((16, 2), (16, 8), (64, 8), (32, 64)),
+                                                  (False, True)):
+        yield f"lm_head_topk_partial M={bm} K={kp2} t={has_t}", dt, "-", fr._topk_partial_kernel, {
+            "h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "temp_ptr": "*fp32", "ws_s_ptr": "*fp32", "ws_r_ptr": "*i32",
+            "ws_ml_ptr": "*fp32", "stride_h": "i32", "M": "i32", "V": "i32", "D": "i32", "K": "i32",
+            "TILES_PER_SPLIT": "i32", "NUM_SPLITS": "i32",
+        }, {"HAS_TEMP": has_t, "BLOCK_M": bm, "BLOCK_V": 128, "BLOCK_D": 64, "K_P2": kp2, "UPCAST": False}, 8
+    for ids_t, (s_p2, kp2) in itertools.product(("i32", "i64"), ((256, 8), (32, 64), (1024, 2))):
+        yield f"lm_head_topk_merge S={s_p2} K={kp2}", "-", ids_t, fr._topk_merge_kernel, {
+            "ws_s_ptr": "*fp32", "ws_r_ptr": "*i32", "ws_ml_ptr": "*fp32", "map_ptr": f"*{ids_t}", "ids_ptr": "*i64",
+            "lp_ptr": "*fp32", "lse_ptr": "*fp32", "M": "i32", "V": "i32", "K": "i32", "NUM_SPLITS": "i32",
+        }, {"HAS_MAP": True, "BLOCK_R": 1, "C_P2": 2048, "S_P2": s_p2, "K_P2": kp2}, 4
+    for dt, bm in itertools.product(("bf16", "fp16", "fp32"), (16, 64)):
+        yield f"lm_head_sample_partial M={bm}", dt, "-", fr._sample_partial_kernel, {
+            "h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "temp_ptr": "*fp32", "seed_ptr": "*i64", "pos_ptr": "*i64",
+            "ws_n_ptr": "*fp32", "ws_s_ptr": "*fp32", "ws_r_ptr": "*i32", "ws_ml_ptr": "*fp32", "stride_h": "i32",
+            "M": "i32", "V": "i32", "D": "i32", "TILES_PER_SPLIT": "i32", "NUM_SPLITS": "i32",
+        }, {"BLOCK_M": bm, "BLOCK_V": 128, "BLOCK_D": 64, "UPCAST": False}, 8
+    for ids_t in ("i32", "i64"):
+        yield "lm_head_sample_merge", "-", ids_t, fr._sample_merge_kernel, {
+            "ws_n_ptr": "*fp32", "ws_s_ptr": "*fp32", "ws_r_ptr": "*i32", "ws_ml_ptr": "*fp32", "map_ptr": f"*{ids_t}",
+            "ids_ptr": "*i64", "lp_ptr": "*fp32", "lse_ptr": "*fp32", "M": "i32", "V": "i32", "NUM_SPLITS": "i32",
+        }, {"HAS_MAP": True, "BLOCK_R": 1, "S_P2": 512}, 4
+
+
 def main(quick: bool) -> int:
     seen = set()
-    for name, logit_t, ids_t, fn, sig, const, warps in itertools.chain(variants(), attention_variants()):
+    for name, logit_t, ids_t, fn, sig, const, warps in itertools.chain(variants(), attention_variants(), frspec_variants()):
         if quick and (name, ids_t) in seen:
             continue
         seen.add((name, ids_t))
