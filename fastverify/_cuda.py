@@ -15,10 +15,11 @@ checkout), else ``<package>/_csrc/cuda`` (a wheel). Set ``FASTVERIFY_VERBOSE_BUI
 to see the build.
 
 The ops it registers, ``torch.ops.fastverify_cuda.{rejection_sample,
-tree_rejection_sample, build_tree, tree_attention, compact_kv}``, take what the
-Triton launchers compute in Python (chunk width, mask width, softmax scale, prefix
-splits) and the CUDA stream explicitly; the entry points here (:class:`Kernels`) have
-the Triton launchers' signatures and fill those in. tests/cuda_emu builds the same
+tree_rejection_sample, build_tree, tree_attention, compact_kv, lm_head_topk,
+lm_head_sample}``, take what the Triton launchers compute in Python (chunk width, mask
+width, softmax scale, prefix / vocabulary splits) and the CUDA stream explicitly; the
+entry points here (:class:`Kernels`) have the Triton launchers' signatures and fill
+those in. tests/cuda_emu builds the same
 kernels for the CPU and drives them through the same :class:`Kernels`.
 """
 
@@ -147,7 +148,8 @@ class Kernels:
     them through the ops), over one library of ``fastverify_cuda`` ops: ``load()``
     returns its ``torch.ops`` namespace, loading it on first use."""
 
-    OPS = ("rejection_sample", "tree_rejection_sample", "build_tree", "tree_attention", "compact_kv")
+    OPS = ("rejection_sample", "tree_rejection_sample", "build_tree", "tree_attention", "compact_kv",
+           "lm_head_topk", "lm_head_sample")
 
     def __init__(self, load):
         self._load = load
@@ -192,6 +194,17 @@ class Kernels:
         self.ops().compact_kv(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_accepted,
                               _stream(k_cache))
 
+    def lm_head_topk(self, hidden, weight, k, token_map, temperature, *, num_splits=None):
+        """CUDA backend of :func:`fastverify.lm_head_topk` (two launches: per-split partial
+        top-k and softmax, then the merge). ``num_splits`` overrides the number of V_sub
+        splits (clamped to the 128-row tiles)."""
+        return self.ops().lm_head_topk(hidden, weight, k, token_map, temperature, num_splits or 0, _stream(hidden))
+
+    def lm_head_sample(self, hidden, weight, temperature, seed, positions, token_map, *, num_splits=None):
+        """CUDA backend of :func:`fastverify.lm_head_sample`. ``num_splits`` as in :meth:`lm_head_topk`."""
+        return self.ops().lm_head_sample(hidden, weight, temperature, seed, positions, token_map, num_splits or 0,
+                                         _stream(hidden))
+
 
 _extension = Kernels(library)
 rejection_sample = _extension.rejection_sample
@@ -199,3 +212,5 @@ tree_rejection_sample = _extension.tree_rejection_sample
 build_tree = _extension.build_tree
 tree_attention = _extension.tree_attention
 compact_kv = _extension.compact_kv
+lm_head_topk = _extension.lm_head_topk
+lm_head_sample = _extension.lm_head_sample

@@ -656,3 +656,342 @@ def test_attention_cuda_graph_and_compile():
         got = torch.compile(f, fullgraph=True)(*p.args())
         want = f(*p.args())
     assert torch.equal(got, want)
+
+
+# ============================================================================ frequency-ranked LM head
+
+LM_TOL = 5e-4  # |score| error allowed against the float64 reference: fp32 accumulation over d <= 576
+
+
+def make_lm_head(seed: int, M: int, V: int, d: int, dtype, *, map_dtype=torch.int64, with_temperature=True) -> dict:
+    """CPU inputs of lm_head_topk / lm_head_sample: logits of O(3), a scattered token_map,
+    temperatures with greedy (0) and negative rows (scored at 1), 64-bit seeds and positions."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(M, d, generator=g)
+    weight = torch.randn(V, d, generator=g) * (2.0 / d ** 0.5)
+    temperature = None
+    if with_temperature:
+        temperature = torch.rand(M, generator=g) + 0.5
+        temperature[::4] = 0.0
+        temperature[2::7] = -1.0
+    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype),
+                token_map=None if map_dtype is None else torch.randperm(3 * V + 5, generator=g)[:V].to(map_dtype),
+                temperature=temperature, seed=torch.randint(-2**62, 2**62, (M,), generator=g),
+                positions=torch.randint(0, 2**40, (M,), generator=g))
+
+
+def lm_head_scores64(a: dict, dev) -> torch.Tensor:
+    """float64 s[m, v] = hidden[m] · weight[v] / t_m (t <= 0 or None: 1), NaN -> -inf, on dev;
+    tests/naive.py's loops for tiny problems."""
+    import naive
+
+    h, w, t = a["hidden"], a["weight"], a["temperature"]
+    M, V = h.shape[0], w.shape[0]
+    if M * V * h.shape[1] <= 20000:
+        temps = [1.0] * M if t is None else t.tolist()
+        s = torch.tensor([naive.subset_scores(hr, w.double().tolist(), tm) for hr, tm in
+                          zip(h.double().tolist(), temps)], dtype=torch.float64).reshape(M, V).to(dev)
+    else:
+        t64 = torch.ones(M, dtype=torch.float64) if t is None else torch.where(t > 0, t, 1.0).double()
+        s = (h.to(dev).double() @ w.to(dev).double().T) / t64.to(dev)[:, None]
+    return torch.where(torch.isnan(s), float("-inf"), s)
+
+
+def subset_rows(ids: torch.Tensor, token_map, V: int) -> torch.Tensor:
+    """The subset rows of full-vocabulary ids (-1 for an id token_map does not hold)."""
+    ids = ids.long()
+    if token_map is None:
+        return torch.where((ids >= 0) & (ids < V), ids, -1)
+    tm = token_map.to(ids.device).long()
+    inverse = torch.full((int(tm.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+    inverse[tm] = torch.arange(V, device=ids.device)
+    ok = (ids >= 0) & (ids < inverse.numel())
+    return torch.where(ok, inverse[ids.clamp(0, inverse.numel() - 1)], -1)
+
+
+def assert_lm_head_topk(got, s64: torch.Tensor, token_map, k: int, what: str) -> None:
+    """got = (ids, logprobs, lse) against the float64 scores: lse, and at every rank j the
+    returned id's true score equals the j-th best score (so ids differ from the reference
+    only between scores tied within LM_TOL), ids distinct, logprobs = score - lse."""
+    ids, lp, lse = (x.to(s64.device) for x in got)
+    M, V = s64.shape
+    assert ids.dtype == torch.int64 and lp.dtype == torch.float32 and lse.dtype == torch.float32, what
+    assert ids.shape == (M, k) and lp.shape == (M, k) and lse.shape == (M,), what
+    lse64 = torch.logsumexp(s64, 1)
+    want_vals = s64.sort(dim=1, descending=True, stable=True).values[:, :k]
+    rows = subset_rows(ids, token_map, V)
+    assert (rows >= 0).all(), f"{what}: ids outside token_map: {ids.tolist()}"
+    assert (rows.sort(1).values.diff(dim=1) > 0).all() if k > 1 else True, f"{what}: repeated ids"
+    got_vals = s64.gather(1, rows)
+    err = (got_vals - want_vals).abs().max().item()
+    assert err <= LM_TOL, f"{what}: returned ids are not the top-{k} (score error {err:.3g})"
+    err = (lse.double() - lse64).abs().max().item()
+    assert err <= LM_TOL, f"{what}: lse error {err:.3g}"
+    err = (lp.double() - (got_vals - lse64[:, None])).abs().max().item()
+    assert err <= LM_TOL, f"{what}: logprob error {err:.3g}"
+
+
+def assert_same_topk(got, want, s64: torch.Tensor, token_map, what: str) -> None:
+    """Two backends' top-k: the same ids except between scores tied within LM_TOL, close logprobs."""
+    gi, gl, gs = (x.to(s64.device) for x in got)
+    wi, wl, ws = (x.to(s64.device) for x in want)
+    V = s64.shape[1]
+    gap = (s64.gather(1, subset_rows(gi, token_map, V)) - s64.gather(1, subset_rows(wi, token_map, V))).abs()
+    assert (torch.eq(gi, wi) | (gap <= LM_TOL)).all(), f"{what}: ids differ\n got {gi.tolist()}\nwant {wi.tolist()}"
+    assert torch.allclose(gl, wl, atol=LM_TOL, rtol=0, equal_nan=True), f"{what}: logprobs differ"
+    assert torch.allclose(gs, ws, atol=LM_TOL, rtol=0, equal_nan=True), f"{what}: lse differs"
+
+
+def lm_head_noisy64(a: dict, s64: torch.Tensor) -> torch.Tensor:
+    """s + g (float64) on rows with temperature > 0, s on the others."""
+    from fastverify.ops import philox
+
+    M, V = s64.shape
+    dev = s64.device
+    g = philox.gumbel(a["seed"].to(dev)[:, None], a["positions"].to(dev)[:, None], torch.arange(V, device=dev)[None, :])
+    return torch.where((a["temperature"].to(dev) > 0)[:, None], s64 + g, s64)
+
+
+def assert_lm_head_sample(got, a: dict, s64: torch.Tensor, what: str) -> None:
+    """The drawn id is the argmax of s + g (ties within LM_TOL aside); logprob and lse."""
+    ids, lp, lse = (x.to(s64.device) for x in got)
+    M, V = s64.shape
+    assert ids.dtype == torch.int64 and ids.shape == (M,) and lp.shape == (M,) and lse.shape == (M,), what
+    noisy = lm_head_noisy64(a, s64)
+    rows = subset_rows(ids, a["token_map"], V)
+    assert (rows >= 0).all(), f"{what}: ids outside token_map: {ids.tolist()}"
+    want = noisy.argmax(1)
+    gap = (noisy.gather(1, rows[:, None])[:, 0] - noisy.gather(1, want[:, None])[:, 0]).abs()
+    assert (torch.eq(rows, want) | (gap <= LM_TOL)).all(), \
+        f"{what}: drawn rows {rows.tolist()}, want {want.tolist()}"
+    lse64 = torch.logsumexp(s64, 1)
+    assert (lse.double() - lse64).abs().max().item() <= LM_TOL, f"{what}: lse"
+    assert (lp.double() - (s64.gather(1, rows[:, None])[:, 0] - lse64)).abs().max().item() <= LM_TOL, f"{what}: logprob"
+
+
+def lm_head_torch_backend():
+    return pytest.importorskip("fastverify.ops.frspec")
+
+
+def check_lm_head_topk(kern, dev, M, V, d, k, dtype, *, num_splits=None, map_dtype=torch.int64,
+                       with_temperature=True, with_triton=False):
+    """The cuda backend's lm_head_topk against the float64 oracle, the torch backend and (on dev) Triton."""
+    a = make_lm_head(M * 131 + V + d + k, M, V, d, dtype, map_dtype=map_dtype, with_temperature=with_temperature)
+    x = to(a, dev)
+    args = (x["hidden"], x["weight"], k, x["token_map"], x["temperature"])
+    got = kern.lm_head_topk(*args, num_splits=num_splits)
+    s64 = lm_head_scores64(a, dev)
+    assert_lm_head_topk(got, s64, a["token_map"], k, "cuda vs oracle")
+    assert_same_topk(got, lm_head_torch_backend().lm_head_topk_torch(*args), s64, a["token_map"], "cuda vs torch")
+    if with_triton:
+        tri = triton_backend("frspec").lm_head_topk(*args)
+        assert_same_topk(got, tri, s64, a["token_map"], "cuda vs triton")
+
+
+def check_lm_head_sample(kern, dev, M, V, d, dtype, *, num_splits=None, map_dtype=torch.int64, with_triton=False):
+    a = make_lm_head(M * 71 + V + d, M, V, d, dtype, map_dtype=map_dtype)
+    x = to(a, dev)
+    args = (x["hidden"], x["weight"], x["temperature"], x["seed"], x["positions"], x["token_map"])
+    got = kern.lm_head_sample(*args, num_splits=num_splits)
+    s64 = lm_head_scores64(a, dev)
+    assert_lm_head_sample(got, a, s64, "cuda vs oracle")
+    want = lm_head_torch_backend().lm_head_sample_torch(*args)
+    assert_same_topk(tuple(t[:, None] for t in got[:2]) + (got[2],), tuple(t[:, None] for t in want[:2]) + (want[2],),
+                     lm_head_noisy64(a, s64), a["token_map"], "cuda vs torch")
+    if M * V * d <= 20000:  # the loop oracle's own draw
+        import naive
+        n_ids, _, _ = naive.lm_head_sample(a["hidden"].double().tolist(), a["weight"].double().tolist(),
+                                           a["temperature"].tolist(), a["seed"].tolist(), a["positions"].tolist(),
+                                           a["token_map"].tolist() if a["token_map"] is not None else None)
+        assert got[0].cpu().tolist() == n_ids, "cuda vs naive.lm_head_sample"
+    if with_triton:
+        tri = triton_backend("frspec").lm_head_sample(*args)
+        assert torch.equal(got[0].cpu(), tri[0].cpu()), "cuda vs triton"
+
+
+def check_lm_head_splits_agree(kern, dev, dtype):
+    """Every number of splits (and both merge widths) gives the same ids and close logprobs."""
+    a = to(make_lm_head(5, 6, 1430, 64, dtype), dev)  # the last tile: 22 rows
+    for k in (1, 8, 16, 40):
+        args = (a["hidden"], a["weight"], k, a["token_map"], a["temperature"])
+        first = kern.lm_head_topk(*args, num_splits=1)
+        for splits in (2, 5, 12, None):
+            got = kern.lm_head_topk(*args, num_splits=splits)
+            assert torch.equal(got[0], first[0]), f"k={k}: ids with {splits} splits"
+            assert torch.allclose(got[1], first[1], atol=1e-5) and torch.allclose(got[2], first[2], atol=1e-5)
+    sargs = (a["hidden"], a["weight"], a["temperature"], a["seed"], a["positions"], a["token_map"])
+    first = kern.lm_head_sample(*sargs, num_splits=1)
+    for splits in (3, 12, None):
+        got = kern.lm_head_sample(*sargs, num_splits=splits)
+        assert torch.equal(got[0], first[0]) and torch.allclose(got[2], first[2], atol=1e-5)
+
+
+def check_lm_head_special_values(kern, dev, dtype):
+    """NaN scores count as -inf (never ahead of a finite one), ties go to the lower subset
+    row (duplicated weight rows, an all-zero hidden row), an all-NaN row still returns the
+    lowest rows, and nothing leaves token_map."""
+    M, V, d = 5, 300, 40
+    a = make_lm_head(17, M, V, d, torch.float32, map_dtype=torch.int32)
+    h, w = a["hidden"], a["weight"]
+    w[10] = w[3]
+    w[200] = w[3]
+    w[50] = w[7]
+    w[20:30] = float("nan")
+    w[40] = 0.0
+    h[0] = 0.0                      # every finite score 0: the top-k are the lowest finite rows
+    h[1, 5] = float("nan")          # every score NaN
+    a["hidden"], a["weight"] = h.to(dtype), w.to(dtype)
+    x = to(a, dev)
+    frs = lm_head_torch_backend()
+    for k in (1, 8, 16, 40):
+        args = (x["hidden"], x["weight"], k, x["token_map"], x["temperature"])
+        ids, lp, lse = (t.cpu() for t in kern.lm_head_topk(*args))
+        rows = subset_rows(ids, a["token_map"], V)
+        finite_rows = [v for v in range(V) if not 20 <= v < 30]  # 0 · NaN is NaN
+        assert rows[0].tolist() == finite_rows[:k], "ties -> lower rows"
+        assert rows[1].tolist() == list(range(k)), "all scores NaN: the lowest rows"
+        assert not ((rows[2:] >= 20) & (rows[2:] < 30)).any(), "a NaN row ranked ahead of finite scores"
+        wi, wl, ws = (t.cpu() for t in frs.lm_head_topk_torch(*args))
+        assert torch.equal(ids, wi), f"k={k}: ids vs torch\n got {ids.tolist()}\nwant {wi.tolist()}"
+        assert torch.allclose(lp, wl, atol=LM_TOL, equal_nan=True) and torch.allclose(lse, ws, atol=LM_TOL,
+                                                                                        equal_nan=True)
+    sargs = (x["hidden"], x["weight"], x["temperature"], x["seed"], x["positions"], x["token_map"])
+    ids, lp, lse = (t.cpu() for t in kern.lm_head_sample(*sargs))
+    wi, wl, ws = (t.cpu() for t in frs.lm_head_sample_torch(*sargs))
+    assert torch.equal(ids, wi), f"sample ids vs torch\n got {ids.tolist()}\nwant {wi.tolist()}"
+    assert (subset_rows(ids, a["token_map"], V) >= 0).all()
+
+
+def check_lm_head_strided_hidden(kern, dev, dtype):
+    """hidden as a row view of a wider buffer: 16-byte aligned rows (vector loads) and
+    rows off the 16-byte grid (element loads), on every path."""
+    V, d = 700, 64
+    for M in (2, 5, 40):
+        a = make_lm_head(23 + M, M, V, d, dtype)
+        s64 = lm_head_scores64(a, dev)
+        for pad in (8, 3):
+            buf = torch.zeros(M, d + pad, dtype=dtype, device=dev)
+            view = buf[:, pad:] if pad == 3 else buf[:, :d]
+            view.copy_(a["hidden"])
+            got = kern.lm_head_topk(view, a["weight"].to(dev), 8, a["token_map"].to(dev), a["temperature"].to(dev))
+            assert_lm_head_topk(got, s64, a["token_map"], 8, f"M={M}, rows padded by {pad}")
+
+
+def check_lm_head_empty(kern, dev):
+    ids, lp, lse = kern.lm_head_topk(torch.zeros(0, 8, device=dev), torch.randn(5, 8, device=dev), 3, None, None)
+    assert ids.shape == (0, 3) and lp.shape == (0, 3) and lse.shape == (0,)
+    z = torch.zeros(0, dtype=torch.long, device=dev)
+    ids, lp, lse = kern.lm_head_sample(torch.zeros(0, 8, device=dev), torch.randn(5, 8, device=dev),
+                                       torch.zeros(0, device=dev), z, z, None)
+    assert ids.shape == (0,) and lse.shape == (0,)
+
+
+# (M, V_sub, d): V_sub never a multiple of the 128-row tile but for the 1-row case; M on
+# each path (M <= 2: GEMV, 3..16: 16-row tensor-core tiles (fp32: 8-row GEMV), more: 64-row tiles)
+LM_HEAD_SHAPES = [(M, V, d) for M in (1, 3, 300) for V in (1, 37, 1000, 49152) for d in (8, 80, 576)]
+LM_HEAD_KS = (1, 5, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,V,d", LM_HEAD_SHAPES, ids=str)
+def test_lm_head_topk_matches_oracle_and_torch(M, V, d, dtype):
+    for k in LM_HEAD_KS:
+        if k <= V:
+            check_lm_head_topk(_cuda, DEV, M, V, d, k, dtype, with_triton=(V == 1000 and d == 80),
+                               map_dtype=torch.int32 if k == 5 else torch.int64, with_temperature=k != 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,V,d,k", [(16, 5000, 128, 8), (17, 5000, 128, 12), (64, 32768, 256, 8),
+                                     (64, 32768, 256, 16), (64, 4097, 4096, 8), (8, 3000, 96, 33)], ids=str)
+def test_lm_head_topk_more_shapes(M, V, d, k, dtype):
+    check_lm_head_topk(_cuda, DEV, M, V, d, k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,V,d", [(1, 1, 8), (3, 37, 80), (1, 1000, 576), (5, 1000, 80), (300, 1000, 80),
+                                   (2, 49152, 80), (64, 49152, 576)], ids=str)
+def test_lm_head_sample_matches_oracle_and_torch(M, V, d, dtype):
+    check_lm_head_sample(_cuda, DEV, M, V, d, dtype, with_triton=(V == 1000 and d == 80))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lm_head_splits_agree(dtype):
+    check_lm_head_splits_agree(_cuda, DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lm_head_special_values(dtype):
+    check_lm_head_special_values(_cuda, DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lm_head_strided_hidden(dtype):
+    check_lm_head_strided_hidden(_cuda, DEV, dtype)
+
+
+def test_lm_head_empty():
+    check_lm_head_empty(_cuda, DEV)
+
+
+def test_lm_head_fixed_seed_draws_are_stable():
+    """The same (seed, position) draws the same token on every call, batch composition
+    aside: row m alone gives what it gives inside the batch."""
+    a = to(make_lm_head(77, 12, 3000, 128, torch.bfloat16), DEV)
+    full = _cuda.lm_head_sample(a["hidden"], a["weight"], a["temperature"], a["seed"], a["positions"], a["token_map"])
+    for m in (0, 5, 11):
+        one = _cuda.lm_head_sample(a["hidden"][m:m + 1], a["weight"], a["temperature"][m:m + 1], a["seed"][m:m + 1],
+                                   a["positions"][m:m + 1], a["token_map"])
+        assert int(one[0]) == int(full[0][m])
+
+
+def test_lm_head_public_ops_use_cuda_backend():
+    if not hasattr(fastverify, "lm_head_topk"):
+        pytest.skip("fastverify.lm_head_topk is not there yet")
+    a = to(make_lm_head(9, 10, 4000, 256, torch.bfloat16), DEV)
+    with fastverify.use_backend("cuda"):
+        got = fastverify.lm_head_topk(a["hidden"], a["weight"], 8, token_map=a["token_map"],
+                                      temperature=a["temperature"])
+        drawn = fastverify.lm_head_sample(a["hidden"], a["weight"], temperature=a["temperature"], seed=a["seed"],
+                                          positions=a["positions"], token_map=a["token_map"])
+    direct = _cuda.lm_head_topk(a["hidden"], a["weight"], 8, a["token_map"], a["temperature"])
+    assert all(torch.equal(x, y) for x, y in zip(got, direct))
+    direct = _cuda.lm_head_sample(a["hidden"], a["weight"], a["temperature"], a["seed"], a["positions"],
+                                  a["token_map"])
+    assert all(torch.equal(x, y) for x, y in zip(drawn, direct))
+
+
+def test_lm_head_cuda_graph_and_compile():
+    a = to(make_lm_head(31, 20, 6000, 512, torch.bfloat16), DEV)
+    for fn in (lambda: _cuda.lm_head_topk(a["hidden"], a["weight"], 8, a["token_map"], a["temperature"]),
+               lambda: _cuda.lm_head_topk(a["hidden"], a["weight"], 40, a["token_map"], None),
+               lambda: _cuda.lm_head_sample(a["hidden"], a["weight"], a["temperature"], a["seed"], a["positions"],
+                                            a["token_map"])):
+        graph, outs = _capture(fn)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(outs, fn())), "replay vs eager"
+        before = [x.clone() for x in outs]
+        a["hidden"].copy_(torch.randn_like(a["hidden"]))
+        a["seed"].add_(1)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(outs, fn())), "the replay follows new inputs"
+        assert not torch.equal(outs[0], before[0])
+    if not hasattr(fastverify, "lm_head_topk"):
+        return
+
+    def f(h, w, tmap, t):
+        ids, lp, lse = torch.ops.fastverify.lm_head_topk(h * 1.0, w, 8, token_map=tmap, temperature=t)
+        return ids, lp + 0, lse
+
+    with fastverify.use_backend("cuda"):
+        got = torch.compile(f, fullgraph=True)(a["hidden"], a["weight"], a["token_map"], a["temperature"])
+        want = f(a["hidden"], a["weight"], a["token_map"], a["temperature"])
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+def test_lm_head_library_schemas():
+    ns = _cuda.library()
+    assert "num_splits" in str(ns.lm_head_topk.default._schema)
+    assert "cuda_stream" in str(ns.lm_head_sample.default._schema)

@@ -142,6 +142,76 @@ def test_compact_kv_garbage_is_memory_safe(kern):
     tc.check_compact_kv_garbage_is_memory_safe(kern, DEV)
 
 
+# ----------------------------------------------------------------------------- frequency-ranked LM head
+
+# Every path (M <= 2: GEMV; 3..16: 16-row tensor-core tiles, fp32: 8-row GEMV; more: 64-row
+# tiles), every top-k mode (k = 1, <= 8, <= 16: thread lists; > 16: bitonic), several
+# tiles per split, element loads (d = 33), a 49152-row head.
+LM_HEAD_TOPK = grid(
+    [(M, V, d, k, dtype, None) for (M, V, d), k, dtype in itertools.product(tc.LM_HEAD_SHAPES, tc.LM_HEAD_KS,
+                                                                           tc.DTYPES) if k <= V],
+    [  # (M, V_sub, d, k, dtype, num_splits)
+        (1, 1, 8, 1, F32, None),
+        (3, 37, 80, 5, BF16, None),
+        (2, 1000, 80, 64, F16, None),
+        (1, 1000, 576, 8, BF16, 2),
+        (5, 1000, 80, 12, F32, 3),
+        (20, 300, 80, 16, BF16, None),
+        (70, 1000, 48, 20, F16, 2),
+        (7, 1000, 48, 64, BF16, 1),
+        (300, 37, 33, 5, F32, None),
+        (40, 37, 33, 37, F16, None),
+        (300, 1000, 80, 64, F16, None),
+        (64, 4097, 256, 8, BF16, None),
+        (3, 49152, 8, 5, BF16, None),
+        (1, 49152, 576, 64, BF16, None),
+        (1, 49152, 8, 1, F32, None),
+        (2, 300, 80, 20, F16, 1),  # 64-row GEMV tiles (few 128-row tiles), several per split
+        (1, 300, 80, 8, BF16, None),
+    ])
+
+LM_HEAD_SAMPLE = grid(
+    [(M, V, d, dtype) for (M, V, d), dtype in itertools.product(tc.LM_HEAD_SHAPES, tc.DTYPES)],
+    [(1, 1, 8, F32), (3, 37, 80, BF16), (2, 1000, 80, F16), (12, 1000, 48, F32), (70, 700, 33, BF16),
+     (300, 1000, 80, F16), (1, 49152, 80, BF16), (2, 300, 40, F32)])
+
+
+@pytest.mark.parametrize("M,V,d,k,dtype,num_splits", LM_HEAD_TOPK, ids=str)
+def test_lm_head_topk_matches_oracle_and_torch(kern, M, V, d, k, dtype, num_splits):
+    tc.check_lm_head_topk(kern, DEV, M, V, d, k, dtype, num_splits=num_splits,
+                          map_dtype=torch.int32 if k == 5 else torch.int64, with_temperature=k != 1)
+
+
+@pytest.mark.parametrize("M,V,d,dtype", LM_HEAD_SAMPLE, ids=str)
+def test_lm_head_sample_matches_oracle_and_torch(kern, M, V, d, dtype):
+    tc.check_lm_head_sample(kern, DEV, M, V, d, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_lm_head_splits_agree(kern, dtype):
+    tc.check_lm_head_splits_agree(kern, DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_lm_head_special_values(kern, dtype):
+    tc.check_lm_head_special_values(kern, DEV, dtype)
+
+
+def test_lm_head_strided_hidden(kern):
+    tc.check_lm_head_strided_hidden(kern, DEV, BF16)
+
+
+def test_lm_head_empty(kern):
+    tc.check_lm_head_empty(kern, DEV)
+
+
+def test_lm_head_triton_agrees(kern):
+    """The Triton interpreter joins one small case of each op."""
+    pytest.importorskip("triton")
+    tc.check_lm_head_topk(kern, DEV, 3, 150, 16, 5, F32, with_triton=True)
+    tc.check_lm_head_sample(kern, DEV, 3, 150, 16, F32, with_triton=True)
+
+
 # ----------------------------------------------------------------------------- the emulator itself
 
 
@@ -150,6 +220,7 @@ def test_emulated_ops_are_the_extension_schemas(kern):
     ops = kern.ops()
     assert "cuda_stream" in str(ops.tree_attention._schema) and "num_splits" in str(ops.tree_attention._schema)
     assert "Tensor(a!) k_cache" in str(ops.compact_kv._schema)
+    assert "num_splits" in str(ops.lm_head_topk._schema) and "cuda_stream" in str(ops.lm_head_sample._schema)
 
 
 def test_emulator_catches_missing_barriers_and_misaligned_wmma(kern):

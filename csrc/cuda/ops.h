@@ -1,7 +1,8 @@
-// Host launchers of the CUDA backend (csrc/cuda/rejection.cu, csrc/cuda/tree_attention.cu).
+// Host launchers of the CUDA backend (csrc/cuda/rejection.cu, csrc/cuda/tree_attention.cu,
+// csrc/cuda/frspec.cu).
 // Schemas live in torch_bindings.cpp (torch.ops.fastverify_cuda.*); arguments as the
 // Triton launchers in fastverify/triton/, plus what Python resolves (chunk width, mask
-// width, softmax scale, number of prefix splits) and the stream to launch on.
+// width, softmax scale, number of prefix / vocabulary splits) and the stream to launch on.
 #pragma once
 
 #include <cstdint>
@@ -46,5 +47,21 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
 void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table,
                      const at::Tensor& prefix_lens, const at::Tensor& accepted_nodes, const at::Tensor& num_accepted,
                      int64_t cuda_stream);
+
+// hidden [M, d] (last dim contiguous), weight [V_sub, d] contiguous, one dtype (fp32 / bf16 / fp16);
+// token_map [V_sub] int32/int64 or none (ids are subset rows); temperature [M] fp32 or none
+// (1; <= 0 scores at 1); 1 <= k <= min(V_sub, 64); num_splits 0 lets the launcher choose
+// -> (topk_ids [M, k] int64, topk_logprobs [M, k] fp32, lse [M] fp32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_topk_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                 int64_t k, const std::optional<at::Tensor>& token_map,
+                                                                 const std::optional<at::Tensor>& temperature,
+                                                                 int64_t num_splits, int64_t cuda_stream);
+
+// temperature [M] fp32 (<= 0: greedy), seed [M] int64, positions [M] int64, the rest as
+// lm_head_topk_cuda -> (token_ids [M] int64, logprobs [M] fp32, lse [M] fp32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_sample_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& temperature, const at::Tensor& seed,
+    const at::Tensor& positions, const std::optional<at::Tensor>& token_map, int64_t num_splits,
+    int64_t cuda_stream);
 
 }  // namespace fastverify

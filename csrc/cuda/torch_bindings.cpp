@@ -34,6 +34,12 @@ TORCH_LIBRARY_FRAGMENT(FASTVERIFY_CUDA_NAMESPACE, m) {
   m.def(
       "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor prefix_lens, "
       "Tensor accepted_nodes, Tensor num_accepted, int cuda_stream) -> ()");
+  m.def(
+      "lm_head_topk(Tensor hidden, Tensor weight, int k, Tensor? token_map, Tensor? temperature, int num_splits, "
+      "int cuda_stream) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lm_head_sample(Tensor hidden, Tensor weight, Tensor temperature, Tensor seed, Tensor positions, "
+      "Tensor? token_map, int num_splits, int cuda_stream) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(FASTVERIFY_CUDA_NAMESPACE, FASTVERIFY_CUDA_KEY, m) {
@@ -42,4 +48,6 @@ TORCH_LIBRARY_IMPL(FASTVERIFY_CUDA_NAMESPACE, FASTVERIFY_CUDA_KEY, m) {
   m.impl("build_tree", &fastverify::build_tree_cuda);
   m.impl("tree_attention", &fastverify::tree_attention_cuda);
   m.impl("compact_kv", &fastverify::compact_kv_cuda);
+  m.impl("lm_head_topk", &fastverify::lm_head_topk_cuda);
+  m.impl("lm_head_sample", &fastverify::lm_head_sample_cuda);
 }
