@@ -16,36 +16,26 @@
 
 namespace {
 
-// 16 floats; GCC lowers it to one AVX-512 register or two AVX2 ones. aligned(4): loads
-// through it may be unaligned.
-typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
-constexpr int V = 16;
+constexpr int V = 16;  // floats per step: one AVX-512 register (two AVX2 ones)
 
-inline float sum16(f32x16 v) {
-  float s = 0.f;
-  for (int j = 0; j < V; ++j) s += v[j];
-  return s;
-}
-
-// Output rows n0 .. n0+R-1 against the M input rows: R·M accumulators, each weight vector
-// loaded once and used M times.
+// Output rows n0 .. n0+R-1 against the M input rows. Plain loops over 16-float steps
+// that GCC vectorizes (-O3 -march=native); each weight row is streamed front to back.
 template <int M, int R>
 inline void rows_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, int64_t K,
                        float* __restrict__ y, int64_t ldy, const float* __restrict__ bias, int64_t n0) {
-  f32x16 acc[R][M] = {};
   const int64_t K16 = K - K % V;
-  for (int64_t k = 0; k < K16; k += V) {
-    f32x16 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = *reinterpret_cast<const f32x16*>(x + m * ldx + k);
-    for (int r = 0; r < R; ++r) {
-      const f32x16 wv = *reinterpret_cast<const f32x16*>(w + (n0 + r) * K + k);
-      for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
-    }
-  }
   for (int r = 0; r < R; ++r) {
-    const float* wr = w + (n0 + r) * K;
+    const float* __restrict__ wr = w + (n0 + r) * K;
+    float acc[M][V] = {};
+    for (int64_t k = 0; k < K16; k += V)
+      for (int m = 0; m < M; ++m) {
+        const float* __restrict__ xm = x + m * ldx + k;
+#pragma omp simd
+        for (int j = 0; j < V; ++j) acc[m][j] += wr[k + j] * xm[j];
+      }
     for (int m = 0; m < M; ++m) {
-      float s = sum16(acc[r][m]);
+      float s = 0.f;
+      for (int j = 0; j < V; ++j) s += acc[m][j];
       for (int64_t k = K16; k < K; ++k) s += wr[k] * x[m * ldx + k];
       if (bias) s += bias[n0 + r];
       y[m * ldy + n0 + r] = s;
@@ -57,7 +47,7 @@ template <int M>
 void linear_rows(const float* x, int64_t ldx, const float* w, const float* bias, float* y, int64_t ldy, int64_t N,
                  int64_t K, int threads) {
   // enough independent accumulators per weight pass, within the 32 vector registers
-  constexpr int R = M == 1 ? 4 : (M == 2 ? 4 : (M <= 4 ? 2 : 1));
+  constexpr int R = 4;  // rows per scheduling unit
   const int64_t blocks = N / R;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) rows_block<M, R>(x, ldx, w, K, y, ldy, bias, b * R);
