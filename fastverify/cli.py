@@ -222,6 +222,13 @@ def _add_decoding_args(p) -> None:
                         "built once, a few minutes, then cached) or of the built-in corpus")
     p.add_argument("--frspec-ranking", default=None, metavar="PATH",
                    help="a saved ranking (fastverify.frspec.Ranking.save) instead of the default one")
+    p.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
+                   help="selfspec: cache tokens a draft step attends to (default 256)")
+    p.add_argument("--kv-policy", default=None, choices=("topk", "streaming"),
+                   help="selfspec: chunks scored by q·mean(K) per KV head, re-selected every --kv-refresh drafts "
+                        "(topk, default) or sinks + most recent (streaming)")
+    p.add_argument("--kv-chunk", type=int, default=None, help="selfspec: tokens per chunk (default 16)")
+    p.add_argument("--kv-refresh", type=int, default=None, help="selfspec topk: re-select every N drafts (default 8)")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -234,7 +241,7 @@ def _layer_list(text: str) -> list[int]:
 
 def _decoding_options(args) -> dict:
     names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers", "frspec_vocab", "frspec_source",
-             "frspec_ranking")
+             "frspec_ranking", "kv_budget", "kv_policy", "kv_chunk", "kv_refresh")
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
@@ -262,10 +269,9 @@ def _drafter(args, model):
     if args.drafter in (None, "layerskip", "ngram"):
         return args.drafter
     from . import models
-    from .decoding import ModelDrafter
 
     _log(f"loading drafter {args.drafter} ...")
-    return ModelDrafter(models.load(args.drafter, dtype=model.dtype, device=model.device), name=args.drafter)
+    return models.load(args.drafter, dtype=model.dtype, device=model.device)  # generate() wraps it (and its head)
 
 
 def _add_generate(sub) -> None:
@@ -275,7 +281,7 @@ def _add_generate(sub) -> None:
                                    "the others print at the end, then a statistics table.")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--method", default="tree", choices=("ar", "chain", "tree"))
+    p.add_argument("--method", default="tree", choices=("ar", "chain", "tree", "selfspec"))
     p.add_argument("--drafter", default=None, help="layerskip (default), ngram, or a model (folder / .gguf) "
                                                    "sharing the tokenizer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -309,7 +315,9 @@ def _cmd_generate(args) -> int:
         print(f"\r[{'#' * int(30 * done):<30}] {produced[0]}/{budget} tokens  {time.perf_counter() - started:5.1f}s",
               end="", file=sys.stderr, flush=True)
 
-    what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method != "ar" else "")
+    what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method in ("chain", "tree") else "")
+    if args.method == "selfspec":
+        what += f" over a {args.kv_budget or 256}-token {args.kv_policy or 'topk'} KV budget"
     if args.method != "ar" and args.frspec_vocab:
         what += f" over the {args.frspec_vocab} most frequent tokens"
     _log(f"generating up to {args.max_new_tokens} tokens for {n} prompt(s), {what}, temperature {args.temperature}\n")

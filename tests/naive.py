@@ -248,3 +248,95 @@ def lm_head_sample(hidden, weight, temperature, seed, positions, token_map=None)
         lps.append(s[v] - lse)
         lses.append(lse)
     return ids, lps, lses
+
+
+# ----------------------------------------------------------------------------- sparse-KV self-speculation
+# Inputs may be tensors or nested lists; everything is read into Python floats/ints.
+
+
+def _py(x):
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+def _key(cache, table, b: int, p: int, h: int) -> list[float]:
+    """K (or V) of KV head h at key position p of request b: page table[b][p // page], slot p % page."""
+    page = len(cache[0])
+    return cache[table[b][p // page]][p % page][h]
+
+
+def select_kv_chunks(q, k_cache, block_table, seq_lens, chunk_size: int, num_chunks: int, num_sink_chunks: int = 1,
+                     num_recent_chunks: int = 1, chunk_means=None) -> list[list[list[int]]]:
+    """-> chunk_ids [B][Hkv][num_chunks]: per (request, KV head), the sinks, the recent
+    chunks and the best-scoring others (score = Σ over the group's query heads of q · mean
+    key of the chunk; NaN = -inf; ties → lower chunk id), ascending, -1 padded."""
+    q, k_cache, table, lens = _py(q), _py(k_cache), _py(block_table), _py(seq_lens)
+    means_in = _py(chunk_means) if chunk_means is not None else None
+    Hq, Hkv = len(q[0]), len(k_cache[0][0])
+    G = Hq // Hkv
+    out = []
+    for b in range(len(lens)):
+        F = lens[b] // chunk_size
+        rows = []
+        for h in range(Hkv):
+            scores = []
+            for c in range(F):
+                if means_in is not None:
+                    mean = means_in[b][c][h]
+                else:
+                    keys = [_key(k_cache, table, b, c * chunk_size + t, h) for t in range(chunk_size)]
+                    mean = [sum(col) / chunk_size for col in zip(*keys)]
+                s = sum(sum(a * m for a, m in zip(q[b][h * G + g], mean)) for g in range(G))
+                scores.append(-math.inf if math.isnan(s) else s)
+            if F <= num_chunks:
+                kept = list(range(F))
+            else:
+                forced = set(range(num_sink_chunks)) | set(range(F - num_recent_chunks, F))
+                others = sorted((c for c in range(F) if c not in forced), key=lambda c: (-scores[c], c))
+                kept = sorted(forced | set(others[:num_chunks - len(forced)]))
+            rows.append(kept + [-1] * (num_chunks - len(kept)))
+        out.append(rows)
+    return out
+
+
+def streaming_kv_chunks(seq_lens, chunk_size: int, num_chunks: int, num_sink_chunks: int, num_hkv: int):
+    """-> chunk_ids [B][num_hkv][num_chunks]: the first num_sink_chunks chunks and the most
+    recent full chunks filling the rest of the budget (all chunks if they fit), -1 padded."""
+    out = []
+    for L in _py(seq_lens):
+        F = L // chunk_size
+        if F <= num_chunks:
+            kept = list(range(F))
+        else:
+            kept = list(range(num_sink_chunks)) + list(range(F - (num_chunks - num_sink_chunks), F))
+        out.append([kept + [-1] * (num_chunks - len(kept)) for _ in range(num_hkv)])
+    return out
+
+
+def sparse_kv_attention(q, k_cache, v_cache, block_table, seq_lens, chunk_ids, chunk_size: int, sm_scale=None):
+    """-> out [B][Hq][D] (float64): query head hq of request b attends to the keys of the
+    chunks c in chunk_ids[b][hq // G] with 0 <= c < F_b (others skipped) and to the tail
+    F_b·chunk_size .. seq_lens[b] - 1; no key at all gives zeros."""
+    q, k_cache, v_cache = _py(q), _py(k_cache), _py(v_cache)
+    table, lens, ids = _py(block_table), _py(seq_lens), _py(chunk_ids)
+    Hq, D, Hkv = len(q[0]), len(q[0][0]), len(k_cache[0][0])
+    G = Hq // Hkv
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    out = []
+    for b in range(len(lens)):
+        F = lens[b] // chunk_size
+        rows = []
+        for hq in range(Hq):
+            h = hq // G
+            positions = [c * chunk_size + t for c in ids[b][h] if 0 <= c < F for t in range(chunk_size)]
+            positions += list(range(F * chunk_size, lens[b]))
+            if not positions:
+                rows.append([0.0] * D)
+                continue
+            s = [scale * sum(a * k for a, k in zip(q[b][hq], _key(k_cache, table, b, p, h))) for p in positions]
+            top = max(s)
+            w = [math.exp(x - top) for x in s]
+            total = sum(w)
+            vs = [_key(v_cache, table, b, p, h) for p in positions]
+            rows.append([sum(wi * v[d] for wi, v in zip(w, vs)) / total for d in range(D)])
+        out.append(rows)
+    return out

@@ -9,6 +9,8 @@
 - bad input fails before any work.
 """
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +213,13 @@ def test_bad_input_fails_before_work(small):
         generate(small, [[1]], method="chain", drafter="oracle")
     with pytest.raises(ValueError, match="min_ngram"):
         NgramDrafter(max_ngram=1, min_ngram=2)
+
+
+def test_chunked_prefill_gives_the_same_tokens(monkeypatch):
+    """Long prompts are prefilled PREFILL_CHUNK tokens at a time; the chunking must not
+    change anything."""
+    gen_module = importlib.import_module("fastverify.decoding.generate")  # the module, not the function
+    _, model = tiny("qwen3")
+    whole = generate(model, PROMPTS, max_new_tokens=8, stop_at_eos=False).tokens
+    monkeypatch.setattr(gen_module, "PREFILL_CHUNK", 3)
+    assert generate(model, PROMPTS, max_new_tokens=8, stop_at_eos=False).tokens == whole

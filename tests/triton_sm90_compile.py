@@ -17,6 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastverify.triton import frspec as fr  # noqa: E402
 from fastverify.triton import rejection as rj  # noqa: E402
+from fastverify.triton import sparse_kv as sk  # noqa: E402
 from fastverify.triton import tree_attention as ta  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -108,9 +109,47 @@ def frspec_variants():
         }, {"HAS_MAP": True, "BLOCK_R": 1, "S_P2": 512}, 4
 
 
+def sparse_kv_variants():
+    strides = {k: "i32" for k in ("stride_qb", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp",
+                                   "stride_vs", "stride_vh", "stride_bt", "stride_ib", "stride_ih", "stride_ob",
+                                   "stride_oh")}
+    sizes = {k: "i32" for k in ("B", "Hq", "Hkv", "G", "D", "PAGE", "NUM_PAGES", "CAPACITY", "CS", "C",
+                                "TOKENS_PER_SPLIT")}
+    for dt, (D, bn), (bm, direct) in itertools.product(("bf16", "fp16", "fp32"), ((64, 64), (80, 64), (128, 64),
+                                                                                   (256, 32)),
+                                                        ((16, False), (16, True), (32, False))):
+        d_p2 = max(16, 1 << (D - 1).bit_length())
+        yield f"sparse_attn_partial D={D} M={bm} direct={direct}", dt, "-", sk._sparse_partial_kernel, {
+            "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "seq_ptr": "*i32",
+            "ids_ptr": "*i32", "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", "out_ptr": f"*{dt}", **strides, **sizes,
+            "scale_log2": "fp32",
+        }, {"BLOCK_M": bm, "BLOCK_N": bn, "D_P2": d_p2, "UPCAST": False, "DIRECT": direct}, 4 if d_p2 <= 64 else 8
+    for dt, (s_p2, d_p2) in itertools.product(("bf16", "fp16", "fp32"), ((2, 128), (64, 128), (64, 256))):
+        yield f"sparse_attn_merge S={s_p2} D={d_p2}", dt, "-", sk._sparse_merge_kernel, {
+            "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", "out_ptr": f"*{dt}", "stride_ob": "i32", "stride_oh": "i32",
+            "B": "i32", "Hq": "i32", "D": "i32", "NUM_SPLITS": "i32",
+        }, {"S_P2": s_p2, "D_P2": d_p2}, 4
+    for dt, has_means, (cs_blk, block_c), (g_p2, d_p2) in itertools.product(
+            ("bf16", "fp16", "fp32"), (False, True), ((8, 4), (16, 2), (32, 2)), ((4, 128), (8, 256), (1, 64))):
+        if has_means:
+            block_c = 64
+        yield f"chunk_scores means={has_means} CS={cs_blk} G={g_p2} D={d_p2}", dt, "-", sk._chunk_scores_kernel, {
+            "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "bt_ptr": "*i32", "seq_ptr": "*i32", "means_ptr": "*fp32",
+            "score_ptr": "*fp32", **{k: "i32" for k in ("stride_qb", "stride_qh", "stride_kp", "stride_ks",
+                                                         "stride_kh", "stride_bt", "stride_mb", "stride_mc",
+                                                         "stride_mh", "Hkv", "G", "D", "PAGE", "NUM_PAGES", "CS",
+                                                         "NC")},
+        }, {"HAS_MEANS": has_means, "BLOCK_C": block_c, "CS_BLK": cs_blk, "G_P2": g_p2, "D_P2": d_p2}, 4
+    yield "select_chunks", "-", "i32", sk._select_kernel, {
+        "score_ptr": "*fp32", "seq_ptr": "*i32", "ids_ptr": "*i32",
+        **{k: "i32" for k in ("Hkv", "NC", "CS", "N", "SINKS", "RECENT")},
+    }, {"BLOCK": 1024, "RADIX": sk.RADIX, "PASSES": sk.PASSES}, 4
+
+
 def main(quick: bool) -> int:
     seen = set()
-    for name, logit_t, ids_t, fn, sig, const, warps in itertools.chain(variants(), attention_variants(), frspec_variants()):
+    for name, logit_t, ids_t, fn, sig, const, warps in itertools.chain(variants(), attention_variants(), frspec_variants(),
+                                                                       sparse_kv_variants()):
         if quick and (name, ids_t) in seen:
             continue
         seen.add((name, ids_t))

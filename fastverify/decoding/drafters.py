@@ -156,6 +156,17 @@ class ModelDrafter:
             self.length[b] += len(f)
         return h
 
+    def _forward_one(self, idx: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, d] after feeding one token per request (x [B] at positions pos [B])."""
+        B = len(idx)
+        one = torch.arange(B + 1, device=x.device, dtype=torch.int32)
+        step = Step.build(self.cache, idx, torch.full((B,), -1, device=x.device), one, pos)
+        return self.model.hidden(x, step, self.cache)
+
+    def _fed(self, reqs: list[int], n: int) -> None:
+        for b in reqs:
+            self.length[b] += n
+
     def _draft_probs(self, h: torch.Tensor, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """q [R, V] each draft x [R] was drawn from, at hidden states h [R, d]: softmax(logits / T)
         over the head's tokens (zero elsewhere); a point mass at x for greedy rows (T = 0).
@@ -176,8 +187,7 @@ class ModelDrafter:
         temperature, seed = run.temperature[idx], run.seed[idx]
         weight, token_map = self._head()
         h = self._catch_up(reqs)
-        B = len(reqs)
-        first = torch.tensor([self.length[b] for b in reqs], device=dev)   # position of d_1 (the root's + 1)
+        first = torch.tensor([len(run.tokens[b]) for b in reqs], device=dev)   # position of d_1 (the root's + 1)
         drafts, hiddens = [], []
         for i in range(k):
             x, _, _ = ops.lm_head_sample(h, weight, temperature=temperature, seed=seed, positions=first + i,
@@ -186,11 +196,8 @@ class ModelDrafter:
             hiddens.append(h)
             if i + 1 == k:
                 break
-            one = torch.arange(B + 1, device=dev, dtype=torch.int32)
-            step = Step.build(self.cache, idx, torch.full((B,), -1, device=dev), one, first + i)
-            h = self.model.hidden(x, step, self.cache)
-        for b in reqs:
-            self.length[b] += k - 1                                     # root, then d_1 .. d_{k-1} were fed
+            h = self._forward_one(idx, x, first + i)
+        self._fed(reqs, k - 1)                                          # root, then d_1 .. d_{k-1} were fed
         x = torch.stack(drafts, 1)                                      # [B, k]
         q = None
         if bool((temperature > 0).any()):                               # all greedy: drafts are point masses

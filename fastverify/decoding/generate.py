@@ -24,8 +24,9 @@ import torch
 from .. import ops
 from ..models import Step, chain_parents, cu_from_counts
 from .drafters import Draft, ModelDrafter, NgramDrafter, layerskip
+from .selfspec import KVPolicy, SelfSpecDrafter
 
-METHODS = ("ar", "chain", "tree")
+METHODS = ("ar", "chain", "tree", "selfspec")
 
 
 @dataclass
@@ -143,20 +144,25 @@ def _per_request(value, B: int, dtype, device, name: str) -> torch.Tensor:
     return t
 
 
+PREFILL_CHUNK = 512  # tokens per request per prefill forward: bounds the [nodes, keys] attention scores
+
+
 def prefill(run: Run) -> None:
-    """Put every prompt but its last token (the first root) into the cache, as one chain per request."""
-    reqs = [b for b in range(len(run.tokens)) if run.prompt_lens[b] > 1]
-    if not reqs:
-        return
+    """Put every prompt but its last token (the first root) into the cache, as one chain
+    per request, ``PREFILL_CHUNK`` tokens at a time."""
     dev = run.model.device
-    feed = [run.tokens[b][:-1] for b in reqs]
-    cu = cu_from_counts([len(f) for f in feed], dev)
-    step = Step.build(run.cache, torch.tensor(reqs, device=dev), chain_parents(cu), cu,
-                      torch.zeros(len(reqs), dtype=torch.int32, device=dev))
     no_logits = torch.zeros(0, dtype=torch.long, device=dev)
-    run.model(torch.tensor([t for f in feed for t in f], device=dev), step, run.cache, logit_rows=no_logits)
-    for b, f in zip(reqs, feed):
-        run.cache_len[b] = len(f)
+    while True:
+        reqs = [b for b in range(len(run.tokens)) if run.cache_len[b] < run.prompt_lens[b] - 1]
+        if not reqs:
+            return
+        feed = [run.tokens[b][run.cache_len[b]:run.prompt_lens[b] - 1][:PREFILL_CHUNK] for b in reqs]
+        cu = cu_from_counts([len(f) for f in feed], dev)
+        step = Step.build(run.cache, torch.tensor(reqs, device=dev), chain_parents(cu), cu,
+                          torch.tensor([run.cache_len[b] for b in reqs], dtype=torch.int32, device=dev))
+        run.model(torch.tensor([t for f in feed for t in f], device=dev), step, run.cache, logit_rows=no_logits)
+        for b, f in zip(reqs, feed):
+            run.cache_len[b] += len(f)
 
 
 class DraftLength:
@@ -340,8 +346,12 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
 
     Args:
         method: "ar" (one token per forward), "chain" (up to ``num_draft`` drafted tokens
-            verified per forward; default 10 for n-gram drafts, 4 for model drafts) or "tree" (a draft tree of at most ``tree_nodes`` nodes,
-            ``tree_depth`` levels, ``tree_topk`` children per expanded node).
+            verified per forward; default 10 for n-gram drafts, 4 for model drafts), "tree" (a
+            draft tree of at most ``tree_nodes`` nodes, ``tree_depth`` levels, ``tree_topk``
+            children per expanded node) or "selfspec" (the target drafts ``num_draft`` tokens
+            for itself over ``kv_budget`` tokens of its own cache, ``kv_policy`` "topk" or
+            "streaming", ``kv_chunk`` tokens per chunk, re-selected every ``kv_refresh`` drafts;
+            see :mod:`fastverify.decoding.selfspec`).
         drafter: "layerskip" (default; the target on a subset of its layers,
             ``draft_layers=[...]``), "ngram" (prompt lookup), or a model sharing the
             target's tokenizer. A model drafter takes ``frspec_vocab=N`` (draft over the N
@@ -362,12 +372,21 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = encode_prompts(model, prompts, chat)
     tree = method == "tree"
-    draft_obj = make_drafter(model, drafter, **options) if method != "ar" else None
+    if method == "selfspec":
+        if drafter not in (None, "selfspec"):
+            raise ValueError(f"method 'selfspec' drafts with the target itself; drafter must be None, got {drafter!r}")
+        draft_obj = SelfSpecDrafter(model, KVPolicy(
+            options.get("kv_policy", "topk"), options.get("kv_budget", 256), options.get("kv_chunk", 16),
+            options.get("kv_sink", 1), options.get("kv_recent", 1), options.get("kv_refresh", 8)),
+            head=ranked_head(model, model, **options))
+    else:
+        draft_obj = make_drafter(model, drafter, **options) if method != "ar" else None
     if num_draft is None:
         num_draft = 10 if isinstance(draft_obj, NgramDrafter) else 4
     if tree and not 1 <= tree_nodes <= 256:
         raise ValueError(f"tree_nodes must be in [1, 256], got {tree_nodes}")
-    headroom = 1 + (num_draft if method == "chain" else 0) + (tree_depth * tree_topk * tree_topk + tree_nodes if tree else 0)
+    headroom = (1 + (num_draft if method in ("chain", "selfspec") else 0)
+                + (tree_depth * tree_topk * tree_topk + tree_nodes if tree else 0))
     stop_ids = set(model.config.eos_ids) if stop_at_eos else set()
     t_start = time.perf_counter()
     run = Run(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

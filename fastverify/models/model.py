@@ -138,6 +138,8 @@ class Step:
     seq_lens: torch.Tensor      # [B] int32, tree included
     tree_mask: torch.Tensor     # [T, W] int64 ancestor bits of every tree node
     rows: torch.Tensor | None = None  # [N] int64 tree node of each computed token (None: N == T, all)
+    sparse: object | None = None      # a draft over part of the cache (decoding.selfspec.KVPolicy): one token
+                                      # per request, attention through sparse_kv_attention
 
     @classmethod
     def build(cls, cache: KVCache, reqs: torch.Tensor, parents: torch.Tensor, cu_num_nodes: torch.Tensor,
@@ -255,6 +257,11 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         cache.write(layer, step.slots, k, v)
         k_cache, v_cache = cache.k[:, :, layer], cache.v[:, :, layer]
+        if step.sparse is not None:  # self-speculative draft: attend to the chunks the policy picks
+            ids = step.sparse.chunk_ids(layer, q, k_cache, step)
+            out = ops.sparse_kv_attention(q, k_cache, v_cache, step.block_table, step.seq_lens, ids,
+                                          chunk_size=step.sparse.chunk_size)
+            return self.o_proj(out.flatten(-2))
         if step.rows is not None:
             # nodes outside `rows` need no output: give them zero queries and drop their rows
             q = q.new_zeros(step.tree_mask.shape[0], *q.shape[1:]).index_copy_(0, step.rows, q)

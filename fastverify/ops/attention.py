@@ -289,19 +289,21 @@ def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
     scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.empty_like(q)
     for n, L, rows, pages in _attention_plan(block_table, seq_lens, cu_num_nodes, k_cache.shape[1]):
-        if isinstance(pages, slice):  # one request, consecutive pages: a view
-            k = k_cache[pages].flatten(0, 1)[None, :L].float()                 # [1, L, Hkv, D]
-            v = v_cache[pages].flatten(0, 1)[None, :L].float()
+        if isinstance(pages, slice):  # one request, consecutive pages: no gather
+            k = k_cache[pages].flatten(0, 1)[None, :L]                           # [1, L, Hkv, D]
+            v = v_cache[pages].flatten(0, 1)[None, :L]
         else:
-            k = k_cache[pages].flatten(1, 2)[:, :L].float()                    # [g, L, Hkv, D]
-            v = v_cache[pages].flatten(1, 2)[:, :L].float()
+            k = k_cache[pages].flatten(1, 2)[:, :L]                              # [g, L, Hkv, D]
+            v = v_cache[pages].flatten(1, 2)[:, :L]
+        # [g, Hkv, L, D] contiguous: strided operands send bmm down a slow path on CPU
+        k, v = (t.transpose(1, 2).float().contiguous() for t in (k, v))
         g = k.shape[0]
         qb = (q[rows].float() * scale).view(g, n, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(g, Hkv, G * n, D)
-        s = qb @ k.permute(0, 2, 3, 1)                                          # [g, Hkv, G·n, L]
+        s = qb @ k.transpose(-1, -2)                                            # [g, Hkv, G·n, L]
         if n > 1:  # a single node sees all its keys; otherwise mask the tree part
             allow = unpack_mask(tree_mask[rows], n).view(g, 1, 1, n, n)
             s.view(g, Hkv, G, n, L)[..., L - n:].masked_fill_(~allow, float("-inf"))
-        o = torch.softmax(s, -1) @ v.transpose(1, 2)                           # [g, Hkv, G·n, D]
+        o = torch.softmax(s, -1) @ v                                            # [g, Hkv, G·n, D]
         out[rows] = o.view(g, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(g * n, Hq, D).to(q.dtype)
     return out
 
