@@ -16,8 +16,9 @@ to see the build.
 
 The ops it registers, ``torch.ops.fastverify_cuda.{rejection_sample,
 tree_rejection_sample, build_tree, tree_attention, compact_kv, lm_head_topk,
-lm_head_sample}``, take what the Triton launchers compute in Python (chunk width, mask
-width, softmax scale, prefix / vocabulary splits) and the CUDA stream explicitly; the
+lm_head_sample, select_kv_chunks, sparse_kv_attention}``, take what the Triton launchers
+compute in Python (chunk width, mask width, softmax scale, prefix / vocabulary / chunk
+splits) and the CUDA stream explicitly; the
 entry points here (:class:`Kernels`) have the Triton launchers' signatures and fill
 those in. tests/cuda_emu builds the same
 kernels for the CPU and drives them through the same :class:`Kernels`.
@@ -149,7 +150,7 @@ class Kernels:
     returns its ``torch.ops`` namespace, loading it on first use."""
 
     OPS = ("rejection_sample", "tree_rejection_sample", "build_tree", "tree_attention", "compact_kv",
-           "lm_head_topk", "lm_head_sample")
+           "lm_head_topk", "lm_head_sample", "select_kv_chunks", "sparse_kv_attention")
 
     def __init__(self, load):
         self._load = load
@@ -205,6 +206,22 @@ class Kernels:
         return self.ops().lm_head_sample(hidden, weight, temperature, seed, positions, token_map, num_splits or 0,
                                          _stream(hidden))
 
+    def select_kv_chunks(self, q, k_cache, block_table, seq_lens, chunk_size, num_chunks, num_sink_chunks,
+                         num_recent_chunks, chunk_means):
+        """CUDA backend of :func:`fastverify.select_kv_chunks` (two launches: chunk scores,
+        then one exact top-k selection per request and KV head)."""
+        return self.ops().select_kv_chunks(q, k_cache, block_table, seq_lens, chunk_size, num_chunks,
+                                           num_sink_chunks, num_recent_chunks, chunk_means, _stream(q))
+
+    def sparse_kv_attention(self, q, k_cache, v_cache, block_table, seq_lens, chunk_ids, chunk_size, sm_scale, *,
+                            num_splits=None):
+        """CUDA backend of :func:`fastverify.sparse_kv_attention` (split-KV over the selected
+        chunks, then the log-sum-exp merge; one launch when one split suffices).
+        ``num_splits`` (1 .. 64) overrides the number of splits of each KV head's chunks."""
+        scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        return self.ops().sparse_kv_attention(q, k_cache, v_cache, block_table, seq_lens, chunk_ids, chunk_size,
+                                              float(scale), num_splits or 0, _stream(q))
+
 
 _extension = Kernels(library)
 rejection_sample = _extension.rejection_sample
@@ -214,3 +231,5 @@ tree_attention = _extension.tree_attention
 compact_kv = _extension.compact_kv
 lm_head_topk = _extension.lm_head_topk
 lm_head_sample = _extension.lm_head_sample
+select_kv_chunks = _extension.select_kv_chunks
+sparse_kv_attention = _extension.sparse_kv_attention

@@ -13,10 +13,12 @@ runs a subset of them with the same kernels emulated on the CPU (tests/cuda_emu)
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
 
+import naive
 from attention_problems import (ancestors, build_tree_cases, dense_sdpa_oracle, mask_words_oracle, paged_problem,
                                 path_attention_oracle, tree_parents)
 from problems import random_tree
@@ -26,6 +28,7 @@ import fastverify
 from fastverify import _cuda
 from fastverify.ops.attention import build_tree_torch, compact_kv_torch, tree_attention_torch
 from fastverify.ops.rejection import rejection_sample_torch, tree_rejection_sample_torch
+from fastverify.ops.sparse_kv import select_kv_chunks_torch, sparse_kv_attention_torch
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -995,3 +998,464 @@ def test_lm_head_library_schemas():
     ns = _cuda.library()
     assert "num_splits" in str(ns.lm_head_topk.default._schema)
     assert "cuda_stream" in str(ns.lm_head_sample.default._schema)
+
+
+# ============================================================================ sparse-KV self-speculation
+
+
+def sparse_problem(lens, *, Hq=4, Hkv=2, D=64, page=16, dtype=torch.float32, seed=0, spare_columns=1):
+    """One decode query per request ([B, Hq, D]) over a paged cache of ``lens`` keys, pages shuffled."""
+    return paged_problem([1] * len(lens), [L - 1 for L in lens], Hq=Hq, Hkv=Hkv, D=D, page=page, dtype=dtype,
+                         seed=seed, kind="single", spare_columns=spare_columns)
+
+
+def sparse_ids(lens, Hkv: int, C: int, cs: int, seed: int, *, invalid: bool = True) -> torch.Tensor:
+    """chunk_ids [B, Hkv, C] int32: distinct full chunks in random slots and random order
+    (KV head 0 as many as fit), -1 elsewhere; with ``invalid`` one more slot per row holds
+    an id outside [-1, F_b) when there is room (what the unchecked CUDA path must skip)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lens), Hkv, C), -1, dtype=torch.int32)
+    for b, L in enumerate(lens):
+        F = L // cs
+        for h in range(Hkv):
+            k = min(F, C) if h == 0 else (int(torch.randint(0, min(F, C) + 1, (1,), generator=g)) if F else 0)
+            slots = torch.randperm(C, generator=g)
+            ids[b, h, slots[:k]] = torch.randperm(F, generator=g)[:k].to(torch.int32)
+            if invalid and k < C:
+                bad = (F, F + 3, -2, -7, 10**6, -2**31)[int(torch.randint(0, 6, (1,), generator=g))]
+                ids[b, h, slots[k]] = bad
+    return ids
+
+
+def sparse_oracle(p, ids, cs: int, sm_scale=None) -> torch.Tensor:
+    return torch.tensor(naive.sparse_kv_attention(p.q.double(), p.k_cache.double(), p.v_cache.double(),
+                                                  p.block_table, p.seq_lens, ids, cs, sm_scale), dtype=torch.float64)
+
+
+def sparse_torch(p, ids, cs: int, sm_scale=None) -> torch.Tensor:
+    """The torch backend's entry point (unchecked, like the CUDA one: invalid ids are skipped)."""
+    scale = p.q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return sparse_kv_attention_torch(p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, ids, cs, scale)
+
+
+def run_sparse(kern, dev, p, ids, cs: int, sm_scale=None, num_splits=None) -> torch.Tensor:
+    x = p.to(dev)
+    out = kern.sparse_kv_attention(x.q, x.k_cache, x.v_cache, x.block_table, x.seq_lens, ids.to(dev), cs, sm_scale,
+                                   num_splits=num_splits)
+    assert out.dtype == p.q.dtype and out.shape == p.q.shape
+    return out.cpu()
+
+
+SPARSE_CASES = {
+    # name: (lens, problem kwargs, chunk_size, C)
+    "cs8_page16_gqa4_d80": ([99, 40, 5, 300], dict(Hq=8, Hkv=2, D=80), 8, 6),
+    "cs16_gqa1_d64": ([130, 17, 64], dict(Hq=2, Hkv=2, D=64), 16, 3),
+    "cs32_spans_pages_gqa8_d128": ([200, 70, 31], dict(Hq=8, Hkv=1, D=128), 32, 4),
+    "gqa3_masked_heads": ([150, 45], dict(Hq=6, Hkv=2, D=64), 16, 5),
+    "gqa6_d128": ([120, 77], dict(Hq=12, Hkv=2, D=128), 16, 4),
+    "gqa16_two_head_tiles": ([90, 33], dict(Hq=16, Hkv=1, D=64), 8, 5),
+    "head_dim_256": ([70, 140], dict(Hq=4, Hkv=2, D=256), 16, 4),
+    "head_dim_33_scalar_loads": ([61, 20], dict(Hq=4, Hkv=2, D=33), 8, 4),
+    "shorter_than_one_chunk": ([5, 3, 12], dict(), 16, 2),
+    "no_tail": ([64, 32], dict(), 16, 2),
+    "budget_larger_than_sequence": ([40, 23], dict(), 8, 10),
+    "page8_cs32": ([130, 50], dict(page=8, D=32), 32, 3),
+    "page16_cs4": ([45, 29], dict(D=32), 4, 5),
+    "several_unit_rounds": ([2100], dict(Hq=4, Hkv=1, D=64), 8, 260),  # 261 units > 256 threads of a block
+}
+
+
+def check_sparse_attention(kern, dev, case, dtype, *, num_splits=None, with_triton=False):
+    """The cuda backend against the float64 oracle and the torch backend (and Triton)."""
+    lens, kw, cs, C = SPARSE_CASES[case]
+    p = sparse_problem(lens, dtype=dtype, seed=len(case), **kw)
+    ids = sparse_ids(lens, p.k_cache.shape[2], C, cs, seed=len(case))
+    got = run_sparse(kern, dev, p, ids, cs, num_splits=num_splits)
+    assert_close(got, sparse_oracle(p, ids, cs), dtype, "cuda vs oracle")
+    assert_close(got, sparse_torch(p, ids, cs), dtype, "cuda vs torch")
+    if with_triton:
+        x = p.to(dev)
+        tri = triton_backend("sparse_kv").sparse_kv_attention(x.q, x.k_cache, x.v_cache, x.block_table, x.seq_lens,
+                                                              ids.to(dev), cs, p.q.shape[-1] ** -0.5).cpu()
+        assert_close(got, tri, dtype, "cuda vs triton")
+
+
+def check_sparse_attention_splits(kern, dev, dtype):
+    """sm_scale, and every number of splits (one launch at 1, the merge otherwise; more
+    splits than units clamp) giving the same result; a row that sees no key gives 0."""
+    lens = [300, 41, 129, 32]
+    p = sparse_problem(lens, Hq=8, Hkv=2, D=128, dtype=dtype, seed=21)
+    ids = sparse_ids(lens, 2, 12, 16, seed=21)
+    ids[3, 1] = -1  # request 3 (no tail) KV head 1: no key at all
+    want = sparse_oracle(p, ids, 16, 0.3)
+    assert not want[3, 4:].any()
+    for splits in (None, 1, 2, 3, 5, 13, 64):
+        got = run_sparse(kern, dev, p, ids, 16, 0.3, num_splits=splits)
+        assert_close(got, want, dtype, f"num_splits={splits}")
+        assert not got[3, 4:].any(), "no key: zeros"
+
+
+def check_sparse_attention_strided_layouts(kern, dev, dtype):
+    """Per-layer views of one cache (strided pages, slots and heads; K and V with
+    different strides), head rows padded by 8 (16-byte loads stay possible for 16-bit
+    types) or 3 (element loads), q strided: no copies, same results; select too."""
+    lens = [90, 33, 150]
+    p = sparse_problem(lens, Hq=4, Hkv=2, D=64, dtype=dtype, seed=22)
+    ids = sparse_ids(lens, 2, 5, 8, seed=22)
+    want = sparse_oracle(p, ids, 8)
+    x = p.to(dev)
+    want_sel = kern.select_kv_chunks(x.q, x.k_cache, x.block_table, x.seq_lens, 8, 4, 1, 1, None).cpu()
+    P, page, Hkv, D = p.k_cache.shape
+    B, Hq, _ = p.q.shape
+    for pad in (8, 3):
+        big = torch.zeros(P, page, 2, 3, Hkv, D + pad, dtype=dtype, device=dev)  # [page, slot, K/V, layer, head, D]
+        k, v = big[:, :, 0, 1, :, :D], big[:, :, 1, 2, :, :D]
+        k.copy_(p.k_cache)
+        v.copy_(p.v_cache)
+        q = torch.zeros(B, Hq, D + pad, dtype=dtype, device=dev)[..., :D]
+        q.copy_(p.q)
+        got = kern.sparse_kv_attention(q, k, v, x.block_table, x.seq_lens, ids.to(dev), 8, None).cpu()
+        assert_close(got, want, dtype, f"rows padded by {pad}")
+        v2 = v.contiguous()  # K and V with different strides
+        got = kern.sparse_kv_attention(q, k, v2, x.block_table, x.seq_lens, ids.to(dev), 8, None).cpu()
+        assert_close(got, want, dtype, f"rows padded by {pad}, contiguous V")
+        sel = kern.select_kv_chunks(q, k, x.block_table, x.seq_lens, 8, 4, 1, 1, None).cpu()
+        assert torch.equal(sel, want_sel), f"select over rows padded by {pad}"
+
+
+def check_sparse_garbage_is_memory_safe(kern, dev):
+    """Unchecked garbage (CUDA without FASTVERIFY_CHECKS): page ids outside the cache,
+    seq_lens past the block table or negative, ids of every kind, repeated ids: never an
+    address outside the tensors, finite outputs, selected ids inside the table."""
+    p = sparse_problem([40, 70, 20], Hq=4, Hkv=2, D=64, page=16, seed=23)
+    table = p.block_table.clone()
+    table[1, 1] = 10**6
+    table[0, 0] = -5
+    lens = p.seq_lens.clone()
+    lens[0] = 10**6
+    lens[2] = -3
+    ids = torch.tensor([[[0, 5, 10**6, 20_000], [-9, 2, 2, 1]],
+                        [[0, 1, 2, 3], [4, -2**31, 2**31 - 1, 0]],
+                        [[0, 1, -1, -1], [2, 3, 4, 5]]], dtype=torch.int32)
+    x = p.to(dev)
+    t, n = table.to(dev), lens.to(dev)
+    for splits in (None, 1, 3):
+        out = kern.sparse_kv_attention(x.q, x.k_cache, x.v_cache, t, n, ids.to(dev), 8, None,
+                                       num_splits=splits).cpu()
+        assert torch.isfinite(out.float()).all()
+        assert not out[2].any(), "a negative length attends to nothing"
+    cap = table.shape[1] * p.k_cache.shape[1]
+    for cs, C in ((8, 4), (16, 2), (4, 100)):
+        sel = kern.select_kv_chunks(x.q, x.k_cache, t, n, cs, C, 1, 1, None).cpu()
+        assert ((sel >= -1) & (sel < cap // cs)).all()
+        assert (sel[2] == -1).all()
+
+
+def chunk_means_of(p, cs: int, max_chunks: int, fill=float("nan")) -> torch.Tensor:
+    """[B, max_chunks, Hkv, D] fp32 mean key of each full chunk; ``fill`` past F_b (never read)."""
+    B, Hkv, D = p.q.shape[0], p.k_cache.shape[2], p.k_cache.shape[3]
+    page = p.k_cache.shape[1]
+    means = torch.full((B, max_chunks, Hkv, D), fill)
+    for b, L in enumerate(p.seq_lens.tolist()):
+        for c in range(L // cs):
+            keys = torch.stack([p.k_cache[int(p.block_table[b, x // page]), x % page]
+                                for x in range(c * cs, c * cs + cs)]).double()
+            means[b, c] = keys.mean(0).float()
+    return means
+
+
+def chunk_scores64(p, cs: int, means=None) -> list:
+    """[B][Hkv][F_b] float64 scores Σ_g q · mean(K_chunk) (NaN as -inf)."""
+    B, Hq, D = p.q.shape
+    Hkv, page = p.k_cache.shape[2], p.k_cache.shape[1]
+    G = Hq // Hkv
+    out = []
+    for b, L in enumerate(p.seq_lens.tolist()):
+        F = L // cs
+        if means is not None:
+            m = means[b, :F].double()                                                  # [F, Hkv, D]
+        else:
+            pos = torch.arange(F * cs)
+            k = p.k_cache[p.block_table[b, pos // page].long(), pos % page].double()  # [F·cs, Hkv, D]
+            m = k.view(F, cs, Hkv, D).mean(1)
+        qs = p.q[b].double().view(Hkv, G, D).sum(1)                                    # [Hkv, D]
+        s = torch.einsum("hd,fhd->hf", qs, m)
+        out.append(torch.where(torch.isnan(s), float("-inf"), s).tolist())
+    return out
+
+
+def assert_selection(got: torch.Tensor, want: list, scores: list, lens, cs: int, C: int, ns: int, nr: int,
+                     what: str) -> None:
+    """got equals the oracle's selection, or differs only where scores tie within fp32
+    rounding: forced chunks kept, ascending, and no chosen chunk scores below an unchosen one."""
+    got = got.tolist()
+    for b, L in enumerate(lens):
+        F = max(L, 0) // cs
+        for h, (row, ref) in enumerate(zip(got[b], want[b])):
+            if row == ref:
+                continue
+            assert F > C, f"{what}: [{b}, {h}] {row} != {ref} although every chunk fits"
+            assert row == sorted(set(row)) and min(row) >= 0 and max(row) < F, f"{what}: [{b}, {h}] bad row {row}"
+            forced = set(range(min(ns, F))) | set(range(max(F - nr, 0), F))
+            assert forced <= set(row), f"{what}: [{b}, {h}] {row} misses a forced chunk"
+            s = scores[b][h]
+            chosen = [c for c in row if c not in forced]
+            others = [c for c in range(F) if c not in forced and c not in row]
+            tol = 1e-4 * (1 + max((abs(x) for x in s if x != float("-inf")), default=0.0))
+            assert min(s[c] for c in chosen) >= max(s[c] for c in others) - tol, \
+                f"{what}: [{b}, {h}] {row} != {ref} beyond rounding"
+
+
+SELECT_CASES = {
+    # name: (lens, problem kwargs, chunk_size, num_chunks, num_sink_chunks, num_recent_chunks)
+    "cs8_gqa4_d80": ([99, 40, 5, 300], dict(Hq=8, Hkv=2, D=80), 8, 5, 1, 2),
+    "cs16_gqa1_two_sinks": ([130, 64, 17], dict(Hq=2, Hkv=2), 16, 5, 2, 1),
+    "cs32_spans_pages_gqa8_d128": ([400, 33], dict(Hq=8, Hkv=1, D=128), 32, 4, 1, 1),
+    "cs4_d256": ([300, 61], dict(Hq=4, Hkv=2, D=256), 4, 9, 1, 1),
+    "gqa3_d33_element_loads": ([150, 90], dict(Hq=6, Hkv=2, D=33), 8, 6, 1, 1),
+    "no_forced_chunks": ([200], dict(), 8, 4, 0, 0),
+    "forced_fill_the_budget": ([120], dict(), 8, 3, 2, 1),
+    "budget_larger_than_sequence": ([40, 70], dict(), 8, 16, 1, 1),
+    "shorter_than_one_chunk": ([5, 3, 100], dict(Hkv=1, Hq=2), 16, 3, 1, 1),
+}
+
+
+def check_select(kern, dev, case, dtype, *, with_means=False):
+    """select_kv_chunks against the oracle and the torch backend (from the cache, or
+    from chunk_means with NaN past F_b, which must never be read)."""
+    lens, kw, cs, C, ns, nr = SELECT_CASES[case]
+    p = sparse_problem(lens, dtype=dtype, seed=len(case) + 100, **kw)
+    means = chunk_means_of(p, cs, max(lens) // cs + 2) if with_means else None
+    x = p.to(dev)
+    got = kern.select_kv_chunks(x.q, x.k_cache, x.block_table, x.seq_lens, cs, C, ns, nr,
+                                None if means is None else means.to(dev)).cpu()
+    assert got.dtype == torch.int32 and got.shape == (len(lens), p.k_cache.shape[2], C)
+    scores = chunk_scores64(p, cs, means)
+    want = naive.select_kv_chunks(p.q.double(), p.k_cache.double(), p.block_table, p.seq_lens, cs, C, ns, nr, means)
+    assert_selection(got, want, scores, lens, cs, C, ns, nr, "cuda vs oracle")
+    ref = select_kv_chunks_torch(p.q, p.k_cache, p.block_table, p.seq_lens, cs, C, ns, nr, means).tolist()
+    assert_selection(got, ref, scores, lens, cs, C, ns, nr, "cuda vs torch")
+
+
+def tie_problem(seed: int):
+    """Keys from three small-integer chunk patterns and an integer query: chunk means and
+    scores are exact in fp32 (any summation order), and most scores tie exactly."""
+    p = sparse_problem([130, 97], Hq=4, Hkv=2, D=16, page=16, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randint(-2, 3, (3, 8, 2, 16), generator=g).float()
+    for b, L in enumerate(p.seq_lens.tolist()):
+        for c in range(-(-L // 8)):
+            pat = patterns[int(torch.randint(0, 3, (1,), generator=g))]
+            for t in range(8):
+                x = c * 8 + t
+                p.k_cache[int(p.block_table[b, x // 16]), x % 16] = pat[t]
+    p.q = torch.randint(-2, 3, p.q.shape, generator=g).float()
+    return p
+
+
+def check_select_ties_and_nan(kern, dev):
+    """Exact ties go to the lower chunk; NaN scores count as -inf."""
+    p = tie_problem(5)
+    for ns, nr in ((1, 1), (0, 2)):
+        got = kern.select_kv_chunks(*(t.to(dev) for t in (p.q, p.k_cache, p.block_table, p.seq_lens)), 8, 6, ns, nr,
+                                    None).cpu()
+        assert got.tolist() == naive.select_kv_chunks(p.q, p.k_cache, p.block_table, p.seq_lens, 8, 6, ns, nr)
+    p.q.zero_()  # every score 0: the lowest middle chunks win
+    got = kern.select_kv_chunks(*(t.to(dev) for t in (p.q, p.k_cache, p.block_table, p.seq_lens)), 8, 6, 1, 1,
+                                None).cpu()
+    assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 15] and got[1, 1].tolist() == [0, 1, 2, 3, 4, 11]
+    p = sparse_problem([120, 64], Hq=4, Hkv=2, D=32, seed=6)
+    page = p.k_cache.shape[1]
+    for b, x in ((0, 3 * 8 + 2), (0, 5 * 8), (1, 2 * 8 + 7)):  # a NaN key in chunks 3, 5 (request 0), 2 (request 1)
+        p.k_cache[int(p.block_table[b, x // page]), x % page, 0] = float("nan")
+    args = lambda: tuple(t.to(dev) for t in (p.q, p.k_cache, p.block_table, p.seq_lens))  # noqa: E731
+    got = kern.select_kv_chunks(*args(), 8, 5, 1, 1, None).cpu()
+    assert got.tolist() == naive.select_kv_chunks(p.q, p.k_cache, p.block_table, p.seq_lens, 8, 5, 1, 1)
+    assert 3 not in got[0, 0].tolist() and 5 not in got[0, 0].tolist()
+    p.q.fill_(float("nan"))  # every score NaN: the lowest chunks, never an out-of-range id
+    got = kern.select_kv_chunks(*args(), 8, 5, 1, 1, None).cpu()
+    assert got[0, 0].tolist() == [0, 1, 2, 3, 14]
+
+
+def check_select_many_chunks(kern, dev):
+    """More candidates than the selection keeps in shared memory (8192) and than one scan
+    tile (2048), from chunk_means whose scores take 4 values: the threshold falls inside a
+    large group of exact ties, which go to the lowest ids."""
+    cs, C = 2, 3000
+    lens = [2 * 9500, 2 * 5000 + 1]
+    p = sparse_problem(lens, Hq=2, Hkv=1, D=16, seed=24)
+    g = torch.Generator().manual_seed(24)
+    means = torch.full((2, 9600, 1, 16), float("nan"))
+    means[:, :, 0, 0] = torch.randint(0, 4, (2, 9600), generator=g).float()
+    means[:, :, 0, 1:] = 0.0
+    means[0, 9500:] = float("nan")
+    means[1, 5000:] = float("nan")
+    p.q = torch.ones_like(p.q)
+    got = kern.select_kv_chunks(*(t.to(dev) for t in (p.q, p.k_cache, p.block_table, p.seq_lens)), cs, C, 1, 1,
+                                means.to(dev)).cpu()
+    assert got.tolist() == naive.select_kv_chunks(p.q, p.k_cache, p.block_table, p.seq_lens, cs, C, 1, 1, means)
+
+
+def check_sparse_random_shapes(kern, dev, seeds):
+    """Random shapes against the torch backend: page and chunk sizes (chunk spanning
+    pages or not), GQA 1 .. 16, head dims 8 .. 256, ragged lengths from 1 key, budgets
+    from 0 / 1 slot to more than the sequence, forced splits, chunk_means or not."""
+    for seed in seeds:
+        rng = random.Random(seed)
+        dtype = rng.choice(DTYPES)
+        page = rng.choice([4, 8, 16, 32])
+        cs = rng.choice([d for d in (1, 2, 4, 8, 16, 32, 64) if page % d == 0 or d % page == 0])
+        Hkv, G = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 4, 5, 7, 8, 9, 16])
+        D = rng.choice([8, 24, 33, 64, 80, 96, 128, 200, 256])
+        lens = [rng.choice([1, rng.randint(1, 40), rng.randint(1, 600)]) for _ in range(rng.randint(1, 4))]
+        what = f"seed {seed}: {dtype} page {page} cs {cs} Hkv {Hkv} G {G} D {D} lens {lens}"
+        p = sparse_problem(lens, Hq=G * Hkv, Hkv=Hkv, D=D, page=page, dtype=dtype, seed=seed)
+        C = rng.choice([1, 2, 5, 17, 40, 300])
+        ids = sparse_ids(lens, Hkv, C, cs, seed=seed)
+        scale = 0.05 + 0.2 * rng.random()
+        got = run_sparse(kern, dev, p, ids, cs, scale, num_splits=rng.choice([None, 1, 2, 5, 64]))
+        assert_close(got, sparse_torch(p, ids, cs, scale), dtype, f"attention, {what}, C {C}")
+        nc = rng.choice([0, 1, 3, 8, 50])
+        ns = rng.randint(0, min(2, nc))
+        nr = rng.randint(0, nc - ns)
+        means = chunk_means_of(p, cs, max(lens) // cs + 1) if rng.random() < 0.3 else None
+        x = p.to(dev)
+        sel = kern.select_kv_chunks(x.q, x.k_cache, x.block_table, x.seq_lens, cs, nc, ns, nr,
+                                    None if means is None else means.to(dev)).cpu()
+        ref = select_kv_chunks_torch(p.q, p.k_cache, p.block_table, p.seq_lens, cs, nc, ns, nr, means)
+        assert_selection(sel, ref.tolist(), chunk_scores64(p, cs, means), lens, cs, nc, ns, nr,
+                         f"select, {what}, {nc} chunks ({ns} sinks, {nr} recent)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+def test_sparse_attention_matches_oracle_and_torch(case, dtype):
+    check_sparse_attention(_cuda, DEV, case, dtype, with_triton=dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_attention_scale_and_splits(dtype):
+    check_sparse_attention_splits(_cuda, DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_attention_strided_layouts(dtype):
+    check_sparse_attention_strided_layouts(_cuda, DEV, dtype)
+
+
+def test_sparse_garbage_is_memory_safe():
+    check_sparse_garbage_is_memory_safe(_cuda, DEV)
+
+
+def test_sparse_random_shapes():
+    check_sparse_random_shapes(_cuda, DEV, range(300))
+
+
+@pytest.mark.parametrize("with_means", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SELECT_CASES))
+def test_sparse_select_kv_chunks_matches_oracle_and_torch(case, dtype, with_means):
+    check_select(_cuda, DEV, case, dtype, with_means=with_means)
+
+
+def test_sparse_select_kv_chunks_ties_and_nan():
+    check_select_ties_and_nan(_cuda, DEV)
+
+
+def test_sparse_select_kv_chunks_many_chunks():
+    check_select_many_chunks(_cuda, DEV)
+
+
+def test_sparse_kv_public_ops_use_cuda_backend():
+    p = sparse_problem([300, 77, 1000], Hq=8, Hkv=2, D=128, dtype=torch.bfloat16, seed=31)
+    x = p.to(DEV)
+    with fastverify.use_backend("cuda"):
+        ids = fastverify.select_kv_chunks(x.q, x.k_cache, x.block_table, x.seq_lens, chunk_size=16, num_chunks=6)
+        out = fastverify.sparse_kv_attention(x.q, x.k_cache, x.v_cache, x.block_table, x.seq_lens, ids,
+                                             chunk_size=16)
+    assert torch.equal(ids, _cuda.select_kv_chunks(x.q, x.k_cache, x.block_table, x.seq_lens, 16, 6, 1, 1, None))
+    assert torch.equal(out, _cuda.sparse_kv_attention(x.q, x.k_cache, x.v_cache, x.block_table, x.seq_lens, ids, 16,
+                                                      None))
+    with fastverify.use_backend("torch"):
+        ref = fastverify.sparse_kv_attention(p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, ids.cpu(),
+                                             chunk_size=16)
+    assert_close(out.cpu(), ref, torch.bfloat16, "public op vs torch backend")
+    assert_close(out.cpu(), sparse_oracle(p, ids.cpu(), 16), torch.bfloat16, "public op vs oracle")
+
+
+def test_sparse_kv_cuda_graph_compile_and_stream():
+    p = sparse_problem([2000, 300, 45], Hq=8, Hkv=2, D=128, dtype=torch.float16, seed=32).to(DEV)
+
+    def fn():
+        ids = _cuda.select_kv_chunks(p.q, p.k_cache, p.block_table, p.seq_lens, 16, 8, 1, 1, None)
+        return ids, _cuda.sparse_kv_attention(p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, ids, 16, None)
+
+    graph, outs = _capture(fn)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(outs, fn())), "replay vs eager"
+    before = outs[0].clone()
+    p.q.copy_(torch.randn_like(p.q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(outs, fn())), "the replay follows new q"
+    assert not torch.equal(outs[0], before), "new q, new selection"
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        again = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(again, fn())), "deterministic, on the current stream"
+
+    def f(q, k, v, table, lens):
+        ids = torch.ops.fastverify.select_kv_chunks(q * 1.0, k, table, lens, chunk_size=16, num_chunks=8)
+        return ids, torch.ops.fastverify.sparse_kv_attention(q, k, v, table, lens, ids, chunk_size=16) * 2
+
+    args = (p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens)
+    with fastverify.use_backend("cuda"):
+        got = torch.compile(f, fullgraph=True)(*args)
+        want = f(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_sparse_kv_decode_shape_matches_torch():
+    """The performance target's shape (B = 8, 32K keys, budget 1024 = 64 chunks of 16,
+    Hq / Hkv = 32 / 8, D = 128, bf16) against the torch backend on the GPU; prints the
+    attention's bandwidth."""
+    B, L, cs, C, Hq, Hkv, D, page = 8, 32768, 16, 64, 32, 8, 128, 16
+    g = torch.Generator(device=DEV).manual_seed(33)
+    pages = L // page
+    perm = torch.randperm(B * pages, generator=g, device=DEV)
+    table = perm.view(B, pages).to(torch.int32)
+    k = torch.randn(B * pages, page, Hkv, D, generator=g, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, Hq, D, generator=g, device=DEV, dtype=torch.bfloat16)
+    lens = torch.full((B,), L - 5, dtype=torch.int32, device=DEV)
+    ids = _cuda.select_kv_chunks(q, k, table, lens, cs, C, 1, 1, None)
+    ref_ids = select_kv_chunks_torch(q, k, table, lens, cs, C, 1, 1, None)
+    assert (ids == ref_ids).all(-1).float().mean() >= 0.9  # rows equal, fp32 near-ties aside
+    out = _cuda.sparse_kv_attention(q, k, v, table, lens, ids, cs, None)
+    want = sparse_kv_attention_torch(q, k, v, table, lens, ids, cs, D ** -0.5)
+    assert_close(out.float().cpu(), want.float().cpu(), torch.bfloat16, "decode shape")
+    fn = lambda: _cuda.sparse_kv_attention(q, k, v, table, lens, ids, cs, None)  # noqa: E731
+    graph, _ = _capture(fn)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 50
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    us = start.elapsed_time(end) * 1000 / reps
+    kv_bytes = 2 * B * Hkv * (C * cs + (L - 5) % cs) * D * k.element_size()
+    print(f"\nsparse_kv_attention B={B} L={L} budget={C * cs}: {us:.1f} us, "
+          f"{kv_bytes / us / 1e3:.0f} GB/s of selected K/V")
+
+
+def test_sparse_kv_library_schemas():
+    ns = _cuda.library()
+    assert "num_splits" in str(ns.sparse_kv_attention.default._schema)
+    assert "chunk_means" in str(ns.select_kv_chunks.default._schema)
+    assert "cuda_stream" in str(ns.select_kv_chunks.default._schema)

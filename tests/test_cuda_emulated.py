@@ -15,7 +15,8 @@ tensor cores round: tests/test_cuda.py on a GPU still decides those.
 Every comparison of tests/test_cuda.py that needs no CUDA runtime (streams, graphs,
 torch.compile) runs here, on a representative subset of its grid so CPU CI stays within
 a few minutes: every kernel, dtype, head dim, page size, GQA ratio and tree shape
-appears, and the Triton interpreter joins a few of them. Set
+appears, and the Triton interpreter joins a few of them (the sparse-KV kernels are
+cheap to emulate: their whole grid runs). Set
 FASTVERIFY_EMULATE_FULL=1 to run test_cuda.py's whole grid (over an hour: the
 128256-token vocabularies dominate).
 """
@@ -212,6 +213,55 @@ def test_lm_head_triton_agrees(kern):
     tc.check_lm_head_sample(kern, DEV, 3, 150, 16, F32, with_triton=True)
 
 
+# ----------------------------------------------------------------------------- sparse-KV self-speculation
+
+# The emulated sparse kernels are cheap, so the whole grid runs: every case in every
+# dtype, the number of splits cycling through the launcher's choice (one split, a single
+# launch, on the 2 emulated SMs) and forced splits (the merge kernel); Triton on a few.
+_SPLITS = [None, 3, 1, 7]
+SPARSE = [(case, dtype, _SPLITS[i % 4], dtype == F32 and case in ("cs8_page16_gqa4_d80", "gqa3_masked_heads"))
+          for i, (case, dtype) in enumerate(itertools.product(tc.SPARSE_CASES, tc.DTYPES))]
+SELECT = list(itertools.product(tc.SELECT_CASES, tc.DTYPES, (False, True)))
+
+
+@pytest.mark.parametrize("case,dtype,num_splits,with_triton", SPARSE, ids=str)
+def test_sparse_attention_matches_oracle_and_torch(kern, case, dtype, num_splits, with_triton):
+    if with_triton:
+        pytest.importorskip("triton")
+    tc.check_sparse_attention(kern, DEV, case, dtype, num_splits=num_splits, with_triton=with_triton)
+
+
+@pytest.mark.parametrize("dtype", tc.DTYPES, ids=str)
+def test_sparse_attention_scale_and_splits(kern, dtype):
+    tc.check_sparse_attention_splits(kern, DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", tc.DTYPES, ids=str)
+def test_sparse_attention_strided_layouts(kern, dtype):
+    tc.check_sparse_attention_strided_layouts(kern, DEV, dtype)
+
+
+def test_sparse_garbage_is_memory_safe(kern):
+    tc.check_sparse_garbage_is_memory_safe(kern, DEV)
+
+
+def test_sparse_random_shapes(kern):
+    tc.check_sparse_random_shapes(kern, DEV, range(300) if FULL else range(40))
+
+
+@pytest.mark.parametrize("case,dtype,with_means", SELECT, ids=str)
+def test_sparse_select_kv_chunks_matches_oracle_and_torch(kern, case, dtype, with_means):
+    tc.check_select(kern, DEV, case, dtype, with_means=with_means)
+
+
+def test_sparse_select_kv_chunks_ties_and_nan(kern):
+    tc.check_select_ties_and_nan(kern, DEV)
+
+
+def test_sparse_select_kv_chunks_many_chunks(kern):
+    tc.check_select_many_chunks(kern, DEV)
+
+
 # ----------------------------------------------------------------------------- the emulator itself
 
 
@@ -221,6 +271,7 @@ def test_emulated_ops_are_the_extension_schemas(kern):
     assert "cuda_stream" in str(ops.tree_attention._schema) and "num_splits" in str(ops.tree_attention._schema)
     assert "Tensor(a!) k_cache" in str(ops.compact_kv._schema)
     assert "num_splits" in str(ops.lm_head_topk._schema) and "cuda_stream" in str(ops.lm_head_sample._schema)
+    assert "chunk_means" in str(ops.select_kv_chunks._schema) and "num_splits" in str(ops.sparse_kv_attention._schema)
 
 
 def test_emulator_catches_missing_barriers_and_misaligned_wmma(kern):

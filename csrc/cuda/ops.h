@@ -1,5 +1,5 @@
 // Host launchers of the CUDA backend (csrc/cuda/rejection.cu, csrc/cuda/tree_attention.cu,
-// csrc/cuda/frspec.cu).
+// csrc/cuda/frspec.cu, csrc/cuda/sparse_kv.cu).
 // Schemas live in torch_bindings.cpp (torch.ops.fastverify_cuda.*); arguments as the
 // Triton launchers in fastverify/triton/, plus what Python resolves (chunk width, mask
 // width, softmax scale, number of prefix / vocabulary splits) and the stream to launch on.
@@ -63,5 +63,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_sample_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& temperature, const at::Tensor& seed,
     const at::Tensor& positions, const std::optional<at::Tensor>& token_map, int64_t num_splits,
     int64_t cuda_stream);
+
+// q [B, Hq, D], k_cache [num_pages, page_size, Hkv, D] (q's dtype: fp32 / bf16 / fp16, D <= 256,
+// head_dim contiguous), block_table [B, max_pages] int32, seq_lens [B] int32; chunk_size divides
+// page_size or is a multiple of it; num_chunks >= num_sink_chunks + num_recent_chunks >= 0;
+// chunk_means [B, max_chunks, Hkv, D] fp32 or none (means computed from k_cache)
+// -> chunk_ids [B, Hkv, num_chunks] int32 (ascending, -1 padded)
+at::Tensor select_kv_chunks_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
+                                 const at::Tensor& seq_lens, int64_t chunk_size, int64_t num_chunks,
+                                 int64_t num_sink_chunks, int64_t num_recent_chunks,
+                                 const std::optional<at::Tensor>& chunk_means, int64_t cuda_stream);
+
+// q [B, Hq, D], k_cache / v_cache as select_kv_chunks_cuda, chunk_ids [B, Hkv, C >= 1] int32
+// (ids outside [0, seq_lens[b] / chunk_size) are skipped); num_splits 0 lets the launcher
+// choose (at most 64) -> out [B, Hq, D] in q's dtype
+at::Tensor sparse_kv_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                    const at::Tensor& chunk_ids, int64_t chunk_size, double sm_scale,
+                                    int64_t num_splits, int64_t cuda_stream);
 
 }  // namespace fastverify

@@ -40,6 +40,12 @@ TORCH_LIBRARY_FRAGMENT(FASTVERIFY_CUDA_NAMESPACE, m) {
   m.def(
       "lm_head_sample(Tensor hidden, Tensor weight, Tensor temperature, Tensor seed, Tensor positions, "
       "Tensor? token_map, int num_splits, int cuda_stream) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "select_kv_chunks(Tensor q, Tensor k_cache, Tensor block_table, Tensor seq_lens, int chunk_size, "
+      "int num_chunks, int num_sink_chunks, int num_recent_chunks, Tensor? chunk_means, int cuda_stream) -> Tensor");
+  m.def(
+      "sparse_kv_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor chunk_ids, int chunk_size, float sm_scale, int num_splits, int cuda_stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(FASTVERIFY_CUDA_NAMESPACE, FASTVERIFY_CUDA_KEY, m) {
@@ -50,4 +56,6 @@ TORCH_LIBRARY_IMPL(FASTVERIFY_CUDA_NAMESPACE, FASTVERIFY_CUDA_KEY, m) {
   m.impl("compact_kv", &fastverify::compact_kv_cuda);
   m.impl("lm_head_topk", &fastverify::lm_head_topk_cuda);
   m.impl("lm_head_sample", &fastverify::lm_head_sample_cuda);
+  m.impl("select_kv_chunks", &fastverify::select_kv_chunks_cuda);
+  m.impl("sparse_kv_attention", &fastverify::sparse_kv_attention_cuda);
 }
