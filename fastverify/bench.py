@@ -1102,3 +1102,47 @@ def write_report(report: Report, out_dir=None, stem: Optional[str] = None, devic
         except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the numbers
             print(f"plot not written: {_first_line(e)}", file=sys.stderr)
     return paths
+
+
+def write_rows_report(meta: dict, rows: list, markdown: str, name: str, label: Callable, out_dir=None,
+                      device=None) -> Path:
+    """<out>/<device>-<date>-<name>.{md,json,png} for a family whose rows carry ``backend``,
+    ``status``, ``median_us`` and ``pct_of_bound`` (perf/bench_lm_head.py,
+    perf/bench_sparse_kv.py); the plot shows % of the bound per row (median µs where no
+    bound applies, as on CPU), one colour per backend. Returns the path stem."""
+    out = Path(out_dir) if out_dir else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{default_stem(device if device is not None else meta.get('device_type', 'cpu'))}-{name}"
+    for ext, text in ((".md", markdown + "\n"),
+                      (".json", json.dumps({"meta": meta, "results": [dataclasses.asdict(r) for r in rows]},
+                                           indent=1, default=str) + "\n")):
+        tmp = Path(f"{stem}{ext}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, f"{stem}{ext}")
+    ok = [r for r in rows if r.status == "ok" and r.median_us is not None]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return stem
+    if ok:
+        use_bound = any(r.pct_of_bound is not None for r in ok) and meta.get("device_type") == "cuda"
+        values = [(r.pct_of_bound or 0.0) if use_bound else r.median_us for r in ok]
+        backends = sorted({r.backend for r in ok})
+        colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
+        fig, ax = plt.subplots(figsize=(8, 0.22 * len(ok) + 1.5))
+        ax.barh([label(r) for r in ok][::-1], values[::-1], color=[colours[r.backend] for r in ok][::-1])
+        ax.set_xlabel("% of the memory bound" if use_bound else "median µs")
+        if not use_bound:
+            ax.set_xscale("log")
+        ax.tick_params(axis="y", labelsize=6)
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[b]) for b in backends], labels=backends,
+                  fontsize=7)
+        ax.set_title(f"{name} — {meta.get('device', '')}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(f"{stem}.png.tmp", format="png", dpi=110)
+        plt.close(fig)
+        os.replace(f"{stem}.png.tmp", f"{stem}.png")
+    return stem

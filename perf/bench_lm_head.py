@@ -33,13 +33,11 @@ import argparse
 import contextlib
 import datetime
 import itertools
-import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import pytest
@@ -353,13 +351,9 @@ def main(argv=None) -> int:
     dev = bench.default_device()
     backends = args.backends.split(",") if args.backends else default_backends(dev)
     meta, rows = measure(default_grid(dev, args.quick), backends, dev)
-    out = bench.default_out_dir() if args.out is None else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{bench.default_stem(dev)}-lm-head"
-    (out / f"{stem}.md").write_text(render_markdown(meta, rows) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in rows]}, indent=1,
-                                                 default=str) + "\n")
-    print(f"wrote {out / stem}.md and .json")
+    stem = bench.write_rows_report(meta, rows, render_markdown(meta, rows), "lm-head",
+                                   lambda r: f"{r.backend} d={r.d} V={r.V} M={r.M} k={r.k}", out_dir=args.out, device=dev)
+    print(f"wrote {stem}.md, .json and .png")
     return 0
 
 
