@@ -120,6 +120,7 @@ class ModelDrafter:
         self.model = model
         self.name = name if head is None else f"{name}+frspec[{head.n}]"
         self.head = head  # a fastverify.frspec.RankedHead, or None: the model's own LM head
+        self.sparse = None  # a KV policy: draft steps attend to part of the cache (selfspec)
 
     def start(self, run) -> None:
         target_tok, tok = run.model.tokenizer, self.model.tokenizer
@@ -161,6 +162,7 @@ class ModelDrafter:
         B = len(idx)
         one = torch.arange(B + 1, device=x.device, dtype=torch.int32)
         step = Step.build(self.cache, idx, torch.full((B,), -1, device=x.device), one, pos)
+        step.sparse = self.sparse
         return self.model.hidden(x, step, self.cache)
 
     def _fed(self, reqs: list[int], n: int) -> None:

@@ -133,6 +133,8 @@ class SelfSpecDrafter(ModelDrafter):
         if run.model is not self.model:
             raise ValueError("the self-speculative drafter must draft with the target model itself")
         self.run = run
+        self.cache = run.cache        # draft steps write into the target's own cache ...
+        self.sparse = self.policy     # ... and attend to the part of it the policy picks
         self.policy.start(run.cache, len(run.tokens))
 
     def _catch_up(self, reqs: list[int]) -> torch.Tensor:
@@ -143,13 +145,6 @@ class SelfSpecDrafter(ModelDrafter):
         idx = torch.tensor(reqs, device=dev)
         roots = torch.tensor([run.tokens[b][-1] for b in reqs], device=dev)
         return self._forward_one(idx, roots, torch.tensor([run.cache_len[b] for b in reqs], device=dev))
-
-    def _forward_one(self, idx: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        B = len(idx)
-        one = torch.arange(B + 1, device=x.device, dtype=torch.int32)
-        step = Step.build(self.run.cache, idx, torch.full((B,), -1, device=x.device), one, pos)
-        step.sparse = self.policy
-        return self.model.hidden(x, step, self.run.cache)
 
     def _fed(self, reqs: list[int], n: int) -> None:
         pass  # the draft K/V sit in the target's cache until verification overwrites them
