@@ -266,7 +266,7 @@ def _load_model(args):
 
 
 def _drafter(args, model):
-    if args.drafter in (None, "layerskip", "ngram"):
+    if args.drafter in (None, "layerskip", "ngram", "selfspec"):
         return args.drafter
     from . import models
 
@@ -282,7 +282,8 @@ def _add_generate(sub) -> None:
     _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--method", default="tree", choices=("ar", "chain", "tree", "selfspec"))
-    p.add_argument("--drafter", default=None, help="layerskip (default), ngram, or a model (folder / .gguf) "
+    p.add_argument("--drafter", default=None, help="layerskip (default), ngram, selfspec (with --method tree: a "
+                                                   "tree along the sparse-KV self-draft), or a model (folder / .gguf) "
                                                    "sharing the tokenizer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -316,7 +317,7 @@ def _cmd_generate(args) -> int:
               end="", file=sys.stderr, flush=True)
 
     what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method in ("chain", "tree") else "")
-    if args.method == "selfspec":
+    if args.method == "selfspec" or drafter == "selfspec":
         what += f" over a {args.kv_budget or 256}-token {args.kv_policy or 'topk'} KV budget"
     if args.method != "ar" and args.frspec_vocab:
         what += f" over the {args.frspec_vocab} most frequent tokens"

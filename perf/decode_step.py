@@ -1,7 +1,7 @@
 """Time one target forward of the reference model over M tokens per step (a decode
-step is M = 1; verifying k drafts is M = k + 1), with the CPU decode kernel of
-``fastverify.models.model.Linear`` (``csrc/cpu/linear.cpp``, 1–8 rows) and with
-``F.linear``, after a 200-token prompt:
+step is M = 1; verifying k drafts is M = k + 1), with the CPU decode kernels of
+``fastverify.models`` (``csrc/cpu/kernels.cpp``, 1–8 rows) and with its torch layers
+(``F.linear``, ``tree_attention``), after a 200-token prompt:
 
     python perf/decode_step.py [--model smollm2] [--threads N] [--rows 1,2,4,8,16,32]
 
@@ -46,7 +46,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = load(args.model)
     print(f"{args.model}, fp32, {torch.get_num_threads()} threads\n")
-    print("| rows M | F.linear ms | CPU decode kernel ms | speedup |")
+    print("| rows M | torch layers ms | CPU decode kernels ms | speedup |")
     print("|--:|--:|--:|--:|")
     for rows in (int(r) for r in args.rows.split(",")):
         fast = time_forward(model.use_cpu_kernels(True), rows)

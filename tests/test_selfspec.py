@@ -30,6 +30,51 @@ def test_greedy_equals_autoregressive(arch, policy):
     assert spec.stats.steps < base.stats.steps  # the sparse drafts do get accepted
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("policy", [POLICIES[0], POLICIES[2]], ids=["topk", "streaming"])
+def test_tree_greedy_equals_autoregressive(arch, policy):
+    """method="tree", drafter="selfspec": the top-k siblings along the sparse chain are
+    verified as a tree; the tokens stay the AR ones and drafts get accepted."""
+    _, model = tiny(arch, sharpen=2.0)
+    base = generate(model, LONG, max_new_tokens=20, stop_at_eos=False)
+    tree = generate(model, LONG, method="tree", drafter="selfspec", tree_depth=3, tree_topk=3, tree_nodes=8,
+                    max_new_tokens=20, stop_at_eos=False, **policy)
+    assert tree.tokens == base.tokens
+    assert tree.stats.steps < base.stats.steps
+    assert all(a <= 3 for acc in tree.stats.accepted for a in acc)
+
+
+def test_tree_shape_follows_the_budget():
+    from fastverify.decoding.selfspec import SelfSpecDrafter
+
+    _, model = tiny("llama", sharpen=2.0)
+    run = Run(model, LONG[:2], max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=(),
+              headroom=40)
+    prefill(run)
+    drafter = SelfSpecDrafter(model, KVPolicy("streaming", budget=20, chunk_size=4))
+    drafter.start(run)
+    draft = drafter.tree(run, [0, 1], depth=4, topk=3, budget=9)    # 8 nodes: 3 + 3 + 1 + 1
+    for tokens, parents in zip(draft.tokens, draft.parents):
+        assert len(tokens) == 8
+        assert parents == [0, 0, 0, 1, 1, 1, 4, 7]
+        assert len(set(tokens[:3])) == 3 and len(set(tokens[3:6])) == 3   # siblings are distinct tokens
+
+
+@pytest.mark.slow
+def test_tree_sampling_follows_the_target_law():
+    _, model = tiny("llama", vocab=V_SMALL, layers=2, sharpen=1.5, seed=3)
+    prompt = [(3 * i) % V_SMALL for i in range(30)]
+    law = exact_pair_law(model, prompt, 1.0, 0, 1.0)
+    samples = 3000
+    r = generate(model, [prompt] * samples, method="tree", drafter="selfspec", tree_depth=2, tree_topk=2,
+                 tree_nodes=5, max_new_tokens=2, stop_at_eos=False, temperature=1.0, seed=list(range(samples)),
+                 **POLICIES[2])
+    pairs = np.zeros((V_SMALL, V_SMALL))
+    for t in r.tokens:
+        pairs[t[0], t[1]] += 1
+    assert_law(pairs, law, "selfspec tree token pairs")
+
+
 def test_cache_after_partial_acceptance_equals_autoregressive_cache():
     """Draft K/V written into the target's cache are overwritten by verification: every
     committed position holds exactly the K/V an autoregressive run computes."""
@@ -111,6 +156,9 @@ def test_smollm2_greedy_equals_autoregressive():
                         kv_budget=64, kv_chunk=16)
         assert spec.tokens == base.tokens, policy
         assert spec.stats.mean_accepted > 0.5, policy
+    tree = generate(model, [text], method="tree", drafter="selfspec", max_new_tokens=16, stop_at_eos=False,
+                    kv_policy="streaming", kv_budget=64, kv_chunk=16, tree_depth=4, tree_topk=2, tree_nodes=8)
+    assert tree.tokens == base.tokens
 
 
 @pytest.mark.parametrize("kw,match", [

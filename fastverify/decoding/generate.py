@@ -351,7 +351,8 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
             children per expanded node) or "selfspec" (the target drafts ``num_draft`` tokens
             for itself over ``kv_budget`` tokens of its own cache, ``kv_policy`` "topk" or
             "streaming", ``kv_chunk`` tokens per chunk, re-selected every ``kv_refresh`` drafts;
-            see :mod:`fastverify.decoding.selfspec`).
+            see :mod:`fastverify.decoding.selfspec`; ``method="tree", drafter="selfspec"``
+            verifies a tree of its top ``tree_topk`` tokens at each of ``tree_depth`` levels).
         drafter: "layerskip" (default; the target on a subset of its layers,
             ``draft_layers=[...]``), "ngram" (prompt lookup), or a model sharing the
             target's tokenizer. A model drafter takes ``frspec_vocab=N`` (draft over the N
@@ -372,7 +373,7 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = encode_prompts(model, prompts, chat)
     tree = method == "tree"
-    if method == "selfspec":
+    if method == "selfspec" or (drafter == "selfspec" and method in ("chain", "tree")):
         if drafter not in (None, "selfspec"):
             raise ValueError(f"method 'selfspec' drafts with the target itself; drafter must be None, got {drafter!r}")
         draft_obj = SelfSpecDrafter(model, KVPolicy(

@@ -1,6 +1,7 @@
 """Self-speculation with a sparse KV cache (MagicDec, TriForce): the target drafts for
 itself, attending to only ``kv_budget`` tokens of its own cache, then verifies the chain
-with full attention.
+(``method="selfspec"``) or a tree of the draft's top-k tokens along that chain
+(``method="tree", drafter="selfspec"``) with full attention.
 
 At long context a decode step is dominated by reading the KV cache; a draft step that
 reads ``kv_budget`` keys instead of all of them is cheap, and because it runs the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .drafters import ModelDrafter
+from .drafters import Draft, ModelDrafter
 from ..models import Step
 
 POLICIES = ("streaming", "topk")
@@ -149,8 +150,34 @@ class SelfSpecDrafter(ModelDrafter):
     def _fed(self, reqs: list[int], n: int) -> None:
         pass  # the draft K/V sit in the target's cache until verification overwrites them
 
-    def tree(self, run, reqs, depth, topk, budget):
-        raise ValueError("selfspec drafts chains (method='selfspec'); trees are not supported")
+    def tree(self, run, reqs: list[int], depth: int, topk: int, budget: int) -> Draft:
+        """A tree from one sparse chain: at each of ``depth`` levels the draft's ``topk`` most
+        likely tokens hang off the previous level's most likely one, and only that one is
+        run on (one sparse forward per level, as for a chain). At most ``budget − 1`` nodes:
+        deeper levels keep fewer siblings. Verification (``tree_rejection_sample``) accepts
+        whichever sibling the target picks, so a level whose top-1 draft is wrong can still
+        be accepted; sampling is sample-then-match, lossless for any tree."""
+        dev = self.model.device
+        idx = torch.tensor(reqs, device=dev)
+        weight, token_map = self._head()
+        h = self._catch_up(reqs)
+        first = torch.tensor([len(run.tokens[b]) for b in reqs], device=dev)   # position of level 1
+        tokens, parents = [[] for _ in reqs], [[] for _ in reqs]
+        tip = [0] * len(reqs)                                                # the main branch's last node
+        for level in range(depth):
+            room = budget - 1 - len(tokens[0]) - (depth - level - 1)         # one node for each later level
+            k = max(1, min(topk, room))
+            if budget - 1 - len(tokens[0]) < 1:
+                break
+            ids, _, _ = ops.lm_head_topk(h, weight, k, token_map=token_map)   # [B, k], most likely first
+            for r, row in enumerate(ids.tolist()):
+                parents[r] += [tip[r]] * k
+                tip[r] = len(tokens[r]) + 1
+                tokens[r] += row
+            if level + 1 == depth:
+                break
+            h = self._forward_one(idx, ids[:, 0], first + level)
+        return Draft(tokens, parents)
 
     def commit(self, run, reqs: list[int]) -> None:
         pass

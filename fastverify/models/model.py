@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import row_requests
-from . import cpu_linear
+from . import cpu_kernels
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -176,20 +176,20 @@ def chain_parents(cu: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU decode steps can run ``csrc/cpu/linear.cpp``.
+    """``nn.Linear`` whose CPU decode steps can run ``csrc/cpu/kernels.cpp``.
 
-    Once :meth:`Transformer.use_cpu_kernels` set ``cpu_kernel``, fp32 inputs of 1–8 rows
-    (a decode step, a short chain) go through :mod:`fastverify.models.cpu_linear`, which
-    streams the weight at the memory bandwidth of the cores; torch's BLAS paths reach
-    about half of it for these shapes (``python perf/decode_step.py``). Everything else
-    is ``F.linear``.
+    Once :meth:`Transformer.use_cpu_kernels` set ``cpu_kernel``, fp32 inputs of 1–16 rows
+    (a decode step, a short chain) go through :func:`fastverify.models.cpu_kernels.linear`,
+    which streams the weight at the memory bandwidth of the cores; torch's BLAS paths
+    reach about half of it for these shapes (``python perf/decode_step.py``). Everything
+    else is ``F.linear``.
     """
 
     cpu_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and cpu_linear.supports(x, self.weight):
-            return cpu_linear.linear(x, self.weight, self.bias)
+        if self.cpu_kernel and cpu_kernels.supports(x, self.weight):
+            return cpu_kernels.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -290,12 +290,43 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    cpu_kernel = False  # set by Transformer.use_cpu_kernels
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, step: Step) -> torch.Tensor:
+        """x [N, d] -> x + attn(n1 x), then + mlp(n2 x); cache layer ``layer``."""
+        if self.cpu_kernel and cache.k.dtype == torch.float32 and cpu_kernels.supports(x):
+            return self.forward_cpu(x, cos, sin, cache, layer, step)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cpu(self, x, cos, sin, cache: KVCache, layer: int, step: Step) -> torch.Tensor:
+        """The same layer as six calls of the CPU decode kernels (fp32, 1–16 tokens): a
+        torch layer is ~40 small ops whose fixed costs outweigh its matmuls on CPU."""
+        attn, mlp, a = self.self_attn, self.mlp, self.self_attn.args
+        N = x.shape[0]
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        k_cache, v_cache = cache.k[:, :, layer], cache.v[:, :, layer]
+        qkv = cpu_kernels.linear(x, attn.wqkv.weight, attn.wqkv.bias, norm=n1.weight, eps=n1.eps)
+        q = cpu_kernels.qkv_rope(qkv, cos.view(N, -1), sin.view(N, -1), k_cache, v_cache, step.slots, a.n_heads,
+                                 q_norm=attn.q_norm.weight if a.qk_norm else None,
+                                 k_norm=attn.k_norm.weight if a.qk_norm else None, eps=a.norm_eps)
+        if step.sparse is not None:
+            ids = step.sparse.chunk_ids(layer, q, k_cache, step)
+            out = cpu_kernels.paged_attention(q, k_cache, v_cache, step.block_table, step.seq_lens, chunk_ids=ids,
+                                              chunk_size=step.sparse.chunk_size)
+        else:
+            out = cpu_kernels.paged_attention(q, k_cache, v_cache, step.block_table, step.seq_lens,
+                                              cu_num_nodes=step.cu_num_nodes, tree_mask=step.tree_mask, rows=step.rows)
+        x = cpu_kernels.linear(out.view(N, -1), attn.o_proj.weight, residual=x)
+        h = cpu_kernels.linear(x, mlp.w13.weight, norm=n2.weight, eps=n2.eps)
+        return cpu_kernels.linear(h, mlp.down_proj.weight, swiglu=True, residual=x)
 
 
 class Transformer(nn.Module):
@@ -335,11 +366,12 @@ class Transformer(nn.Module):
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def use_cpu_kernels(self, on: bool = True) -> "Transformer":
-        """Run the few-row CPU projections through the decode kernel (see :class:`Linear`);
-        builds it on first use. A no-op where it cannot be built."""
-        on = on and cpu_linear.available()
+        """Run fp32 CPU steps of 1–16 tokens through the decode kernels
+        (:mod:`fastverify.models.cpu_kernels`: each layer in six calls, and the LM head);
+        builds them on first use. A no-op where they cannot be built."""
+        on = on and cpu_kernels.available()
         for m in self.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, DecoderLayer)):
                 m.cpu_kernel = on
         return self
 
@@ -361,10 +393,17 @@ class Transformer(nn.Module):
         turns into logits: what a drafter with its own head (``fastverify.lm_head_topk``) needs."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(step.positions)
-        for i, layer_id in enumerate(self.layer_ids):
-            layer = self.model.layers[layer_id]
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, cache, i, step)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        layers = [self.model.layers[i] for i in self.layer_ids]
+        if (layers[0].cpu_kernel and step.sparse is None and cache.k.dtype == torch.float32
+                and cpu_kernels.supports(x)):
+            # every layer's forward_cpu in one call (nothing in Python between the layers)
+            n = len(layers)
+            x = cpu_kernels.decoder_layers(layers, x, cos.view(x.shape[0], -1), sin.view(x.shape[0], -1),
+                                           [cache.k[:, :, i] for i in range(n)], [cache.v[:, :, i] for i in range(n)],
+                                           step)
+        else:
+            for i, layer in enumerate(layers):
+                x = layer(x, cos, sin, cache, i, step)
         if rows is not None:
             x = x[rows]
         return self.model.norm(x)

@@ -1,0 +1,454 @@
+// The CPU decode-step kernels of fastverify.models, in fp32, for a few rows (1..16 tokens:
+// a decode step, a short draft chain or tree). fastverify/models/cpu_kernels.py loads them.
+//
+// Why: on CPU a decode step of a small model is bound by streaming its weights, plus a
+// fixed cost per torch op (a few µs each, ~40 ops per layer). torch's BLAS paths reach
+// about half of two cores' bandwidth for one-row products, and a layer's norms, RoPE,
+// cache writes and paged attention cost more than its matmuls. Here a layer is six
+// calls: two projections with the RMSNorm fused in front, q/k/v post-processing with the
+// cache write, paged attention, and two projections with the residual add (and SwiGLU)
+// fused. Every loop is plain C++ that GCC vectorizes (-O3 -march=native), split across
+// the OpenMP threads torch already runs.
+//
+// Plain C ABI (loaded with ctypes): no torch headers, so it builds in about a second. It
+// links the libgomp torch already loaded (same soname), so both share one thread pool.
+// The Python side checks shapes, dtypes and strides; these functions trust them.
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int V = 16;  // floats per step: one AVX-512 register (two AVX2 ones)
+
+// ---------------------------------------------------------------------------- projections
+
+// Output rows n0 .. n0+R-1 against the M input rows, all R weight rows streamed together in
+// 16-float steps: each step loads R weight vectors and M input vectors for R·M FMAs into
+// R·M independent accumulators (two hardware threads of one core share its load ports and
+// FMA units, so loads per FMA decide the speed once M > 1).
+template <int M, int R>
+inline void rows_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, int64_t K,
+                       float* __restrict__ y, int64_t ldy, const float* __restrict__ bias,
+                       const float* __restrict__ res, int64_t ldr, int64_t n0) {
+  const int64_t K16 = K - K % V;
+  const float* __restrict__ wr = w + n0 * K;
+  float acc[R][M][V] = {};
+  for (int64_t k = 0; k < K16; k += V)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const float* __restrict__ xm = x + m * ldx + k;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+#pragma omp simd
+        for (int j = 0; j < V; ++j) acc[r][m][j] += wr[r * K + k + j] * xm[j];
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int j = 0; j < V; ++j) s += acc[r][m][j];
+      for (int64_t k = K16; k < K; ++k) s += wr[r * K + k] * x[m * ldx + k];
+      if (bias) s += bias[n0 + r];
+      if (res) s = res[m * ldr + n0 + r] + s;
+      y[m * ldy + n0 + r] = s;
+    }
+}
+
+// weight rows per block: R·M accumulators + R weight vectors within the 32 vector registers
+constexpr int rows_per_block(int M) { return std::max(1, std::min(8, 28 / (M + 1))); }
+
+template <int M>
+void linear_rows(const float* x, int64_t ldx, const float* w, const float* bias, const float* res, int64_t ldr,
+                 float* y, int64_t ldy, int64_t N, int64_t K, int threads) {
+  constexpr int R = rows_per_block(M);
+  const int64_t blocks = N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) rows_block<M, R>(x, ldx, w, K, y, ldy, bias, res, ldr, b * R);
+  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, ldx, w, K, y, ldy, bias, res, ldr, n);
+}
+
+constexpr int MAX_ROWS = 16;
+using LinearRows = void (*)(const float*, int64_t, const float*, const float*, const float*, int64_t, float*, int64_t,
+                            int64_t, int64_t, int);
+template <std::size_t... I>
+constexpr std::array<LinearRows, sizeof...(I)> linear_table(std::index_sequence<I...>) {
+  return {&linear_rows<int(I) + 1>...};
+}
+constexpr auto LINEAR_ROWS = linear_table(std::make_index_sequence<MAX_ROWS>{});
+
+// w · x · rsqrt(mean(x²) + eps) of one row of K floats (the order of operations of the torch model)
+inline void rms_norm_row(const float* __restrict__ x, const float* __restrict__ w, float eps, int64_t K,
+                         float* __restrict__ out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < K; ++k) ss += x[k] * x[k];
+  const float r = 1.f / std::sqrt(ss / float(K) + eps);
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = w[k] * (x[k] * r);
+}
+
+// ---------------------------------------------------------------------------- attention
+
+constexpr int BLOCK = 32;    // keys scored at once inside a work unit
+constexpr int MAX_GROUP = 32;  // query heads per KV head (the Python side checks)
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// e^x for x <= 0 in a form GCC vectorizes (std::exp is a scalar libm call: ~15 ns, which
+// made it the cost of attention): e^x = 2^n · 2^f, n = round(x·log2 e), |f| <= 1/2, 2^f by its
+// degree-7 Taylor series (relative error < 2e-8 + rounding). x below -87 gives ~1e-38, not 0.
+inline float exp_nonpositive(float x) {
+  float y = x * 1.4426950408889634f;
+  y = y < -126.f ? -126.f : y;
+  const float n = std::floor(y + 0.5f);
+  const float f = (y - n) * 0.6931471805599453f;  // 2^(y-n) = e^f
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// a · b over D floats. With AVX-512 (D a multiple of 16) one register accumulates and a
+// shuffle tree reduces it: GCC's own reduction of a runtime-length loop spills to the stack.
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int D) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float d = 0.f;
+#pragma omp simd reduction(+ : d)
+  for (int i = 0; i < D; ++i) d += a[i] * b[i];
+  return d;
+}
+
+// acc[D] += Σ_j p[j] · rows[j][D] over the n rows with rows[j] != null (hidden[j] == null
+// skips row j). Columns outer, rows inner: each 16 columns of acc stay in one register
+// across all rows instead of a load-add-store chain per row.
+inline void weighted_rows(float* __restrict__ acc, const float* p, const float* const* rows, const float* const* live,
+                          int n, int D) {
+  int i0 = 0;
+#if defined(__AVX512F__)
+  for (; i0 + 16 <= D; i0 += 16) {
+    __m512 a = _mm512_loadu_ps(acc + i0);
+    for (int j = 0; j < n; ++j)
+      if (live[j]) a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(rows[j] + i0), a);
+    _mm512_storeu_ps(acc + i0, a);
+  }
+#endif
+  for (int j = 0; j < n; ++j) {
+    if (!live[j]) continue;
+    const float pj = p[j];
+    const float* __restrict__ r = rows[j];
+#pragma omp simd
+    for (int i = i0; i < D; ++i) acc[i] += pj * r[i];
+  }
+}
+
+// Online-softmax accumulation of the G query heads q[G][D] (pre-scaled) of one KV head over
+// n <= BLOCK keys whose rows are kp[j] / vp[j] (kp[j] == null: the key is not visible). Each
+// key row is loaded once for all G heads; m, l, acc hold the running max, sum and Σ p·V.
+inline void attend_block(const float* __restrict__ q, int G, int D, const float* const* kp, const float* const* vp,
+                         int n, float* __restrict__ m, float* __restrict__ l, float* __restrict__ acc) {
+  float s[MAX_GROUP][BLOCK];
+  for (int j = 0; j < n; ++j)
+    for (int g = 0; g < G; ++g) s[g][j] = kp[j] ? dot(q + g * D, kp[j], D) : NEG_INF;
+  for (int g = 0; g < G; ++g) {
+    float* __restrict__ sg = s[g];
+    float mx = m[g];
+    for (int j = 0; j < n; ++j) mx = sg[j] > mx ? sg[j] : mx;
+    if (mx == NEG_INF) continue;  // nothing visible yet
+    const float rescale = std::exp(m[g] - mx);  // 0 on the first visible block (m = -inf)
+    float* __restrict__ ag = acc + g * D;
+#pragma omp simd
+    for (int i = 0; i < D; ++i) ag[i] *= rescale;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; ++j) {
+      const float e = exp_nonpositive(sg[j] - mx);
+      sg[j] = sg[j] == NEG_INF ? 0.f : e;
+      sum += sg[j];
+    }
+    weighted_rows(ag, sg, vp, kp, n, D);
+    m[g] = mx;
+    l[g] = l[g] * rescale + sum;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[M, N] = prologue(x)[M, K] · W[N, K]ᵀ (+ bias[N]) (+ residual[M, N]) for M in 1..16.
+// prologue: none; RMSNorm with weight norm_w (norm_w != null); or SwiGLU (swiglu != 0), where x
+// is [M, 2K] = [gate | up] and the input is silu(gate) · up.
+// Returns 0 on success, 1 when M is outside 1..16.
+int fastverify_linear_f32(const float* x, int64_t ldx, const float* w, const float* bias, const float* residual,
+                          int64_t ldr, float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float* norm_w,
+                          float eps, int swiglu, int threads) {
+  if (M < 1 || M > MAX_ROWS) return 1;
+  std::vector<float> pre;
+  if (norm_w || swiglu) {
+    pre.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      float* pm = pre.data() + m * K;
+      if (norm_w) {
+        rms_norm_row(xm, norm_w, eps, K, pm);
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const float g = xm[k];
+          pm[k] = g / (1.f + std::exp(-g)) * xm[K + k];
+        }
+      }
+    }
+    x = pre.data();
+    ldx = K;
+  }
+  LINEAR_ROWS[M - 1](x, ldx, w, bias, residual, ldr, y, ldy, N, K, threads);
+  return 0;
+}
+
+// The attention input of N tokens from their fused projection qkv[N, (Hq + 2·Hkv)·D]
+// (q heads, then k heads, then v heads): q/k RMSNorm over D when q_norm_w / k_norm_w are
+// given, RoPE (x·cos + rotate_half(x)·sin, cos/sin [N, D]) on q and k, q into q_out[N, Hq, D],
+// k and v into the cache at flat slot slots[t] (slot s, head h at k_cache + s·slot_stride + h·D).
+void fastverify_qkv_rope_f32(const float* qkv, int64_t ldqkv, int64_t N, int Hq, int Hkv, int D, const float* cos,
+                             const float* sin, const float* q_norm_w, const float* k_norm_w, float eps, float* q_out,
+                             float* k_cache, float* v_cache, int64_t slot_stride, const int64_t* slots) {
+  const int half = D / 2;
+  std::vector<float> tmp(D);
+  for (int64_t t = 0; t < N; ++t) {
+    const float* row = qkv + t * ldqkv;
+    const float* c = cos + t * D;
+    const float* s = sin + t * D;
+    for (int h = 0; h < Hq + Hkv; ++h) {
+      const bool is_q = h < Hq;
+      const float* x = row + int64_t(h) * D;
+      const float* nw = is_q ? q_norm_w : k_norm_w;
+      if (nw) {
+        rms_norm_row(x, nw, eps, D, tmp.data());
+        x = tmp.data();
+      }
+      float* dst = is_q ? q_out + (t * Hq + h) * D : k_cache + slots[t] * slot_stride + int64_t(h - Hq) * D;
+      for (int i = 0; i < half; ++i) {
+        dst[i] = x[i] * c[i] - x[i + half] * s[i];
+        dst[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+      }
+    }
+    for (int h = 0; h < Hkv; ++h)
+      std::memcpy(v_cache + slots[t] * slot_stride + int64_t(h) * D, row + int64_t(Hq + Hkv + h) * D,
+                  sizeof(float) * D);
+  }
+}
+
+// out[N, Hq, D] = Σ_p softmax_p(sm_scale · q·K[p]) · V[p] over each token's keys in the paged
+// cache (k/v_cache as above; request b's pages are block_table[b·bt_stride + ...]).
+//
+// Tree mode (chunk_ids == null): token t is tree node rows[t] (rows == null: node t) of
+// request b (cu_nodes[b] <= node < cu_nodes[b+1], n_b nodes); it sees the request's first
+// seq_lens[b] − n_b keys and the tree keys seq_lens[b] − n_b + j whose bit j is set in its
+// row of tree_mask[·, mask_words] (itself and its ancestors).
+// Sparse mode (chunk_ids [B, Hkv, n_ids] int32, one token per request, N == B): token b sees,
+// per KV head, the chunks c of its row with 0 <= c < F_b = seq_lens[b] / chunk_size (others
+// and -1 skipped) and the tail F_b·chunk_size .. seq_lens[b] − 1; no key at all gives 0.
+// Work is split into units of 64..512 keys per (token, KV head), merged by log-sum-exp.
+// G = Hq / Hkv <= 32.
+void fastverify_paged_attention_f32(const float* q, int64_t N, int Hq, int Hkv, int D, const float* k_cache,
+                                    const float* v_cache, int64_t slot_stride, const int32_t* block_table,
+                                    int64_t bt_stride, int page_size, const int32_t* seq_lens, const int32_t* cu_nodes,
+                                    int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
+                                    const int32_t* chunk_ids, int64_t n_ids, int chunk_size, float sm_scale,
+                                    float* out, int threads) {
+  const int G = Hq / Hkv;
+  const bool sparse = chunk_ids != nullptr;
+  // per token: request, tree node, and the length of its key list (sparse: per KV head)
+  std::vector<int64_t> req(N), node(N), first_unit(N * Hkv + 1, 0);
+  std::vector<int64_t> n_keys(N * Hkv);
+  std::vector<int32_t> valid;  // sparse: the usable chunk ids, [N, Hkv, n_ids]
+  if (sparse) valid.assign(N * Hkv * (n_ids > 0 ? n_ids : 1), 0);
+  std::vector<int64_t> n_valid(N * Hkv, 0);
+  for (int64_t t = 0; t < N; ++t) {
+    if (sparse) {
+      req[t] = t;
+      node[t] = 0;
+    } else {
+      const int64_t nd = rows ? rows[t] : t;
+      int64_t lo = 0, hi = B - 1;  // the request whose node range holds nd
+      while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (cu_nodes[mid] <= nd) lo = mid; else hi = mid - 1;
+      }
+      req[t] = lo;
+      node[t] = nd;
+    }
+    const int64_t L = seq_lens[req[t]];
+    for (int h = 0; h < Hkv; ++h) {
+      int64_t keys = L;
+      if (sparse) {
+        const int64_t full = L / chunk_size;
+        const int32_t* ids = chunk_ids + (t * Hkv + h) * n_ids;
+        int32_t* keep = valid.data() + (t * Hkv + h) * n_ids;
+        int64_t nv = 0;
+        for (int64_t i = 0; i < n_ids; ++i)
+          if (ids[i] >= 0 && ids[i] < full) keep[nv++] = ids[i];
+        n_valid[t * Hkv + h] = nv;
+        keys = nv * chunk_size + (L - full * chunk_size);
+      }
+      n_keys[t * Hkv + h] = keys;
+    }
+  }
+  // keys per work unit: about 8 units per thread, 64..512 keys each (a multiple of BLOCK)
+  int64_t total = 0;
+  for (int64_t i = 0; i < N * Hkv; ++i) total += n_keys[i];
+  const int64_t split = std::min<int64_t>(512, std::max<int64_t>(64, (total / (8 * threads) + BLOCK - 1) / BLOCK * BLOCK));
+  for (int64_t i = 0; i < N * Hkv; ++i) first_unit[i + 1] = first_unit[i] + (n_keys[i] + split - 1) / split;
+  const int64_t units = first_unit[N * Hkv];
+  // per unit and query head of its group: running max, sum and weighted values
+  std::vector<float> part_m(units * G, NEG_INF), part_l(units * G, 0.f), part_acc(units * G * D, 0.f);
+  std::vector<float> qs(N * Hq * D);
+  for (int64_t i = 0; i < N * Hq * D; ++i) qs[i] = q[i] * sm_scale;
+
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t u = 0; u < units; ++u) {
+    // which (token, KV head) and which SPLIT keys of its list
+    int64_t lo = 0, hi = N * Hkv - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (first_unit[mid] <= u) lo = mid; else hi = mid - 1;
+    }
+    const int64_t t = lo / Hkv;
+    const int h = int(lo % Hkv);
+    const int64_t b = req[t];
+    const int64_t L = seq_lens[b];
+    const int64_t k0 = (u - first_unit[lo]) * split;
+    const int64_t k1 = std::min<int64_t>(k0 + split, n_keys[lo]);
+    const int32_t* pages = block_table + b * bt_stride;
+    int64_t n_tree = 0, prefix = L;
+    const int64_t* mask = nullptr;
+    if (!sparse) {
+      n_tree = cu_nodes[b + 1] - cu_nodes[b];
+      prefix = L - n_tree;
+      mask = tree_mask + node[t] * mask_words;
+    }
+    const int64_t nv = n_valid[lo];
+    const int32_t* keep = sparse ? valid.data() + lo * n_ids : nullptr;
+    const int64_t full = sparse ? L / chunk_size : 0;
+    // rows of the keys k .. k+n-1 of the list into kp / vp (kp null: not visible)
+    auto locate = [&](int64_t k, int n, const float** kp, const float** vp) {
+      for (int j = 0; j < n; ++j) {
+        const int64_t i = k + j;  // the i-th key of the list, at position p
+        bool visible = true;
+        int64_t p = i;
+        if (sparse) {
+          p = i < nv * chunk_size ? int64_t(keep[i / chunk_size]) * chunk_size + i % chunk_size
+                                  : full * chunk_size + (i - nv * chunk_size);
+        } else if (i >= prefix) {
+          const int64_t jt = i - prefix;
+          visible = (mask[jt >> 6] >> (jt & 63)) & 1;
+        }
+        const int64_t off = (int64_t(pages[p / page_size]) * page_size + p % page_size) * slot_stride + int64_t(h) * D;
+        kp[j] = visible ? k_cache + off : nullptr;
+        vp[j] = v_cache + off;
+      }
+    };
+    // Keys are rows of D floats far apart (a model's cache keeps all layers of a slot
+    // together), so each is a cache miss: the next block's rows are located and prefetched
+    // while this one is scored.
+    const float* kp[2][BLOCK];
+    const float* vp[2][BLOCK];
+    int cur = 0;
+    locate(k0, int(std::min<int64_t>(BLOCK, k1 - k0)), kp[0], vp[0]);
+    for (int64_t k = k0; k < k1; k += BLOCK) {
+      const int n = int(std::min<int64_t>(BLOCK, k1 - k));
+      if (k + BLOCK < k1) {
+        const int nn = int(std::min<int64_t>(BLOCK, k1 - k - BLOCK));
+        locate(k + BLOCK, nn, kp[cur ^ 1], vp[cur ^ 1]);
+        for (int j = 0; j < nn; ++j)
+          for (int i = 0; i < D; i += 16) {
+            if (kp[cur ^ 1][j]) __builtin_prefetch(kp[cur ^ 1][j] + i);
+            __builtin_prefetch(vp[cur ^ 1][j] + i);
+          }
+      }
+      attend_block(qs.data() + (t * Hq + int64_t(h) * G) * D, G, D, kp[cur], vp[cur], n, part_m.data() + u * G,
+                   part_l.data() + u * G, part_acc.data() + u * G * D);
+      cur ^= 1;
+    }
+  }
+
+  // log-sum-exp merge of each (token, query head)'s units
+  for (int64_t t = 0; t < N; ++t)
+    for (int hq = 0; hq < Hq; ++hq) {
+      const int64_t lo = t * Hkv + hq / G;
+      const int g = hq % G;
+      float mx = NEG_INF;
+      for (int64_t u = first_unit[lo]; u < first_unit[lo + 1]; ++u) mx = std::max(mx, part_m[u * G + g]);
+      float* o = out + (t * Hq + hq) * D;
+      std::memset(o, 0, sizeof(float) * D);
+      if (mx == NEG_INF) continue;
+      float sum = 0.f;
+      for (int64_t u = first_unit[lo]; u < first_unit[lo + 1]; ++u) {
+        if (part_m[u * G + g] == NEG_INF) continue;
+        const float w = std::exp(part_m[u * G + g] - mx);
+        sum += w * part_l[u * G + g];
+        const float* a = part_acc.data() + (u * G + g) * D;
+        for (int i = 0; i < D; ++i) o[i] += w * a[i];
+      }
+      const float inv = 1.f / sum;
+      for (int i = 0; i < D; ++i) o[i] *= inv;
+    }
+}
+
+// Decoder layers over N tokens in one call: per layer the six calls of the model's
+// DecoderLayer.forward_cpu (projections, q/k/v + cache write, paged attention in tree mode),
+// so a decode step crosses from Python once instead of six times per layer. x [N, d] is
+// updated in place. Per layer l, ptrs[l·11 + i] holds the addresses of: 0 Wqkv [(Hq+2Hkv)·D, d],
+// 1 its bias or 0, 2 Wo [d, Hq·D], 3 W13 [2·I, d], 4 Wdown [d, I], 5 input norm [d],
+// 6 post-attention norm [d], 7 q norm [D] or 0, 8 k norm or 0, 9 / 10 the layer's K / V cache
+// views (slots slot_stride apart). Returns 1 when N is outside 1..16.
+int fastverify_decoder_layers_f32(float* x, int64_t N, int64_t n_layers, const int64_t* ptrs, int64_t d, int64_t I,
+                                  int Hq, int Hkv, int D, float eps, const float* cos, const float* sin,
+                                  int64_t slot_stride, const int64_t* slots, const int32_t* block_table,
+                                  int64_t bt_stride, int page_size, const int32_t* seq_lens, const int32_t* cu_nodes,
+                                  int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
+                                  float sm_scale, int threads) {
+  if (N < 1 || N > MAX_ROWS) return 1;
+  const int64_t QKV = int64_t(Hq + 2 * Hkv) * D, HD = int64_t(Hq) * D;
+  std::vector<float> qkv(N * QKV), q(N * HD), attn(N * HD), x2(N * d), h(N * 2 * I);
+  auto f = [](int64_t a) { return reinterpret_cast<float*>(a); };
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t* w = ptrs + l * 11;
+    fastverify_linear_f32(x, d, f(w[0]), f(w[1]), nullptr, 0, qkv.data(), QKV, N, QKV, d, f(w[5]), eps, 0, threads);
+    fastverify_qkv_rope_f32(qkv.data(), QKV, N, Hq, Hkv, D, cos, sin, f(w[7]), f(w[8]), eps, q.data(), f(w[9]),
+                            f(w[10]), slot_stride, slots);
+    fastverify_paged_attention_f32(q.data(), N, Hq, Hkv, D, f(w[9]), f(w[10]), slot_stride, block_table, bt_stride,
+                                   page_size, seq_lens, cu_nodes, B, tree_mask, mask_words, rows, nullptr, 0, 0,
+                                   sm_scale, attn.data(), threads);
+    fastverify_linear_f32(attn.data(), HD, f(w[2]), nullptr, x, d, x2.data(), d, N, d, HD, nullptr, 0.f, 0, threads);
+    fastverify_linear_f32(x2.data(), d, f(w[3]), nullptr, nullptr, 0, h.data(), 2 * I, N, 2 * I, d, f(w[6]), eps, 0,
+                          threads);
+    fastverify_linear_f32(h.data(), 2 * I, f(w[4]), nullptr, x2.data(), d, x, d, N, d, I, nullptr, 0.f, 1, threads);
+  }
+  return 0;
+}
+
+}  // extern "C"
