@@ -4,7 +4,6 @@ tests), and the model and every decoding method with them against the torch mode
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import naive
 from attention_problems import path_attention_oracle, paged_problem
