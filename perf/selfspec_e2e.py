@@ -3,6 +3,7 @@ against the KV budget and policy at long context, with the cost model's predicti
 
     python perf/selfspec_e2e.py [--contexts 1024,4096,8000] [--budgets 64,256,1024,2048]
                                 [--policies streaming,topk] [--batch 1] [--gamma 4] [--new 32]
+                                [--tree-topk K] [--tag NAME]
 
 For each context length a prompt of that many tokens (text of the built-in FR-Spec
 corpus — Python's reference documentation — then a request to continue) is decoded greedily, autoregressively and with
@@ -10,7 +11,10 @@ corpus — Python's reference documentation — then a request to continue) is d
 target forward τ = 1 + mean accepted, the per-draft acceptance rate α (solved from τ
 for a chain of γ drafts), the measured draft/verify step times, and MagicDec's cost
 model T_SD/T_AR = (γ·T_D/T_T + T_V/T_T) / Ω, Ω = (1 − α^(γ+1)) / (1 − α), beside the
-measured ratio. Writes perf/results/selfspec-<device>-<yyyymmdd>.{md,json,png}.
+measured ratio. With ``--tree-topk K`` each (budget, policy) also runs as a tree
+(``method="tree", drafter="selfspec"``: the draft's top K tokens at each of γ levels
+along the sparse chain, at most 16 nodes), reported by τ and tokens/s (the chain cost
+model does not apply). Writes perf/results/selfspec-b<batch>-<device>-<yyyymmdd>[-<tag>].{md,json,png}.
 """
 
 import argparse
@@ -56,6 +60,8 @@ def main() -> int:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tree-topk", type=int, default=0, help="also verify trees of the top K drafts per level")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
     if args.threads:
@@ -102,6 +108,20 @@ def main() -> int:
                 log(f"  {policy:9s} budget {budget:5d}: {tps:5.1f} tok/s  τ {tau:.2f}  α {alpha:.2f}  "
                     f"draft {t_draft * 1e3:.1f} ms verify {t_verify * 1e3:.1f} ms  T_SD/T_AR predicted "
                     f"{predicted:.2f} measured {measured:.2f}  same tokens: {r.tokens == ar.tokens}")
+                if args.tree_topk:
+                    r = generate(model, prompts, method="tree", drafter="selfspec", tree_depth=args.gamma,
+                                 tree_topk=args.tree_topk, tree_nodes=min(16, args.gamma * args.tree_topk + 1),
+                                 kv_policy=policy, kv_budget=budget, max_new_tokens=args.new, stop_at_eos=False)
+                    s = r.stats
+                    tps = decode_tokens_per_s(s)
+                    rows.append(dict(context=ctx, policy=f"{policy} tree", budget=budget, tokens_per_s=tps,
+                                     tau=s.tokens_per_step, alpha=None,
+                                     draft_ms=s.draft_s / max(s.steps * args.gamma, 1) * 1e3,
+                                     verify_ms=(s.verify_s + s.sample_s) / max(s.steps, 1) * 1e3,
+                                     predicted_time_ratio=None, measured_time_ratio=ar_tps / tps if tps else None,
+                                     same=r.tokens == ar.tokens))
+                    log(f"  {policy:9s} budget {budget:5d} tree (top {args.tree_topk}): {tps:5.1f} tok/s  "
+                        f"τ {s.tokens_per_step:.2f}  same tokens: {r.tokens == ar.tokens}")
     device = bench.device_name(model.device)
     lines = [f"# Self-speculation with a sparse KV cache — {args.model}, fp32, {device}", "",
              f"command: `python perf/selfspec_e2e.py {' '.join(sys.argv[1:])}`  ", f"git: {bench.git_revision()}  ",
@@ -114,6 +134,10 @@ def main() -> int:
         if r["policy"] == "ar":
             lines.append(f"| {r['context']} | ar | – | {r['tokens_per_s']:.1f} | 1.00 | – | – | {r['step_ms']:.1f} "
                          "| 1.00 | 1.00 | – |")
+        elif r["alpha"] is None:  # a tree: no chain cost model
+            lines.append(f"| {r['context']} | {r['policy']} | {r['budget']} | {r['tokens_per_s']:.1f} | {r['tau']:.2f} "
+                         f"| – | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | – | {r['measured_time_ratio']:.2f} "
+                         f"| {r['same']} |")
         else:
             lines.append(f"| {r['context']} | {r['policy']} | {r['budget']} | {r['tokens_per_s']:.1f} | {r['tau']:.2f} "
                          f"| {r['alpha']:.2f} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} "
@@ -122,7 +146,7 @@ def main() -> int:
     print(text)
     stamp = datetime.date.today().strftime("%Y%m%d")
     slug = "".join(ch if ch.isalnum() else "-" for ch in device.lower()).strip("-")
-    stem = os.path.join(args.out, f"selfspec-b{args.batch}-{slug}-{stamp}")
+    stem = os.path.join(args.out, f"selfspec-b{args.batch}-{slug}-{stamp}" + (f"-{args.tag}" if args.tag else ""))
     os.makedirs(args.out, exist_ok=True)
     compare._atomic_write(stem + ".md", text.encode())
     compare._atomic_write(stem + ".json", json.dumps(rows, indent=2).encode())

@@ -32,40 +32,58 @@ constexpr int V = 16;  // floats per step: one AVX-512 register (two AVX2 ones)
 
 // ---------------------------------------------------------------------------- projections
 
-// Output rows n0 .. n0+R-1 against the M input rows, all R weight rows streamed together in
-// 16-float steps: each step loads R weight vectors and M input vectors for R·M FMAs into
-// R·M independent accumulators (two hardware threads of one core share its load ports and
-// FMA units, so loads per FMA decide the speed once M > 1).
+// Output rows n0 .. n0+R-1 against the M input rows, in 16-float steps with M (or R·M)
+// independent accumulators. Up to 4 inputs the R rows are streamed one after the other
+// (each weight vector feeds M FMAs; measured 15–20% faster than interleaving rows, which
+// splits the prefetchers over more streams). Beyond, loads per FMA bound the speed (the two
+// hardware threads of a core share its load ports and FMA units), so the R rows are
+// streamed together: each step loads R weight vectors and M inputs for R·M FMAs.
 template <int M, int R>
 inline void rows_block(const float* __restrict__ x, int64_t ldx, const float* __restrict__ w, int64_t K,
                        float* __restrict__ y, int64_t ldy, const float* __restrict__ bias,
                        const float* __restrict__ res, int64_t ldr, int64_t n0) {
   const int64_t K16 = K - K % V;
   const float* __restrict__ wr = w + n0 * K;
-  float acc[R][M][V] = {};
-  for (int64_t k = 0; k < K16; k += V)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      const float* __restrict__ xm = x + m * ldx + k;
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-#pragma omp simd
-        for (int j = 0; j < V; ++j) acc[r][m][j] += wr[r * K + k + j] * xm[j];
-      }
-    }
-  for (int r = 0; r < R; ++r)
+  auto store = [&](int r, const float (&acc)[M][V]) {
     for (int m = 0; m < M; ++m) {
       float s = 0.f;
-      for (int j = 0; j < V; ++j) s += acc[r][m][j];
+      for (int j = 0; j < V; ++j) s += acc[m][j];
       for (int64_t k = K16; k < K; ++k) s += wr[r * K + k] * x[m * ldx + k];
       if (bias) s += bias[n0 + r];
       if (res) s = res[m * ldr + n0 + r] + s;
       y[m * ldy + n0 + r] = s;
     }
+  };
+  if constexpr (M <= 4) {
+    for (int r = 0; r < R; ++r) {
+      float acc[M][V] = {};
+      for (int64_t k = 0; k < K16; k += V)
+        for (int m = 0; m < M; ++m) {
+          const float* __restrict__ xm = x + m * ldx + k;
+#pragma omp simd
+          for (int j = 0; j < V; ++j) acc[m][j] += wr[r * K + k + j] * xm[j];
+        }
+      store(r, acc);
+    }
+  } else {
+    float acc[R][M][V] = {};
+    for (int64_t k = 0; k < K16; k += V)
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const float* __restrict__ xm = x + m * ldx + k;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+#pragma omp simd
+          for (int j = 0; j < V; ++j) acc[r][m][j] += wr[r * K + k + j] * xm[j];
+        }
+      }
+    for (int r = 0; r < R; ++r) store(r, acc[r]);
+  }
 }
 
-// weight rows per block: R·M accumulators + R weight vectors within the 32 vector registers
-constexpr int rows_per_block(int M) { return std::max(1, std::min(8, 28 / (M + 1))); }
+// weight rows per scheduling unit: 4 one after the other up to 4 inputs; beyond, R·M
+// accumulators and R weight vectors within the 32 vector registers
+constexpr int rows_per_block(int M) { return M <= 4 ? 4 : std::max(1, 28 / (M + 1)); }
 
 template <int M>
 void linear_rows(const float* x, int64_t ldx, const float* w, const float* bias, const float* res, int64_t ldr,
