@@ -9,7 +9,7 @@ import naive
 from attention_problems import path_attention_oracle, paged_problem
 from test_sparse_kv import problem as sparse_problem, random_ids
 
-from fastverify.models import cpu_kernels
+from fastverify import cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build csrc/cpu/kernels.cpp")
 

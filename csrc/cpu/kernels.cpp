@@ -1,5 +1,5 @@
 // The CPU decode-step kernels of fastverify.models, in fp32, for a few rows (1..16 tokens:
-// a decode step, a short draft chain or tree). fastverify/models/cpu_kernels.py loads them.
+// a decode step, a short draft chain or tree). fastverify/cpu_kernels.py loads them.
 //
 // Why: on CPU a decode step of a small model is bound by streaming its weights, plus a
 // fixed cost per torch op (a few µs each, ~40 ops per layer). torch's BLAS paths reach

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, cpu_kernels
 from . import philox
 from ._checks import ID_DTYPES, LOGIT_DTYPES, check_tensor, passed_before, remember_passed
 from ._common import implementation
@@ -144,7 +144,10 @@ def _score_chunks(hidden, weight, t):
     h = hidden.float()
     step = max(1024, CHUNK_ELEMENTS // max(M, 1))
     for v0 in range(0, V, step):
-        s = (h @ weight[v0:v0 + step].float().T) / t[:, None]
+        w = weight[v0:v0 + step]
+        # a few fp32 rows on CPU: the streaming GEMV of csrc/cpu (about 2x torch's here)
+        s = cpu_kernels.linear(h, w) if cpu_kernels.supports(h, w) else h @ w.float().T
+        s = s / t[:, None]
         yield v0, torch.where(torch.isnan(s), float("-inf"), s)
 
 
@@ -197,11 +200,15 @@ def lm_head_sample_torch(hidden, weight, temperature, seed, positions, token_map
     best = torch.full((M,), float("-inf"), device=dev)     # s + g of the best row so far
     best_s = torch.full((M,), float("-inf"), device=dev)
     best_v = torch.full((M,), -1, dtype=torch.long, device=dev)
+    all_greedy = dev.type == "cpu" and not bool((temperature > 0).any())   # no noise to draw (a sync elsewhere)
     for v0, s in _score_chunks(hidden, weight, t):
         lse = torch.logaddexp(lse, torch.logsumexp(s, 1))
-        rows = torch.arange(v0, v0 + s.shape[1], device=dev)
-        g = philox.gumbel(seed[:, None], positions[:, None], rows[None, :]).float()
-        noisy = torch.where(greedy[:, None], s, s + g)
+        if all_greedy:
+            noisy = s
+        else:
+            rows = torch.arange(v0, v0 + s.shape[1], device=dev)
+            g = philox.gumbel(seed[:, None], positions[:, None], rows[None, :]).float()
+            noisy = torch.where(greedy[:, None], s, s + g)
         i = noisy.argmax(1, keepdim=True)                    # first maximum: the lower row
         val = noisy.gather(1, i)[:, 0]
         take = (val > best) | (best_v < 0)

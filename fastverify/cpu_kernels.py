@@ -38,7 +38,7 @@ import torch
 
 MAX_ROWS = 16
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
 _lib = None
 _tried = False
