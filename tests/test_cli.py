@@ -24,6 +24,18 @@ def test_generate_streams_text_and_prints_statistics(capsys):
 
 
 @needs_smollm2
+@pytest.mark.parametrize("args", [["--method", "selfspec"], ["--method", "tree", "--drafter", "selfspec"]],
+                         ids=["chain", "tree"])
+def test_generate_selfspec(args, capsys):
+    prompt = "Summarize: " + "The council met on Tuesday to discuss the new library. " * 12
+    assert cli.main(["generate", "--prompt", prompt, *args, "--kv-budget", "64", "--kv-policy", "streaming",
+                     "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "64-token streaming KV budget" in captured.out
+    assert "| tokens | seconds | tokens/s |" in captured.out
+
+
+@needs_smollm2
 def test_compare_checks_methods_and_writes_reports(tmp_path, capsys):
     code = cli.main(["compare", "--max-new-tokens", "6", "--prompts", "code-edit", "--methods", "ar,tree/ngram",
                      "--hf", "hf,hf/prompt-lookup", "--out", str(tmp_path)])
