@@ -125,14 +125,21 @@ def available() -> bool:
     return (_lib if _tried else _load()) is not None
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels take ``x``: an fp32 CPU tensor without autograd, outside
+    torch.compile tracing, with the library built."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+            and not torch.compiler.is_compiling() and available())
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    """Whether these operands take the kernels: fp32 CPU tensors of 1–16 rows, a contiguous
-    weight, no autograd, outside torch.compile tracing."""
+    """Whether the decode-step kernels take these operands: :func:`usable` ``x`` of
+    1–16 rows, a contiguous fp32 weight without autograd."""
     rows = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
-    ok = (x.dtype == torch.float32 and x.device.type == "cpu" and 1 <= rows <= MAX_ROWS and not x.requires_grad)
+    ok = 1 <= rows <= MAX_ROWS and usable(x)
     if weight is not None:
         ok = ok and weight.dtype == torch.float32 and weight.is_contiguous() and not weight.requires_grad
-    return ok and not torch.compiler.is_compiling() and available()
+    return ok
 
 
 def _ptr(t: torch.Tensor | None):

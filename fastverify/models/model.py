@@ -138,6 +138,7 @@ class Step:
     seq_lens: torch.Tensor      # [B] int32, tree included
     tree_mask: torch.Tensor     # [T, W] int64 ancestor bits of every tree node
     rows: torch.Tensor | None = None  # [N] int64 tree node of each computed token (None: N == T, all)
+    max_nodes: int = 0                # nodes of the largest tree (0: unknown)
     sparse: object | None = None      # a draft over part of the cache (decoding.selfspec.KVPolicy): one token
                                       # per request, attention through sparse_kv_attention
 
@@ -155,7 +156,7 @@ class Step:
         if rows is not None:
             positions, slots = positions[rows], slots[rows]
         return cls(positions, slots, cache.block_table[reqs], cu_num_nodes, (prefix_lens + n).to(torch.int32),
-                   tree_mask, rows)
+                   tree_mask, rows, max_nodes=max_nodes)
 
 
 def cu_from_counts(counts: list[int], device=None) -> torch.Tensor:
@@ -233,6 +234,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    cpu_kernel = False  # set by Transformer.use_cpu_kernels
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -261,6 +264,13 @@ class Attention(nn.Module):
             ids = step.sparse.chunk_ids(layer, q, k_cache, step)
             out = ops.sparse_kv_attention(q, k_cache, v_cache, step.block_table, step.seq_lens, ids,
                                           chunk_size=step.sparse.chunk_size)
+            return self.o_proj(out.flatten(-2))
+        if (self.cpu_kernel and k_cache.dtype == torch.float32 and 0 < step.max_nodes <= cpu_kernels.MAX_ROWS
+                and cpu_kernels.usable(q)):
+            # a batch of small trees (verification) beyond the fused layer's 16 tokens: the
+            # projections stay torch GEMMs, attention reads each request's keys once in C
+            out = cpu_kernels.paged_attention(q, k_cache, v_cache, step.block_table, step.seq_lens,
+                                              cu_num_nodes=step.cu_num_nodes, tree_mask=step.tree_mask, rows=step.rows)
             return self.o_proj(out.flatten(-2))
         if step.rows is not None:
             # nodes outside `rows` need no output: give them zero queries and drop their rows
@@ -371,7 +381,7 @@ class Transformer(nn.Module):
         builds them on first use. A no-op where they cannot be built."""
         on = on and cpu_kernels.available()
         for m in self.modules():
-            if isinstance(m, (Linear, DecoderLayer)):
+            if isinstance(m, (Linear, Attention, DecoderLayer)):
                 m.cpu_kernel = on
         return self
 
