@@ -22,6 +22,11 @@ CUDA_DEFAULT = "triton"
 
 _chosen: str | None = None
 
+# Entry points (a ``fastverify._cuda.Kernels``) serving the cuda backend on CPU tensors:
+# the tests install the CUDA kernels built for the CPU by their emulator (tests/cuda_emu),
+# so the public ops run the unmodified .cu kernels on a machine without a GPU.
+cpu_cuda_kernels = None
+
 
 def _parse(name: str | None) -> str | None:
     if name is None or name == "" or name == "auto":
@@ -59,6 +64,14 @@ def use_backend(name: str | None):
         yield
     finally:
         _chosen = before
+
+
+def emulate_cuda_on_cpu(kernels) -> None:
+    """Serve ``backend="cuda"`` on CPU tensors with ``kernels`` (entry points with the
+    signatures of :class:`fastverify._cuda.Kernels`, e.g. the tests' CPU emulation of the
+    CUDA kernels); ``None`` restores the default (the cuda backend refuses CPU tensors)."""
+    global cpu_cuda_kernels
+    cpu_cuda_kernels = kernels
 
 
 def triton_interpreting() -> bool:

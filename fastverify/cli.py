@@ -1,7 +1,7 @@
 """The ``fastverify`` command.
 
-    fastverify bench [--quick] [--family rejection,attention] [--ops chain,tree] [--backends ...]
-                     [--prefix ...] [--nodes ...] [--dtype ...] [--out DIR]
+    fastverify bench [--family rejection,tree_attention,lm_head,sparse_kv] [--size goal|grid|smoke]
+                     [--backends torch,triton,cuda] [--no-baselines] [--out DIR]
     fastverify generate [--model smollm2|FOLDER|FILE.gguf] --prompt TEXT [--prompt ...] [--method ar|chain|tree]
                         [--drafter layerskip|ngram|MODEL] [--temperature T] [--max-new-tokens N] ...
     fastverify compare [--model ...] [--max-new-tokens N] [--methods ...] [--no-hf] [--out DIR]
@@ -44,73 +44,59 @@ def _hms(seconds: float) -> str:
 # --------------------------------------------------------------------------- bench
 
 
-FAMILIES = ("rejection", "attention")
-
-
 def _add_bench(sub) -> None:
-    from . import bench, bench_attention
+    from .bench import FAMILIES, KERNEL_BACKENDS, SIZES
     p = sub.add_parser(
-        "bench", help="time the ops against the torch baselines and write a report",
-        description="Time the ops of each selected family on every backend of this device against the torch "
-                    "baselines, stream one line per measurement and write one report per family. rejection: "
-                    "rejection_sample / tree_rejection_sample vs the eager and torch.compile'd torch pipelines → "
-                    "<out>/<device>-<yyyymmdd>.{md,json,png}; attention: tree_attention vs gather + dense-mask SDPA "
-                    "and compiled FlexAttention → <out>/<device>-<yyyymmdd>-attention.{md,json,png}. Speed is "
-                    "reported, never asserted.")
+        "bench", help="time the ops against their baselines and write a report",
+        description="Time each selected op family on the kernel backends of this device against its baselines "
+                    "(rejection: eager and torch.compile'd torch pipelines; tree_attention: dense-mask SDPA and "
+                    "FlexAttention; lm_head: unfused subset and full-vocabulary heads; sparse_kv: full decode "
+                    "attention and gather-then-SDPA), stream one line per measurement and write "
+                    "<out>/<name>.{md,json,png}. Speed is reported, never asserted.")
     p.add_argument("--family", type=_csv(str, FAMILIES), default=list(FAMILIES),
-                   help="rejection,attention (default: both, in that order)")
-    p.add_argument("--quick", action="store_true",
-                   help="small grid (rejection — CPU: B 1,8 K 4 V 32000 fp32; GPU: B 1,64 K 4 V 128256 bf16; "
-                        "attention — CPU: B 1,4 P 512 n 8 fp32; GPU: B 8 P 8192 n 64 + B 1 P 1024 n 8, bf16)")
-    p.add_argument("--ops", type=_csv(str, bench.OPS), default=list(bench.OPS),
-                   help="rejection family: chain,tree (default: both)")
-    p.add_argument("--backends", type=_csv(str, bench.ALL_BACKENDS), default=None,
-                   help="rejection family: subset of eager,compiled,torch,triton,cuda (default: all that run on the "
-                        "device)")
-    p.add_argument("--attn-backends", type=_csv(str, bench_attention.ALL_BACKENDS), default=None,
-                   help="attention family: subset of sdpa,flex,torch,triton,cuda (default: all that run on the device)")
-    p.add_argument("--dtype", type=_csv(str, tuple(bench.DTYPES)), default=None,
-                   help="dtypes of the logits (rejection) and of q/K/V (attention), e.g. bf16,fp32 (default: the "
-                        "grid's)")
-    p.add_argument("-B", "--batch", type=_csv(int), default=None,
-                   help="override the grid's batch sizes (both families), e.g. 1,64")
-    p.add_argument("-K", "--drafts", type=_csv(int), default=None,
-                   help="rejection family: override the grid's draft lengths / depths")
-    p.add_argument("-V", "--vocab", type=_csv(int), default=None,
-                   help="rejection family: override the grid's vocabulary sizes")
-    p.add_argument("--prefix", type=_csv(int), default=None,
-                   help="attention family: override the grid's prefix lengths P, e.g. 1024,8192")
-    p.add_argument("--nodes", type=_csv(int), default=None,
-                   help="attention family: override the grid's tree sizes n, e.g. 8,64")
-    p.add_argument("--greedy", action="store_true", help="rejection family: temperature 0 for every request "
-                                                         "(default 1.0)")
-    p.add_argument("--draft-probs", action="store_true", help="chain op with draft_probs [N, V] (default: without)")
+                   help=f"subset of {','.join(FAMILIES)} (default: all)")
+    p.add_argument("--size", choices=SIZES, default=None,
+                   help="goal: the target shapes (default on a GPU); grid: a sweep (default on CPU: a CPU sweep); "
+                        "smoke: tiny shapes, every backend (on CPU: Triton interpreter, CUDA emulator)")
+    p.add_argument("--backends", type=_csv(str, KERNEL_BACKENDS), default=None,
+                   help="kernel backends to time (default: all on a GPU; on CPU torch, every backend with --size smoke)")
+    p.add_argument("--no-baselines", action="store_true", help="time the kernel backends only")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--target-time", type=float, default=0.0,
-                   help="seconds of timed calls per measurement (default 0.2 on CUDA, 0.3 on CPU)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads(N) before measuring (CPU; default: torch's choice)")
-    p.add_argument("--no-launches", action="store_true",
-                   help="rejection family: skip counting kernel launches at B=1 (CUDA)")
+    p.add_argument("--target-time", type=float, default=0.2, help="seconds of timed calls per row (default 0.2)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) before measuring (CPU)")
     p.add_argument("--out", default=None, help="output folder (default: perf/results of the checkout)")
-    p.add_argument("--name", default=None,
-                   help="file stem of the outputs (default: <device-slug>-<yyyymmdd>; the attention report adds "
-                        "-attention)")
+    p.add_argument("--name", default=None, help="file stem (default: bench-<device>)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.set_defaults(func=_cmd_bench)
 
 
-def _progress(result_line):
-    """on_result callback: [i/N] line elapsed ETA, streamed."""
-    def on_result(done: int, total: int, r, elapsed: float) -> None:
-        eta = elapsed / done * (total - done)
-        width = len(str(total))
-        print(f"[{done:>{width}}/{total}] {result_line(r)}   elapsed {_hms(elapsed)} ETA {_hms(eta)}", flush=True)
-    return on_result
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def row_line(r) -> str:
+    """One streamed line per measured row."""
+    from .bench.report import fmt, fmt_us, fmt_x
+
+    head = f"{r.family:14s} {r.op:22s} {r.shape:38s} {r.backend:24s}"
+    if r.status != "ok":
+        return f"{head} {r.status}: {r.reason}"
+    s = f"{head} {fmt_us(r.median_us):>9s} µs"
+    if r.gbps is not None:
+        s += f" {r.gbps:8.1f} GB/s"
+    if r.pct_of_bound is not None:
+        s += f" {r.pct_of_bound:5.1f}% of bound"
+    return s + "".join(f"  {fmt_x(x)} {b}" for b, x in r.speedup.items())
+
+
+def default_results_dir():
+    """perf/results of the source checkout when fastverify runs from one, else ./perf/results."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "perf").is_dir() and (repo / "fastverify").is_dir():
+        return repo / "perf" / "results"
+    return Path.cwd() / "perf" / "results"
 
 
 def _cmd_bench(args) -> int:
@@ -122,74 +108,38 @@ def _cmd_bench(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    families = [f for f in FAMILIES if f in args.family]
-    if "rejection" not in families:
-        given = [flag for flag, val in (("-K", args.drafts), ("-V", args.vocab), ("--backends", args.backends),
-                                        ("--greedy", args.greedy), ("--draft-probs", args.draft_probs))
-                 if val]
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            print(f"note: {', '.join(given)} {verb} to the rejection family only, which is not selected", flush=True)
-    if "attention" not in families and (args.prefix or args.nodes or args.attn_backends):
-        print("note: --prefix / --nodes / --attn-backends apply to the attention family only, which is not "
-              "selected", flush=True)
-    finished = []                        # (render_markdown, report, paths) printed at the end
-    bw = None
-    if "rejection" in families:
-        finished.append(_bench_rejection(args, device))
-        m = finished[-1][1].meta         # one bound for both reports of the run
-        bw = {"peak": m["peak_bytes_per_s"], "source": m["peak_source"], "copy": m["copy_bytes_per_s"]}
-    if "attention" in families:
-        if finished:
-            print(flush=True)
-        finished.append(_bench_attention(args, device, bw))
-    for render, report, paths in finished:
-        print()
-        print(render(report), flush=True)
-        print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None), flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size or ("goal" if device.type == "cuda" else "grid")
+    backends = args.backends or (list(bench.KERNEL_BACKENDS) if device.type == "cuda" or size == "smoke"
+                                 else ["torch"])
+    cases = bench.cases(args.family, size, device)
+    total = sum(1 for c in cases for i in c.impls
+                if (i.kind == "kernel" and i.name in backends) or (i.kind != "kernel" and not args.no_baselines)
+                or i.name == c.reference)
+    _log(f"fastverify bench on {bench.core.device_name(device)}: {', '.join(args.family)} at size {size}, "
+         f"{len(cases)} cases, {total} rows; backends {','.join(backends)}"
+         + ("" if args.no_baselines else " + baselines"))
+    meta = bench.machine(device)
+    meta.update(command=args.command, size=size)
+    done, t0 = 0, time.perf_counter()
+
+    def on_row(r) -> None:
+        nonlocal done
+        done += 1
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done)
+        print(f"[{done:>{len(str(total))}}/{total}] {row_line(r)}   {_hms(elapsed)} ETA {_hms(eta)}", flush=True)
+
+    rows = bench.core.run(cases, device, backends=backends, baselines=not args.no_baselines,
+                          target_s=args.target_time, machine_info=meta, log=_log, on_row=on_row)
+    meta["elapsed_s"] = time.perf_counter() - t0
+    paths = bench.report.write(meta, rows, args.out or default_results_dir(),
+                               args.name or f"bench-{bench.core.device_slug(device)}", png=not args.no_plot)
+    print()
+    print(bench.report.render_markdown(meta, rows), flush=True)
+    print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None), flush=True)
     return 0
-
-
-def _bench_rejection(args, device):
-    from . import bench
-
-    grid = bench.default_grid(device, args.quick)
-    for key, val in (("B", args.batch), ("K", args.drafts), ("V", args.vocab), ("dtype", args.dtype)):
-        if val:
-            grid[key] = tuple(val)
-    opts = bench.Options(device=device, ops=tuple(args.ops), backends=args.backends, grid=grid, quick=args.quick,
-                         greedy=args.greedy, draft_probs=args.draft_probs, target_s=args.target_time,
-                         launches=not args.no_launches, threads=args.threads)
-    if args.draft_probs and "tree" in opts.ops:
-        print("note: --draft-probs applies to the chain op only; the tree op is timed without", flush=True)
-    n_cfg = len(bench.configs(grid))
-    _log(f"fastverify bench on {bench.device_name(device)}: ops {','.join(opts.ops)}, {n_cfg} configs per op "
-         f"(B {grid['B']}, K {grid['K']}, V {grid['V']}, {','.join(grid['dtype'])})")
-    report = bench.run(opts, command=args.command, log=_log, on_result=_progress(bench.result_line))
-    paths = bench.write_report(report, args.out, args.name, device=device, png=not args.no_plot)
-    return bench.render_markdown, report, paths
-
-
-def _bench_attention(args, device, bw=None):
-    from . import bench, bench_attention as ba
-
-    grid = ba.default_grid(device, args.quick)
-    overrides = (("B", args.batch), ("P", args.prefix), ("n", args.nodes), ("dtype", args.dtype))
-    if any(val for _, val in overrides):
-        grid.pop("extra", None)          # extra configs belong to the default grid only
-    for key, val in overrides:
-        if val:
-            grid[key] = tuple(val)
-    opts = ba.AttnOptions(device=device, backends=args.attn_backends, grid=grid, quick=args.quick,
-                          target_s=args.target_time, threads=args.threads)
-    n_cfg = len(ba.configs(grid))
-    extra = f" + {', '.join(f'B{b} P{p} n{n} {d}' for b, p, n, d in grid['extra'])}" if grid.get("extra") else ""
-    _log(f"fastverify bench on {bench.device_name(device)}: tree_attention, {n_cfg} configs "
-         f"(B {grid['B']}, P {grid['P']}, n {grid['n']}, {','.join(grid['dtype'])}{extra})")
-    report = ba.run(opts, command=args.command, log=_log, on_result=_progress(ba.result_line), bw=bw)
-    stem = f"{args.name}-attention" if args.name else None
-    paths = ba.write_report(report, args.out, stem, device=device, png=not args.no_plot)
-    return ba.render_markdown, report, paths
 
 
 # --------------------------------------------------------------------------- generate / compare

@@ -1,16 +1,13 @@
-"""pytest-benchmark suite of fastverify's ops.
+"""pytest-benchmark suite of fastverify's ops (perf/bench_ops.py):
 
-    python -m pytest perf/ --benchmark-only
+    python -m pytest perf/ --benchmark-only            # FASTVERIFY_BENCH_SIZE=goal|grid|smoke
 
-Benchmarks live in ``perf/bench_*.py`` (collected by the hook below; pyproject's
-``testpaths`` is ``tests``, so perf/ runs only when named). The grid is the GPU grid of
-``fastverify.bench`` when CUDA is available, else the CPU grid;
-``FASTVERIFY_BENCH_QUICK=1`` picks the quick grid. Speed is reported, never asserted:
-``fastverify bench`` (fastverify/cli.py) writes the report with % of bound and speedups.
+The cases are fastverify.bench's (one module per op family), so this suite, ``fastverify
+bench`` and ``scripts/gpu_check.sh`` time the same things. pyproject's ``testpaths`` is
+``tests``, so perf/ runs only when named. Speed is reported, never asserted.
 """
 
 import pytest
-import torch
 
 from fastverify import bench
 
@@ -23,33 +20,6 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-class InputSets:
-    """Input sets of the configuration being benchmarked; keeps one configuration at a
-    time (GPU configurations reach hundreds of MB per set)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.key = None
-        self.sets = None
-
-    def get(self, op, B, K, V, dtype):
-        key = (op, B, K, V, dtype)
-        if key != self.key:
-            self.key, self.sets = None, None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            first = bench.build_problem(op, B, K, V, dtype, self.device, seed=0)
-            n, _ = bench.input_sets_for(first.input_bytes(), self.device)
-            self.sets = [first] + [bench.build_problem(op, B, K, V, dtype, self.device, seed=s) for s in range(1, n)]
-            self.key = key
-        return self.sets
-
-
 @pytest.fixture(scope="session")
 def device():
     return bench.default_device()
-
-
-@pytest.fixture(scope="session")
-def input_sets(device):
-    return InputSets(device)

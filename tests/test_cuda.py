@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEV = "cuda"
+BACKEND = "cuda"   # the backend every test here runs (gpu_check counts tests per backend)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BIG_V = 128256
 

@@ -24,6 +24,8 @@ from fastverify.ops import philox
 from fastverify.ops.frspec import check_lm_head_topk, lm_head_sample_torch, lm_head_topk_torch
 from fastverify.triton import frspec as triton_frspec
 
+pytestmark = pytest.mark.family("lm_head")
+
 BACKENDS = list(BACKEND_DEVICES)
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}   # relative to max(1, |score|)
 

@@ -20,6 +20,8 @@ from conftest import BACKEND_DEVICES, HAS_CUDA
 
 import fastverify
 
+pytestmark = pytest.mark.family("rejection")
+
 V = 10
 SAMPLES = 100_000
 # Statistical runs: the torch backend everywhere; Triton and CUDA where a GPU runs

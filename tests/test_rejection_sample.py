@@ -11,6 +11,8 @@ from problems import Chain, chain_problem, run_chain
 import fastverify
 from fastverify.triton import rejection as triton_rejection
 
+pytestmark = pytest.mark.family("rejection")
+
 BACKENDS = list(BACKEND_DEVICES)
 
 

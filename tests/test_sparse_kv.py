@@ -13,6 +13,8 @@ import fastverify
 from fastverify.ops import sparse_kv as ops_sparse
 from fastverify.triton import sparse_kv as triton_sparse
 
+pytestmark = pytest.mark.family("sparse_kv")
+
 BACKENDS = list(BACKEND_DEVICES)
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 

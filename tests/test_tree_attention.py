@@ -11,6 +11,8 @@ from conftest import BACKEND_DEVICES
 import fastverify
 from fastverify.triton import tree_attention as triton_attention
 
+pytestmark = pytest.mark.family("tree_attention")
+
 BACKENDS = list(BACKEND_DEVICES)
 
 

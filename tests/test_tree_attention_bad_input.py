@@ -9,6 +9,8 @@ from conftest import BACKEND_DEVICES
 
 from fastverify.triton import tree_attention as triton_attention
 
+pytestmark = pytest.mark.family("tree_attention")
+
 
 @pytest.fixture
 def p():

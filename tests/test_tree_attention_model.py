@@ -16,6 +16,8 @@ import fastverify
 import transformers  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
+pytestmark = pytest.mark.family("tree_attention")
+
 
 def tiny(arch: str):
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -10,6 +10,8 @@ from problems import Tree, run_tree, tree_problem
 
 from fastverify.triton import rejection as triton_rejection
 
+pytestmark = pytest.mark.family("rejection")
+
 BACKENDS = list(BACKEND_DEVICES)
 
 

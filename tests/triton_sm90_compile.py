@@ -146,16 +146,23 @@ def sparse_kv_variants():
     }, {"BLOCK": 1024, "RADIX": sk.RADIX, "PASSES": sk.PASSES}, 4
 
 
-def main(quick: bool) -> int:
+def compiled_variants(quick: bool = True, families=("rejection", "tree_attention", "lm_head", "sparse_kv")):
+    """(family, name, logits dtype, ids dtype, num_warps, CompiledKernel) of every variant
+    (``quick``: one per kernel and ids dtype)."""
+    sources = {"rejection": variants, "tree_attention": attention_variants, "lm_head": frspec_variants,
+               "sparse_kv": sparse_kv_variants}
     seen = set()
-    for name, logit_t, ids_t, fn, sig, const, warps in itertools.chain(variants(), attention_variants(), frspec_variants(),
-                                                                       sparse_kv_variants()):
-        if quick and (name, ids_t) in seen:
-            continue
-        seen.add((name, ids_t))
-        k = compile_kernel(fn, sig, const, warps)
-        print(f"ok  {name:32s} logits={logit_t:4s} ids={ids_t}  regs={k.n_regs if hasattr(k, 'n_regs') else '?'} "
-              f"spills={k.n_spills if hasattr(k, 'n_spills') else '?'} shared={k.metadata.shared}", flush=True)
+    for family in families:
+        for name, logit_t, ids_t, fn, sig, const, warps in sources[family]():
+            if quick and (name, ids_t) in seen:
+                continue
+            seen.add((name, ids_t))
+            yield family, name, logit_t, ids_t, warps, compile_kernel(fn, sig, const, warps)
+
+
+def main(quick: bool) -> int:
+    for _, name, logit_t, ids_t, _, k in compiled_variants(quick):
+        print(f"ok  {name:32s} logits={logit_t:4s} ids={ids_t}  shared={k.metadata.shared}", flush=True)
     return 0
 
 

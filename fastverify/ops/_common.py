@@ -33,6 +33,8 @@ def implementation(device: torch.device, family: str, name: str, torch_fn):
                 "the triton backend runs CPU tensors only under the Triton interpreter: "
                 "set TRITON_INTERPRET=1 before importing fastverify (or use CUDA tensors)")
         return getattr(importlib.import_module(f"fastverify.triton.{family}"), name)
+    if device.type == "cpu" and _backend.cpu_cuda_kernels is not None:
+        return getattr(_backend.cpu_cuda_kernels, name)
     if device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got tensors on {device}")
     from .. import _cuda
