@@ -34,8 +34,7 @@ import types
 
 import torch
 
-from .ops.attention import mask_words
-from .ops.sampling import default_chunk
+from ._layout import default_chunk, mask_words
 
 LIB_NAME = "fastverify_cuda"
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))

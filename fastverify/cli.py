@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from tqdm.auto import tqdm
+
 
 def _csv(kind, allowed: Optional[Sequence] = None):
     """argparse type: comma-separated list of ``kind`` values, each in ``allowed``."""
@@ -76,7 +78,7 @@ def _log(msg: str) -> None:
 
 def row_line(r) -> str:
     """One streamed line per measured row."""
-    from .bench.report import fmt, fmt_us, fmt_x
+    from .bench.report import fmt_us, fmt_x
 
     head = f"{r.family:14s} {r.op:22s} {r.shape:38s} {r.backend:24s}"
     if r.status != "ok":
@@ -122,17 +124,16 @@ def _cmd_bench(args) -> int:
          + ("" if args.no_baselines else " + baselines"))
     meta = bench.machine(device)
     meta.update(command=args.command, size=size)
-    done, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
 
     def on_row(r) -> None:
-        nonlocal done
-        done += 1
-        elapsed = time.perf_counter() - t0
-        eta = elapsed / done * (total - done)
-        print(f"[{done:>{len(str(total))}}/{total}] {row_line(r)}   {_hms(elapsed)} ETA {_hms(eta)}", flush=True)
+        bar.update(1)
+        bar.write(row_line(r))
 
     rows = bench.core.run(cases, device, backends=backends, baselines=not args.no_baselines,
                           target_s=args.target_time, machine_info=meta, log=_log, on_row=on_row)
+    bar.close()
     meta["elapsed_s"] = time.perf_counter() - t0
     paths = bench.report.write(meta, rows, args.out or default_results_dir(),
                                args.name or f"bench-{bench.core.device_slug(device)}", png=not args.no_plot)
@@ -189,10 +190,17 @@ def _layer_list(text: str) -> list[int]:
     return out
 
 
-def _decoding_options(args) -> dict:
-    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers", "frspec_vocab", "frspec_source",
-             "frspec_ranking", "kv_budget", "kv_policy", "kv_chunk", "kv_refresh")
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+def _decoding_options(args, model=None) -> dict:
+    """generate()'s options from the flags; ``--frspec-vocab`` resolves its ranking here
+    (a saved one, or the model's cached default ranking from ``--frspec-source``)."""
+    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers", "frspec_vocab", "kv_budget",
+             "kv_policy", "kv_chunk", "kv_refresh")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if options.get("frspec_vocab") and model is not None:
+        from . import frspec
+        options["frspec_ranking"] = (frspec.Ranking.load(args.frspec_ranking, model.tokenizer) if args.frspec_ranking
+                                     else frspec.default_ranking(model, args.frspec_source or "generated"))
+    return options
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -253,18 +261,13 @@ def _cmd_generate(args) -> int:
     tok = model.tokenizer
     stream = tok.stream_decoder() if tok is not None else None
     n = len(args.prompt)
-    budget = n * args.max_new_tokens
-    produced = [0]
-    started = time.perf_counter()
+    bar = None if n == 1 else tqdm(total=n * args.max_new_tokens, unit="tok", file=sys.stderr, dynamic_ncols=True)
 
     def on_tokens(b, new):
-        if n == 1:  # one prompt: stream its text as it is verified
+        if bar is None:  # one prompt: stream its text as it is verified
             print(stream.push(new) if stream is not None else " ".join(map(str, new)), end="", flush=True)
-            return
-        produced[0] += len(new)  # a batch: a progress bar, the texts at the end
-        done = produced[0] / budget
-        print(f"\r[{'#' * int(30 * done):<30}] {produced[0]}/{budget} tokens  {time.perf_counter() - started:5.1f}s",
-              end="", file=sys.stderr, flush=True)
+        else:            # a batch: a progress bar, the texts at the end
+            bar.update(len(new))
 
     what = args.method + (f" with {drafter or 'layerskip'} drafts" if args.method in ("chain", "tree") else "")
     if args.method == "selfspec" or drafter == "selfspec":
@@ -275,11 +278,11 @@ def _cmd_generate(args) -> int:
     r = generate(model, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  seed=[args.seed + b for b in range(n)], chat=not args.no_chat,
-                 on_tokens=on_tokens, **_decoding_options(args))
-    if n == 1:
+                 on_tokens=on_tokens, **_decoding_options(args, model))
+    if bar is None:
         print(stream.flush() if stream is not None else "", flush=True)
     else:
-        print(file=sys.stderr)
+        bar.close()
         for b, text in enumerate(r.texts):
             print(f"\n[prompt {b}] {args.prompt[b]}\n{text}", flush=True)
     s = r.stats
@@ -303,61 +306,74 @@ def _add_compare(sub) -> None:
     from . import compare
 
     labels = [m[0] for m in compare.METHODS]
-    p = sub.add_parser("compare", help="every decoding method vs transformers' generate on the same prompts",
-                       description="Run each decoding method (greedy, batch 1) and Hugging Face transformers' "
-                                   "generate (plain, prompt lookup, early-exit assisted) on built-in summarising, "
-                                   "code-editing, extraction and open prompts with the same model on this machine; "
-                                   "check every method's tokens against the autoregressive baseline; print a table "
-                                   "and write <out>/compare-<device>-<yyyymmdd>.{md,json,png}.")
+    p = sub.add_parser("compare", help="every decoding method vs transformers' generate (and llama.cpp) on the same "
+                                       "prompts",
+                       description="Run each decoding method (greedy, batch 1), Hugging Face transformers' generate "
+                                   "(plain, prompt lookup, early-exit assisted) and, when llama-cpp-python is "
+                                   "installed, llama.cpp on the same GGUF (plain and prompt lookup) on built-in "
+                                   "summarising, code-editing, extraction and open prompts, same model, threads and "
+                                   "machine; check every run's tokens against the autoregressive baseline; print a "
+                                   "table and the winner and write <out>/compare-<device>.{md,json,png}. The full "
+                                   "run takes about 8 minutes on 2 CPU cores; --quick about 2.")
     _add_model_args(p)
+    p.add_argument("--quick", action="store_true",
+                   help="only ar, chain/ngram (the best n-gram method), transformers' generate and prompt lookup "
+                        "(and llama.cpp's two runs when installed)")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--methods", type=_csv(str, labels), default=labels, help=",".join(labels))
-    p.add_argument("--hf", type=_csv(str, compare.HF_METHODS), default=compare.HF_METHODS,
-                   help=",".join(compare.HF_METHODS))
+    p.add_argument("--methods", type=_csv(str, labels), default=None, help=",".join(labels))
+    p.add_argument("--hf", type=_csv(str, compare.HF_METHODS), default=None, help=",".join(compare.HF_METHODS))
     p.add_argument("--no-hf", action="store_true", help="skip transformers' runs")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's runs even when it is installed")
     p.add_argument("--prompts", type=_csv(str, tuple(compare.PROMPTS)), default=list(compare.PROMPTS),
                    help=",".join(compare.PROMPTS))
     p.add_argument("--out", default=None, help="output folder (default: perf/results of the checkout)")
+    p.add_argument("--name", default=None, help="file stem (default: compare-<device>, compare-quick-<device>)")
     _add_decoding_args(p)
     p.set_defaults(func=_cmd_compare)
 
 
 def _cmd_compare(args) -> int:
-    import datetime
-
     import torch
 
     from . import bench, compare
 
     model = _load_model(args)
-    methods = [m for m in compare.METHODS if m[0] in args.methods]
+    chosen = args.methods or (compare.QUICK_METHODS if args.quick else [m[0] for m in compare.METHODS])
+    methods = [m for m in compare.METHODS if m[0] in chosen]
     if methods[0][0] != "ar":
         methods = [compare.METHODS[0]] + methods  # the baseline every check refers to
-    hf = [] if args.no_hf else args.hf
+    hf = [] if args.no_hf else (args.hf or (compare.QUICK_HF_METHODS if args.quick else compare.HF_METHODS))
+    why_no_llama = "skipped (--no-llama-cpp)" if args.no_llama_cpp else compare.llama_cpp_available(model)
+    llama = [] if why_no_llama else compare.LLAMA_CPP_METHODS
     prompts = {k: compare.PROMPTS[k] for k in args.prompts}
-    _log(f"compare on {bench.device_name(model.device)}: {len(methods)} fastverify methods + {len(hf)} transformers "
-         f"runs x {len(prompts)} prompts, greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
-    report = compare.run(model, prompts=prompts, methods=methods, hf_methods=hf, max_new_tokens=args.max_new_tokens,
-                         options=_decoding_options(args), log=_log)
-    stamp = datetime.date.today().strftime("%Y%m%d")
     device = bench.device_name(model.device)
+    _log(f"compare on {device}: {len(methods)} fastverify methods + {len(hf)} transformers + {len(llama)} llama.cpp "
+         f"runs x {len(prompts)} prompts, greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
+         + (f"\nllama.cpp: {why_no_llama}" if why_no_llama else ""))
+    report = compare.run(model, prompts=prompts, methods=methods, hf_methods=hf, llama_methods=llama,
+                         max_new_tokens=args.max_new_tokens, options=_decoding_options(args, model))
+    if why_no_llama:
+        report["notes"] = [f"llama.cpp rows: not run — {why_no_llama}."]
     report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {device}"
     report["header"] = (f"# {report['title']}\n\ncommand: `{args.command}`  \nversions: "
                         + ", ".join(f"{k} {v}" for k, v in bench.versions().items())
-                        + f"  \ngit: {bench.git_revision()}  \nmachine: {bench.device_name(model.device)}; "
+                        + f"  \ngit: {bench.git_revision()}  \nmachine: {device}; "
                           f"greedy, batch 1, up to {args.max_new_tokens} new tokens per prompt\n\n")
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf", "results")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in device.lower()).strip("-")
-    paths = compare.write_report(report, os.path.join(out, f"compare-{slug}-{stamp}"))
+    slug = bench.core.device_slug(model.device)
+    stem = args.name or (f"compare-quick-{slug}" if args.quick else f"compare-{slug}")
+    paths = compare.write_report(report, os.path.join(args.out or default_results_dir(), stem))
     print()
     print(compare.render_markdown(report), flush=True)
     for r in report["rows"]:
+        if r["label"].startswith("llama.cpp"):
+            continue
         for name, pos, margin in r["divergences"]:
             print(f"DIVERGED: {r['label']} on {name} at token {pos} (ar top-2 margin {margin:.3g})", flush=True)
         for name, pos, margin in r["ties"]:
             print(f"near-tie: {r['label']} on {name} at token {pos} (ar top-2 margin {margin:.3g})", flush=True)
     print("wrote " + ", ".join(paths), flush=True)
-    return 1 if any(r["divergences"] for r in report["rows"]) else 0
+    checked = [r for r in report["rows"] if not r["label"].startswith("llama.cpp")]   # llama.cpp: its own weights
+    return 1 if any(r["divergences"] for r in checked) else 0
 
 
 # --------------------------------------------------------------------------- info

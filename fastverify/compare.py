@@ -1,6 +1,8 @@
-"""End-to-end comparison: every decoding method of :mod:`fastverify.decoding` and
-Hugging Face transformers' own ``generate`` (plain, prompt lookup, early-exit
-assisted) on the same model, prompts and machine, one prompt at a time.
+"""End-to-end comparison: every decoding method of :mod:`fastverify.decoding`, Hugging
+Face transformers' own ``generate`` (plain, prompt lookup, early-exit assisted) and, when
+``llama-cpp-python`` is installed and the model is a GGUF, llama.cpp on the same file
+(autoregressive and its prompt-lookup decoding), on the same prompts and machine, one
+prompt at a time, with the same number of threads.
 
 Greedy runs are checked token for token against fastverify's autoregressive baseline;
 a divergence is accepted only where the baseline's top-2 logits at the diverging
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .decoding import encode_prompts, generate
 from .models import unfuse_hf
@@ -60,6 +64,11 @@ METHODS = [
     ("tree/layerskip", "tree", "layerskip"),
 ]
 HF_METHODS = ["hf", "hf/prompt-lookup", "hf/early-exit"]
+LLAMA_CPP_METHODS = ["llama.cpp", "llama.cpp/prompt-lookup"]
+# --quick: the baseline, the best n-gram method on CPU, and the references' plain and prompt-lookup runs
+QUICK_METHODS = ["ar", "chain/ngram"]
+QUICK_HF_METHODS = ["hf", "hf/prompt-lookup"]
+REFERENCE_PREFIXES = ("hf", "llama.cpp")
 
 
 @dataclass
@@ -115,6 +124,43 @@ def _hf_generate(hf, ids: list[int], kind: str, max_new_tokens: int, eos: list[i
     return out[0, len(ids):].tolist(), time.perf_counter() - t0
 
 
+def llama_cpp_available(model) -> str | None:
+    """Why llama.cpp rows cannot run (None: they can): llama-cpp-python installed and the
+    model loaded from a GGUF file."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install -e '.[llama]', builds from source in ~6 min)"
+    if not str(getattr(model, "source", "")).endswith(".gguf"):
+        return "the model was not loaded from a GGUF file"
+    return None
+
+
+def llama_cpp_model(model, threads: int, prompt_lookup: bool):
+    """llama.cpp on the GGUF ``model`` came from (its own weights, e.g. Q4_1 where
+    fastverify dequantizes to fp32), ``threads`` threads; prompt lookup drafts 10 tokens."""
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    return llama_cpp.Llama(model_path=model.source, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                           n_batch=512, verbose=False,
+                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None)
+
+
+def _llama_cpp_generate(llm, ids: list[int], max_new_tokens: int, eos: list[int]):
+    """Greedy tokens and seconds of llama.cpp on the prompt ids (prefill included)."""
+    llm.reset()
+    out = []
+    t0 = time.perf_counter()
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if tok in eos:
+            break
+        out.append(int(tok))
+        if len(out) >= max_new_tokens:
+            break
+    return out, time.perf_counter() - t0
+
+
 def first_divergence(model, prompt: list[int], base: list[int], other: list[int]):
     """(position, top-2 margin of the baseline's logits there), or None when ``other``
     is ``base`` (or a prefix of it cut by the token budget)."""
@@ -127,9 +173,11 @@ def first_divergence(model, prompt: list[int], base: list[int], other: list[int]
     return pos, float(top[0] - top[1])
 
 
-def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_methods=None, max_new_tokens: int = 64,
-        tie_tolerance: float = 1e-3, options: dict | None = None, log=print) -> dict:
-    """Run every method on every prompt (greedy, batch 1); returns the report dict."""
+def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_methods=None, llama_methods=None,
+        max_new_tokens: int = 64, tie_tolerance: float = 1e-3, options: dict | None = None,
+        progress_bar: bool = True) -> dict:
+    """Run every method on every prompt (greedy, batch 1), streaming a line per run under a
+    progress bar; returns the report dict."""
     prompts = prompts or PROMPTS
     methods = methods if methods is not None else METHODS
     hf_methods = hf_methods if hf_methods is not None else HF_METHODS
@@ -138,16 +186,13 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
     eos = sorted(model.config.eos_ids)
     rows: dict[str, Row] = {}
     base: dict[str, list[int]] = {}
-    total = len(prompts) * (len(methods) + len(hf_methods))
-    done, started = 0, time.perf_counter()
+    llama_methods = list(llama_methods or [])
+    total = len(prompts) * (len(methods) + len(hf_methods) + len(llama_methods))
+    bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=not progress_bar)
 
     def progress(label, name, tokens, seconds):
-        nonlocal done
-        done += 1
-        elapsed = time.perf_counter() - started
-        eta = elapsed / done * (total - done)
-        log(f"[{done:>{len(str(total))}}/{total}] {label:<16} {name:<10} {tokens:>4} tokens "
-            f"{tokens / seconds:6.1f} tok/s   elapsed {elapsed:5.0f}s ETA {eta:5.0f}s")
+        bar.update(1)
+        bar.write(f"{label:<24} {name:<10} {tokens:>4} tokens {tokens / seconds:6.1f} tok/s")
 
     generate(model, [ids[next(iter(ids))]], max_new_tokens=4)   # warm up kernels and allocator
     for label, method, drafter, *extra in methods:   # extra: options of this method only
@@ -179,6 +224,19 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
                     row.per_prompt[name] = [len(out), seconds]
                     _check(model, row, name, prompt, base, out, tie_tolerance)
                     progress(kind, name, len(out), seconds)
+    for kind in llama_methods:
+        llm = llama_cpp_model(model, torch.get_num_threads(), prompt_lookup=kind.endswith("prompt-lookup"))
+        _llama_cpp_generate(llm, ids[next(iter(ids))], 4, eos)                # warm up
+        row = rows.setdefault(kind, Row(kind))
+        for name, prompt in ids.items():
+            out, seconds = _llama_cpp_generate(llm, prompt, max_new_tokens, eos)
+            row.tokens += len(out)
+            row.seconds += seconds
+            row.per_prompt[name] = [len(out), seconds]
+            _check(model, row, name, prompt, base, out, tie_tolerance)
+            progress(kind, name, len(out), seconds)
+        del llm
+    bar.close()
     return {"rows": [dict(asdict(r), tokens_per_s=r.tokens_per_s, tokens_per_step=r.tokens_per_step)
                      for r in rows.values()],
             "prompts": {k: len(v) for k, v in ids.items()}, "max_new_tokens": max_new_tokens,
@@ -197,6 +255,23 @@ def _check(model, row: Row, name: str, prompt, base: dict, tokens: list[int], to
         row.ties.append((name, d[0], d[1]))
     else:
         row.divergences.append((name, d[0], d[1]))
+
+
+def winner(report: dict) -> str:
+    """One line: the fastest run, and the fastest fastverify method against the fastest
+    reference (transformers, llama.cpp) of the same report."""
+    rows = [r for r in report["rows"] if r["tokens_per_s"] and (r["label"].startswith("llama.cpp") or not r["divergences"])]
+    if not rows:
+        return "winner: none (no run finished)"
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    ours = [r for r in rows if not r["label"].startswith(REFERENCE_PREFIXES)]
+    refs = [r for r in rows if r["label"].startswith(REFERENCE_PREFIXES)]
+    line = f"winner: {best['label']} at {best['tokens_per_s']:.1f} tokens/s"
+    if ours and refs:
+        a, b = max(ours, key=lambda r: r["tokens_per_s"]), max(refs, key=lambda r: r["tokens_per_s"])
+        line += (f"; best fastverify method {a['label']} {a['tokens_per_s']:.1f} vs best reference {b['label']} "
+                 f"{b['tokens_per_s']:.1f} tokens/s ({a['tokens_per_s'] / b['tokens_per_s']:.2f}×)")
+    return line
 
 
 def render_markdown(report: dict) -> str:
@@ -219,7 +294,9 @@ def render_markdown(report: dict) -> str:
         same = f"{r['same_as_ar']}/{n}"
         if r["ties"]:
             same += f" (+{len(r['ties'])} near-tie)"
-        if r["divergences"]:
+        if r["label"].startswith("llama.cpp"):
+            same += " (its own quantized weights: not expected to match)"
+        elif r["divergences"]:
             same += f" — {len(r['divergences'])} DIVERGED"
         lines.append(f"| {r['label']} | {tps:.1f} | {tau} | {vs_hf} | {vs_ar} | {shares} | {same} |")
     names = list(report["prompts"])
@@ -228,7 +305,9 @@ def render_markdown(report: dict) -> str:
     for r in rows:
         cells = [f"{t / sec:.1f}" if sec else "–" for t, sec in (r["per_prompt"].get(n, (0, 0)) for n in names)]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for note in report.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines + ["", winner(report)])
 
 
 def write_report(report: dict, path_stem: str) -> list[str]:
@@ -251,7 +330,8 @@ def write_report(report: dict, path_stem: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     labels = [r["label"] for r in rows]
     ax.barh(labels[::-1], [r["tokens_per_s"] for r in rows][::-1],
-            color=["tab:gray" if lab.startswith("hf") else "tab:blue" for lab in labels][::-1])
+            color=["tab:gray" if lab.startswith("hf") else "tab:orange" if lab.startswith("llama.cpp") else "tab:blue"
+                   for lab in labels][::-1])
     ax.set_xlabel("tokens/s (greedy, batch 1)")
     ax.set_title(report.get("title", "fastverify compare"), fontsize=9)
     fig.tight_layout()

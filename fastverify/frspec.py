@@ -30,11 +30,11 @@ import pathlib
 import sys
 import sysconfig
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from .ops import lm_head_topk
 
@@ -177,40 +177,23 @@ def count_generated(model, prompts, *, max_new_tokens: int = 128, batch_size: in
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     V = model.config.vocab_size
     counts = torch.zeros(V, dtype=torch.int64)
-    budget = len(prompts) * max_new_tokens
-    done = [0]  # tokens accounted for (a request that stops early accounts for its whole budget)
-    started = time.perf_counter()
+    # a request that stops early accounts for its whole budget when its batch ends
+    bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress, desc="counting generated tokens")
     batches = -(-len(prompts) // batch_size)
-
-    last_draw = [0.0]
-
-    def draw(batch: int, produced: int, force: bool = True) -> None:
-        now = time.perf_counter()
-        if progress and (force or now - last_draw[0] >= 0.1):  # at most 10 redraws a second between batches
-            last_draw[0] = now
-            share = min(1.0, produced / budget)
-            print(f"\r[{'#' * int(30 * share):<30}] {produced}/{budget} tokens  batch {batch}/{batches}  "
-                  f"{time.perf_counter() - started:5.1f}s", end="", file=sys.stderr, flush=True)
-
     try:
         for index, start in enumerate(range(0, len(prompts), batch_size), 1):
             chunk = list(prompts[start:start + batch_size])
-            running = [0]
-
-            def on_tokens(b, new, index=index, running=running):
-                running[0] += len(new)
-                draw(index, done[0] + running[0], force=False)
-
-            draw(index, done[0])
+            bar.set_postfix_str(f"batch {index}/{batches}")
+            before = bar.n
             result = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=[seed + start + i for i in range(len(chunk))], chat=chat,
-                              on_tokens=on_tokens if progress else None, **generate_options)
+                              on_tokens=(lambda b, new: bar.update(len(new))) if progress else None,
+                              **generate_options)
             _add_counts(counts, result.tokens)
-            done[0] += len(chunk) * max_new_tokens
-            draw(index, done[0])
+            bar.update(before + len(chunk) * max_new_tokens - bar.n)
     finally:
-        if progress:
-            print(file=sys.stderr, flush=True)
+        bar.close()
     return counts
 
 
@@ -257,6 +240,12 @@ class Ranking:
     tokenizer_identity: str | None = None
     source: str = ""
     format_version: int = FORMAT_VERSION
+
+
+    def ranked_head(self, model, n: int) -> "RankedHead":
+        """The ranked head of ``model`` over this ranking's ``n`` first tokens (what
+        ``fastverify.generate(..., frspec_vocab=n, frspec_ranking=self)`` drafts with)."""
+        return ranked_head(model, self, n)
 
     def __post_init__(self):
         order, counts = self.order, self.counts

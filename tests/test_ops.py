@@ -144,3 +144,81 @@ def test_tree_and_chain_run_through_public_wrappers():
     p = tree_problem(B=2, V=20, max_nodes=4, seed=7)
     acc, out, num = run_tree(p, "torch")
     assert acc.shape == out.shape == (2, p.max_draft_len + 1)
+
+
+# --------------------------------------------------------------------------- empty batches and draft_probs
+
+
+def empty_batch_calls(dev):
+    """Every op on a batch of zero requests (B = 0, cu_* = [0]), with the outputs it must give."""
+    i32 = dict(dtype=torch.int32, device=dev)
+    ids = torch.zeros(0, dtype=torch.long, device=dev)
+    cu0 = torch.zeros(1, **i32)
+    logits = torch.zeros(0, 50, device=dev)
+    cache = torch.randn(3, 4, 2, 16, device=dev)
+    q0 = torch.zeros(0, 4, 16, device=dev)
+    table0 = torch.zeros(0, 3, **i32)
+    lens0 = torch.zeros(0, **i32)
+    sampling = dict(temperature=1.0, seed=0, positions=0)
+    return {
+        "rejection_sample": (lambda: fastverify.rejection_sample(logits, ids, cu0, max_draft_len=3, **sampling),
+                             [(0, 4), (0,)]),
+        "tree_rejection_sample": (lambda: fastverify.tree_rejection_sample(logits, ids, ids, cu0, max_depth=2,
+                                                                           **sampling), [(0, 3), (0, 3), (0,)]),
+        "build_tree": (lambda: fastverify.build_tree(ids, cu0, ids), [(0, 1), (0,), (0,)]),
+        "tree_attention": (lambda: fastverify.tree_attention(q0, cache, cache, table0, lens0, cu0,
+                                                             torch.zeros(0, 1, dtype=torch.long, device=dev)),
+                           [(0, 4, 16)]),
+        "compact_kv": (lambda: fastverify.compact_kv(cache, cache.clone(), table0, lens0,
+                                                     torch.zeros(0, 3, **i32), lens0), []),
+        "lm_head_topk": (lambda: fastverify.lm_head_topk(torch.zeros(0, 16, device=dev), torch.randn(30, 16, device=dev),
+                                                         4), [(0, 4), (0, 4), (0,)]),
+        "lm_head_sample": (lambda: fastverify.lm_head_sample(
+            torch.zeros(0, 16, device=dev), torch.randn(30, 16, device=dev),
+            temperature=torch.zeros(0, device=dev), seed=torch.zeros(0, dtype=torch.long, device=dev),
+            positions=torch.zeros(0, dtype=torch.long, device=dev)), [(0,), (0,), (0,)]),
+        "select_kv_chunks": (lambda: fastverify.select_kv_chunks(q0, cache, table0, lens0, chunk_size=4, num_chunks=2),
+                             [(0, 2, 2)]),
+        "sparse_kv_attention": (lambda: fastverify.sparse_kv_attention(q0, cache, cache, table0, lens0,
+                                                                       torch.zeros(0, 2, 2, **i32), chunk_size=4),
+                                [(0, 4, 16)]),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(empty_batch_calls("cpu")))
+def test_an_empty_batch_gives_empty_outputs(backend, op):
+    call, shapes = empty_batch_calls(BACKEND_DEVICES[backend])[op]
+    with fastverify.use_backend(backend):
+        out = call()
+    outs = [] if out is None else list(out) if isinstance(out, tuple) else [out]
+    assert [tuple(t.shape) for t in outs] == shapes
+
+
+@pytest.mark.parametrize("op", ["chain", "tree"])
+@pytest.mark.parametrize("bad,message", [
+    ("nan", r"draft_probs\[0, 3\] = nan: probabilities must be finite and >= 0"),
+    ("negative", r"draft_probs\[0, 3\] = -0.5: probabilities must be finite and >= 0"),
+    ("sum", r"draft_probs\[0\] sums to 1.5 > 1 \+ 0.001"),
+])
+def test_draft_probs_values_are_checked(op, bad, message):
+    p = chain_problem(B=2, V=20, max_k=2, q=True, seed=4) if op == "chain" else tree_problem(B=2, V=20, q=True, seed=4)
+    q = p.draft_probs.clone()
+    assert q.shape[0] >= 1
+    q[0, 3] = {"nan": float("nan"), "negative": -0.5, "sum": q[0, 3]}[bad]
+    if bad == "sum":
+        q[0] *= 1.5 / q[0].sum()
+    args, kwargs = chain_call(p) if op == "chain" else tree_call(p)
+    kwargs["draft_probs"] = q
+    fn = fastverify.rejection_sample if op == "chain" else fastverify.tree_rejection_sample
+    with pytest.raises(ValueError, match=message):
+        fn(*args, **kwargs)
+
+
+def test_draft_probs_rows_may_sum_below_one_and_round_in_half_precision():
+    p = chain_problem(B=3, V=200, max_k=2, q=True, seed=5)
+    args, kwargs = chain_call(p)
+    kwargs["draft_probs"] = (p.draft_probs * 0.5).contiguous()           # a drafter over a token subset
+    fastverify.rejection_sample(*args, **kwargs)
+    kwargs["draft_probs"] = (p.draft_probs * 1.004).to(torch.bfloat16)  # bf16 rounding above 1
+    fastverify.rejection_sample(args[0].to(torch.bfloat16), *args[1:], **kwargs)

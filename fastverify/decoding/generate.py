@@ -294,21 +294,18 @@ def make_drafter(model, drafter, **options):
     raise ValueError(f"drafter must be None, 'layerskip', 'ngram', a model or a drafter object, got {drafter!r}")
 
 
-def ranked_head(target, draft_model, *, frspec_vocab: int | None = None, frspec_ranking=None,
-                frspec_source: str = "generated", **_):
-    """The drafter's frequency-ranked head of ``frspec_vocab`` tokens (None when unset).
-    The ranking is ``frspec_ranking`` (a :class:`fastverify.frspec.Ranking` or a saved
-    one's path), else the target's cached default ranking from ``frspec_source``
-    ("generated": text the target writes itself; "corpus": the built-in corpus)."""
+def ranked_head(target, draft_model, *, frspec_vocab: int | None = None, frspec_ranking=None, **_):
+    """The drafter's frequency-ranked head of the ``frspec_vocab`` most frequent tokens of
+    ``frspec_ranking`` (a :class:`fastverify.frspec.Ranking`, e.g.
+    ``fastverify.frspec.default_ranking(target)``); None when ``frspec_vocab`` is unset.
+    Decoding only reads the ranking it is given: building one (from text the target
+    generates, or a corpus) is :mod:`fastverify.frspec`'s, one layer up."""
     if not frspec_vocab:
         return None
-    from .. import frspec
-
-    if frspec_ranking is None:
-        frspec_ranking = frspec.default_ranking(target, frspec_source)
-    elif not isinstance(frspec_ranking, frspec.Ranking):
-        frspec_ranking = frspec.Ranking.load(frspec_ranking, target.tokenizer)
-    return frspec.ranked_head(draft_model, frspec_ranking, frspec_vocab)
+    if frspec_ranking is None or not hasattr(frspec_ranking, "ranked_head"):
+        raise ValueError("frspec_vocab needs frspec_ranking: a fastverify.frspec.Ranking, e.g. "
+                         "fastverify.frspec.default_ranking(model) or fastverify.frspec.Ranking.load(path, tokenizer)")
+    return frspec_ranking.ranked_head(draft_model, frspec_vocab)
 
 
 def encode_prompts(model, prompts, chat: bool = True) -> list[list[int]]:
@@ -356,8 +353,8 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
         drafter: "layerskip" (default; the target on a subset of its layers,
             ``draft_layers=[...]``), "ngram" (prompt lookup), or a model sharing the
             target's tokenizer. A model drafter takes ``frspec_vocab=N`` (draft over the N
-            most frequent tokens only: FR-Spec), with ``frspec_ranking`` or ``frspec_source``
-            (see :func:`ranked_head`); verification still sees the full vocabulary.
+            most frequent tokens of ``frspec_ranking`` only: FR-Spec, see :func:`ranked_head`);
+            verification still sees the full vocabulary.
         temperature, top_k, top_p, seed: scalars or one value per prompt; temperature 0
             is greedy.
         on_tokens: ``callback(request, new_ids)`` after every step (streaming).

@@ -40,11 +40,12 @@ def load(source: str = "smollm2", *, dtype=torch.float32, device="cpu") -> Trans
     package), a Hugging Face checkpoint folder (config.json + safetensors) or a
     ``.gguf`` file. Nothing is ever downloaded.
     """
-    from .loaders import read_checkpoint
+    from .loaders import read_checkpoint, resolve_source
 
     config, state_dict, tokenizer = read_checkpoint(source)
     model = from_state_dict(config, state_dict, dtype=dtype, device=device)
     model.tokenizer = tokenizer
+    model.source = resolve_source(source)      # the folder or file it came from (llama.cpp reads the same GGUF)
     if tokenizer is not None and not model.config.eos_ids:
         model.config.eos_ids = tuple(sorted(tokenizer.eos_ids))
     return model

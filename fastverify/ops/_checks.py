@@ -104,6 +104,25 @@ def check_sampling_params(temperature, top_k, top_p, seed, positions, B: int, de
         raise ValueError(f"positions must be >= 0, got {positions.tolist()}")
 
 
+def check_probs(p: torch.Tensor, name: str) -> None:
+    """Value check of a distribution per row: finite, >= 0, each row summing to at most
+    1 + tolerance (rounding of the stored dtype: 1e-3 in fp32, 1e-2 in fp16/bf16). Rows
+    may sum to less than 1 (a drafter over a subset)."""
+    if p.numel() == 0:
+        return
+    bad = ~torch.isfinite(p) | (p < 0)
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"{name}[{i}, {j}] = {float(p[i, j])}: probabilities must be finite and >= 0")
+    tol = 1e-3 if p.dtype == torch.float32 else 1e-2
+    sums = p.sum(1, dtype=torch.float64)
+    over = sums > 1 + tol
+    if bool(over.any()):
+        i = int(over.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] sums to {float(sums[i]):.6g} > 1 + {tol:g}: each row must be a probability "
+                         "distribution (the one its draft was drawn from)")
+
+
 def check_ids_in_vocab(ids: torch.Tensor, name: str, vocab: int) -> None:
     bad = (ids < 0) | (ids >= vocab)
     if bool(bad.any()):

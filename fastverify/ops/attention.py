@@ -28,6 +28,7 @@ import math
 import torch
 
 from .. import _backend
+from .._layout import WORD, mask_words
 from ._checks import ID_DTYPES, check_cu, check_tensor, check_tree, passed_before, remember_passed
 from ._common import implementation, row_requests
 
@@ -40,21 +41,13 @@ lib.define("compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tabl
            "Tensor accepted_nodes, Tensor num_accepted) -> ()")
 
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-WORD = 64
-
-
-def mask_words(max_nodes: int) -> int:
-    """int64 words per tree_mask row for trees of up to ``max_nodes`` nodes."""
-    return max(1, -(-max_nodes // WORD))
-
-
 # --------------------------------------------------------------------------- checks
 
 
 def _check_cu_nodes(cu_num_nodes, dev):
     check_tensor(cu_num_nodes, "cu_num_nodes", ndim=1, dtypes=(torch.int32,), device=dev)
-    if cu_num_nodes.numel() < 2:
-        raise ValueError(f"cu_num_nodes must have B + 1 >= 2 entries, got {cu_num_nodes.numel()}")
+    if cu_num_nodes.numel() < 1:
+        raise ValueError("cu_num_nodes must have B + 1 >= 1 entries (an empty batch is [0]), got none")
     return cu_num_nodes.numel() - 1
 
 
@@ -114,7 +107,7 @@ def check_tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
         return
     check_cu(cu_num_nodes, "cu_num_nodes", T, "q.shape[0]", min_step=1)
     n = (cu_num_nodes[1:] - cu_num_nodes[:-1]).long()
-    if int(n.max()) > WORD * tree_mask.shape[1]:
+    if B and int(n.max()) > WORD * tree_mask.shape[1]:
         raise ValueError(f"a tree has {int(n.max())} nodes but tree_mask rows hold {WORD * tree_mask.shape[1]} bits")
     bad = seq_lens.long() < n
     if bool(bad.any()):
@@ -359,18 +352,24 @@ def _compact_kv_fake(k_cache, v_cache, block_table, prefix_lens, accepted_nodes,
 
 def _build_tree_impl(parents, cu_num_nodes, prefix_lens, *, max_nodes=None):
     check_build_tree(parents, cu_num_nodes, prefix_lens, max_nodes)
+    if cu_num_nodes.numel() == 1:        # an empty batch: empty outputs, no launch
+        return _build_tree_fake(parents, cu_num_nodes, prefix_lens, max_nodes=max_nodes)
     fn = implementation(parents.device, "tree_attention", "build_tree", build_tree_torch)
     return fn(parents, cu_num_nodes, prefix_lens, max_nodes)
 
 
 def _tree_attention_impl(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, *, sm_scale=None):
     check_tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale)
+    if cu_num_nodes.numel() == 1:        # an empty batch: empty outputs, no launch
+        return q.new_empty(q.shape)
     fn = implementation(q.device, "tree_attention", "tree_attention", tree_attention_torch)
     return fn(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale)
 
 
 def _compact_kv_impl(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_accepted):
     check_compact_kv(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_accepted)
+    if block_table.shape[0] == 0:        # an empty batch: nothing moves
+        return
     fn = implementation(k_cache.device, "tree_attention", "compact_kv", compact_kv_torch)
     fn(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_accepted)
 

@@ -33,8 +33,8 @@ import torch
 
 from .. import _backend
 from . import philox
-from ._checks import (ID_DTYPES, check_cu, check_ids_in_vocab, check_logits, check_sampling_params, check_tensor,
-                      check_tree)
+from ._checks import (ID_DTYPES, check_cu, check_ids_in_vocab, check_logits, check_probs, check_sampling_params,
+                      check_tensor, check_tree)
 from ._common import implementation, row_requests
 from .sampling import NEG_INF, filter_threshold, inverse_cdf, sanitize, scale
 
@@ -64,8 +64,8 @@ def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_prob
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     dev = target_logits.device
     check_tensor(cu_num_draft, "cu_num_draft", ndim=1, dtypes=(torch.int32,), device=dev)
-    if cu_num_draft.numel() < 2:
-        raise ValueError(f"cu_num_draft must have B + 1 >= 2 entries, got {cu_num_draft.numel()}")
+    if cu_num_draft.numel() < 1:
+        raise ValueError("cu_num_draft must have B + 1 >= 1 entries (an empty batch is [0]), got none")
     B = cu_num_draft.numel() - 1
     check_tensor(draft_tokens, "draft_tokens", ndim=1, dtypes=ID_DTYPES, device=dev)
     N = draft_tokens.numel()
@@ -81,10 +81,12 @@ def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_prob
     if not (values and _backend.value_checks_enabled(target_logits)):
         return
     check_cu(cu_num_draft, "cu_num_draft", N, "draft_tokens.numel()", min_step=0)
-    longest = int((cu_num_draft[1:] - cu_num_draft[:-1]).max())
+    longest = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if B else 0
     if longest > max_draft_len:
         raise ValueError(f"a request has {longest} drafts (cu_num_draft) but max_draft_len is {max_draft_len}")
     check_ids_in_vocab(draft_tokens, "draft_tokens", V)
+    if draft_probs is not None:
+        check_probs(draft_probs, "draft_probs")
     check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, True)
 
 
@@ -95,8 +97,8 @@ def check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_node
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     dev = target_logits.device
     check_tensor(cu_num_nodes, "cu_num_nodes", ndim=1, dtypes=(torch.int32,), device=dev)
-    if cu_num_nodes.numel() < 2:
-        raise ValueError(f"cu_num_nodes must have B + 1 >= 2 entries, got {cu_num_nodes.numel()}")
+    if cu_num_nodes.numel() < 1:
+        raise ValueError("cu_num_nodes must have B + 1 >= 1 entries (an empty batch is [0]), got none")
     B = cu_num_nodes.numel() - 1
     check_tensor(tree_tokens, "tree_tokens", ndim=1, dtypes=ID_DTYPES, device=dev)
     T = tree_tokens.numel()
@@ -115,6 +117,8 @@ def check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_node
     check_cu(cu_num_nodes, "cu_num_nodes", T, "tree_tokens.numel()", min_step=1)
     check_ids_in_vocab(tree_tokens, "tree_tokens", V)
     check_tree(parents, cu_num_nodes, tokens=tree_tokens, max_depth=max_depth)
+    if draft_probs is not None:
+        check_probs(draft_probs, "draft_probs")
     check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, True)
 
 
@@ -350,6 +354,10 @@ def _rejection_sample_impl(target_logits, draft_tokens, cu_num_draft, *, draft_p
                            top_p=None, seed, positions, max_draft_len):
     check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
                            seed, positions, max_draft_len)
+    if cu_num_draft.numel() == 1:        # an empty batch: empty outputs, no launch
+        return tuple(t.fill_(-1) for t in _rejection_sample_fake(
+            target_logits, draft_tokens, cu_num_draft, draft_probs=draft_probs, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, positions=positions, max_draft_len=max_draft_len))
     fn = implementation(target_logits.device, "rejection", "rejection_sample", rejection_sample_torch)
     return fn(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed, positions,
               max_draft_len)
@@ -359,6 +367,10 @@ def _tree_rejection_sample_impl(target_logits, tree_tokens, parents, cu_num_node
                                 top_k=None, top_p=None, seed, positions, max_depth):
     check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
                                 top_k, top_p, seed, positions, max_depth)
+    if cu_num_nodes.numel() == 1:        # an empty batch: empty outputs, no launch
+        return _tree_rejection_sample_fake(
+            target_logits, tree_tokens, parents, cu_num_nodes, draft_probs=draft_probs, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, positions=positions, max_depth=max_depth)
     fn = implementation(target_logits.device, "rejection", "tree_rejection_sample", tree_rejection_sample_torch)
     return fn(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p, seed,
               positions, max_depth)

@@ -31,13 +31,6 @@ NEG_INF = float("-inf")
 _KEY_BIAS = 2**31
 RADIX_BITS = 4
 RADIX_BINS = 1 << RADIX_BITS
-MAX_CHUNK = 4096
-
-
-def default_chunk(V: int) -> int:
-    """Vocabulary chunk width of the Triton and CUDA kernels: a power of two in
-    [16, MAX_CHUNK] that depends on V alone, so results never depend on the batch."""
-    return max(16, min(MAX_CHUNK, 1 << max(0, V - 1).bit_length()))
 
 
 def sanitize(logits: torch.Tensor) -> torch.Tensor:

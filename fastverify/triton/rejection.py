@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.sampling import default_chunk
+from .._layout import default_chunk
 from .common import request_of_row
 from .philox import uniform_pair
 

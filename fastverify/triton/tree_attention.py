@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import mask_words
 from .common import request_of_row
 
 LOG2E = 1.4426950408889634
@@ -224,7 +225,6 @@ def _compact_kv_kernel(k_ptr, v_ptr, bt_ptr, prefix_ptr, acc_ptr, num_ptr,
 
 def build_tree(parents, cu_num_nodes, prefix_lens, max_nodes):
     """Triton backend of :func:`fastverify.build_tree` (unchecked)."""
-    from ..ops.attention import mask_words
 
     T = parents.numel()
     B = cu_num_nodes.numel() - 1
