@@ -5,12 +5,11 @@ itself and from the built-in corpus; greedy, batch 1, the prompts of ``fastverif
     python perf/frspec_e2e.py [--method chain|tree] [--sizes 4096,8192,16384] [--max-new-tokens 64] [--threads N]
 
 Prints a markdown table (tokens/s, tokens per target forward, speedup against the full
-head, same tokens as AR) and writes perf/results/frspec-<device>-<yyyymmdd>.{md,json,png}.
+head, same tokens as AR) and writes perf/results/frspec-<method>-<device>.{md,json,png} (a stable name: the latest run replaces the last).
 The rankings are built once and cached (``fastverify.frspec.default_ranking``).
 """
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -58,9 +57,8 @@ def main() -> int:
                         f"prompt, {torch.get_num_threads()} threads. Coverage = share of the ranking's counted "
                         "tokens inside the subset: "
                         + ", ".join(f"{k.split(' ', 1)[1]} {v:.1%}" for k, v in coverage.items()) + "\n\n")
-    stamp = datetime.date.today().strftime("%Y%m%d")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in device.lower()).strip("-")
-    paths = compare.write_report(report, os.path.join(args.out, f"frspec-{m}-{slug}-{stamp}"))
+    slug = bench.core.device_slug(model.device)
+    paths = compare.write_report(report, os.path.join(args.out, f"frspec-{m}-{slug}"))
     print(compare.render_markdown(report))
     print("wrote " + ", ".join(paths))
     return 0

@@ -14,11 +14,10 @@ model T_SD/T_AR = (γ·T_D/T_T + T_V/T_T) / Ω, Ω = (1 − α^(γ+1)) / (1 − 
 measured ratio. With ``--tree-topk K`` each (budget, policy) also runs as a tree
 (``method="tree", drafter="selfspec"``: the draft's top K tokens at each of γ levels
 along the sparse chain, at most 16 nodes), reported by τ and tokens/s (the chain cost
-model does not apply). Writes perf/results/selfspec-b<batch>-<device>-<yyyymmdd>[-<tag>].{md,json,png}.
+model does not apply). Writes perf/results/selfspec-b<batch>-<device>[-<tag>].{md,json,png} (stable names: the latest run replaces the last).
 """
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -144,9 +143,8 @@ def main() -> int:
                          f"| {r['predicted_time_ratio']:.2f} | {r['measured_time_ratio']:.2f} | {r['same']} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    stamp = datetime.date.today().strftime("%Y%m%d")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in device.lower()).strip("-")
-    stem = os.path.join(args.out, f"selfspec-b{args.batch}-{slug}-{stamp}" + (f"-{args.tag}" if args.tag else ""))
+    slug = bench.core.device_slug(model.device)
+    stem = os.path.join(args.out, f"selfspec-b{args.batch}-{slug}" + (f"-{args.tag}" if args.tag else ""))
     os.makedirs(args.out, exist_ok=True)
     compare._atomic_write(stem + ".md", text.encode())
     compare._atomic_write(stem + ".json", json.dumps(rows, indent=2).encode())

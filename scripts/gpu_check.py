@@ -272,8 +272,17 @@ def stage_static(out: Path, smoke: bool) -> int:
             result["triton"] = triton_static(["rejection"] if smoke else list(FAMILIES))
     except Exception as e:  # noqa: BLE001
         result["errors"].append(f"triton: {type(e).__name__}: {e}"[:2000])
+    from fastverify.bench.core import git_revision, versions
+    result.update(git=git_revision(), versions=versions(),
+                  command="python scripts/gpu_check.py static --out DIR" + (" --smoke" if smoke else ""))
     write_json(out / "static.json", result)
     flagged = [k for k in result["cuda"] + result["triton"] if k.get("flag")]
+    head = ["# sm_90 kernel resources, known before a GPU is seen", "",
+            f"- command: `{result['command']}`; git {result['git']}",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+            f"- {len(result['cuda'])} CUDA kernels, {len(result['triton'])} Triton variants; {len(flagged)} flagged:", ""]
+    head += [f"  - {k['family']} `{k['kernel']}` {k.get('variant', '')}: {k['flag']}" for k in flagged] + [""]
+    (out / "static.md").write_text("\n".join(head + render_static(result, [])[1:]) + "\n")
     print(f"static: {len(result['cuda'])} CUDA kernels, {len(result['triton'])} Triton variants, "
           f"{len(flagged)} flagged, {len(result['errors'])} errors")
     for k in flagged:
@@ -359,36 +368,38 @@ def flag(k: dict) -> str:
 
 def triton_static(families: list) -> list:
     """Triton kernels compiled for sm_90 without a GPU (tests/triton_sm90_compile.py's
-    variants); registers and spills from ptxas -v on their PTX."""
+    variants): registers, local memory (spills) and static shared memory from
+    ``cuobjdump --dump-resource-usage`` of their cubin, plus the dynamic shared memory
+    Triton asks for at launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; sys.path.insert(0, %r); import triton_sm90_compile as t\n"
-            "rows = [dict(family=f, kernel=n, variant=f'logits={lt} ids={it}', warps=w, smem=k.metadata.shared,"
-            " ptx=k.asm['ptx']) for f, n, lt, it, w, k in t.compiled_variants(True, %r)]\n"
+    code = ("import base64, json, sys; sys.path.insert(0, %r); import triton_sm90_compile as t\n"
+            "rows = [dict(family=f, kernel=n, variant=f'logits={lt} ids={it}', warps=w, dynamic_smem=k.metadata.shared,"
+            " cubin=base64.b64encode(k.asm['cubin']).decode()) for f, n, lt, it, w, k in t.compiled_variants(True, %r)]\n"
             "print(json.dumps(rows))" % (str(TESTS), tuple(families)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
+    import base64
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    ptxas = _triton_ptxas()
+    cuobjdump = _triton_tool("cuobjdump")
     for r in rows:
-        ptx = r.pop("ptx")
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(ptx)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(base64.b64decode(r.pop("cubin")))
             f.flush()
-            p = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                               text=True)
-        parsed = parse_ptxas(p.stdout + p.stderr)
-        r.update(regs=parsed[0]["regs"] if parsed else None, spills=parsed[0]["spills"] if parsed else None,
-                 threads=32 * r["warps"])
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+        r.update(regs=usage.get("REG"), spills=usage.get("LOCAL", 0) + usage.get("STACK", 0) if usage else None,
+                 smem=r.pop("dynamic_smem") + usage.get("SHARED", 0), threads=32 * r["warps"])
         residency(r)
         r["flag"] = flag(r)
     return rows
 
 
-def _triton_ptxas() -> str:
+def _triton_tool(name: str) -> str:
+    """A CUDA binary tool Triton ships (cuobjdump), else the one on PATH."""
     import triton
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return str(bundled) if bundled.exists() else (shutil.which("ptxas") or "ptxas")
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else (shutil.which(name) or name)
 
 
 # --------------------------------------------------------------------------- report
@@ -464,18 +475,22 @@ def render(data: dict, rows: list) -> str:
             lines += bench_report.family_table(fam, rows)
     else:
         lines += ["(no benchmark row was written)", ""]
-    st = data["static"]
-    lines += ["## Kernel resources (sm_90)", "",
-              "Registers, spills and static shared memory from `ptxas -v`; threads per block from the kernels' "
-              "launch bounds (CUDA) or warps (Triton); blocks/SM = resident blocks per SM on sm_90 by threads, "
-              "registers and shared memory. Flagged: spills, or fewer than two resident blocks.", ""]
+    lines += render_static(data["static"], data.get("triton_jit", []))
+    return "\n".join(lines)
+
+
+def render_static(st: dict, triton_jit: list) -> list:
+    lines = ["## Kernel resources (sm_90)", "",
+             "Registers, spills and static shared memory from `ptxas -v`; threads per block from the kernels' "
+             "launch bounds (CUDA) or warps (Triton); blocks/SM = resident blocks per SM on sm_90 by threads, "
+             "registers and shared memory. Flagged: spills, or fewer than two resident blocks.", ""]
     lines += _kernel_table(st.get("cuda", []), "CUDA kernels (nvcc, csrc/cuda)")
-    lines += _kernel_table(data.get("triton_jit", []), "Triton kernels compiled by the benchmarks (goal shapes)")
+    lines += _kernel_table(triton_jit, "Triton kernels compiled by the benchmarks (goal shapes)")
     lines += _kernel_table(st.get("triton", []), "Triton kernels compiled for sm_90 without a GPU (representative "
                                                  "variants)")
     if st.get("errors"):
         lines += ["Errors:", ""] + [f"- {e[:500]}" for e in st["errors"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def summary(data: dict, rows: list) -> str:
