@@ -2,7 +2,7 @@
 
     fastverify bench [--family rejection,tree_attention,lm_head,sparse_kv] [--size goal|grid|smoke]
                      [--backends torch,triton,cuda] [--no-baselines] [--out DIR]
-    fastverify generate [--model smollm2|FOLDER|FILE.gguf] --prompt TEXT [--prompt ...] [--method ar|chain|tree]
+    fastverify generate [--model smollm2|FOLDER|FILE.gguf] --prompt TEXT [--prompt ...] [--method ar|chain|tree|selfspec]
                         [--drafter layerskip|ngram|MODEL] [--temperature T] [--max-new-tokens N] ...
     fastverify compare [--model ...] [--max-new-tokens N] [--methods ...] [--no-hf] [--out DIR]
     fastverify info
@@ -314,7 +314,7 @@ def _add_compare(sub) -> None:
                                    "summarising, code-editing, extraction and open prompts, same model, threads and "
                                    "machine; check every run's tokens against the autoregressive baseline; print a "
                                    "table and the winner and write <out>/compare-<device>.{md,json,png}. The full "
-                                   "run takes about 8 minutes on 2 CPU cores; --quick about 2.")
+                                   "run takes about 10 minutes on 2 CPU cores; --quick about 1.5.")
     _add_model_args(p)
     p.add_argument("--quick", action="store_true",
                    help="only ar, chain/ngram (the best n-gram method), transformers' generate and prompt lookup "

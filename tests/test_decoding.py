@@ -213,6 +213,10 @@ def test_bad_input_fails_before_work(small):
         generate(small, [[1]], method="chain", drafter="oracle")
     with pytest.raises(ValueError, match="min_ngram"):
         NgramDrafter(max_ngram=1, min_ngram=2)
+    with pytest.raises(ValueError, match="unknown option.*kv_budgett"):
+        generate(small, [[1]], method="selfspec", kv_budgett=3)
+    with pytest.raises(ValueError, match="frspec_vocab needs frspec_ranking"):
+        generate(small, [[1]], method="chain", drafter="layerskip", frspec_vocab=8)
 
 
 def test_chunked_prefill_gives_the_same_tokens(monkeypatch):

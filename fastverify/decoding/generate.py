@@ -277,6 +277,11 @@ def _depths(parents: list[list[int]]) -> list[int]:
     return out
 
 
+# generate()'s drafter options beyond its own keyword arguments
+OPTIONS = ("draft_layers", "ngram_max", "ngram_min", "ngram_branches", "frspec_vocab", "frspec_ranking", "kv_budget",
+           "kv_policy", "kv_chunk", "kv_sink", "kv_recent", "kv_refresh")
+
+
 def make_drafter(model, drafter, **options):
     """``None``/"layerskip"/"ngram"/a model/a drafter object -> a drafter. A model drafter
     gets a frequency-ranked head of ``frspec_vocab`` tokens when that option is set."""
@@ -366,6 +371,10 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; generate() takes {', '.join(OPTIONS)} besides its "
+                         "keyword arguments")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = encode_prompts(model, prompts, chat)

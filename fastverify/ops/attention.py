@@ -414,7 +414,7 @@ def tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tre
     ancestors, from a paged KV cache, in one call for the whole batch.
 
     Args:
-        q: ``[T, Hq, D]`` fp16/bf16 (fp32 on CPU) queries of all tree nodes.
+        q: ``[T, Hq, D]`` fp16/bf16/fp32 queries of all tree nodes.
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; Hq a multiple of Hkv. The
             tree nodes' own K/V are already written as the last n_b keys of request b.
         block_table: ``[B, max_pages]`` int32 page of each request's p-th page.
