@@ -40,15 +40,12 @@ FAMILIES = ("rejection", "tree_attention", "lm_head", "sparse_kv")
 
 # The family tests run by the tests stage, most valuable first (GPU: whole modules;
 # smoke: a representative test of each family on every backend).
-GPU_TESTS = ["tests/test_cuda.py", "tests/test_rejection_sample.py", "tests/test_tree_rejection_sample.py",
-             "tests/test_tree_attention.py", "tests/test_lm_head_topk.py", "tests/test_sparse_kv.py",
-             "tests/test_tree_attention_bad_input.py", "tests/test_bad_input.py", "tests/test_ops.py",
-             "tests/test_lossless.py"]
-SMOKE_TESTS = ["tests/test_rejection_sample.py::test_matches_oracle",
-               "tests/test_tree_rejection_sample.py::test_matches_oracle",
+GPU_TESTS = ["tests/test_rejection.py", "tests/test_tree_attention.py", "tests/test_lm_head.py",
+             "tests/test_sparse_kv.py", "tests/integrations", "tests/test_ops.py", "tests/test_lossless.py"]
+SMOKE_TESTS = ["tests/test_rejection.py::test_matches_oracle",
                "tests/test_tree_attention.py::test_tree_attention_matches_path_oracle",
-               "tests/test_lm_head_topk.py::test_topk_matches_oracle",
-               "tests/test_lm_head_topk.py::test_sample_matches_oracle",
+               "tests/test_lm_head.py::test_topk_matches_oracle",
+               "tests/test_lm_head.py::test_sample_matches_oracle",
                "tests/test_sparse_kv.py::test_attention_matches_oracle",
                "tests/test_sparse_kv.py::test_select_matches_oracle"]
 
@@ -194,7 +191,7 @@ def stage_bench(out: Path, smoke: bool) -> int:
             f.write(json.dumps(asdict(r), default=str) + "\n")
         print(f"{time.perf_counter() - t0:6.0f}s  {row_line(r)}", flush=True)
 
-    rows = bench.run(bench.FAMILIES, meta["size"], device, machine_info=meta, on_row=on_row,
+    rows = bench.run(bench.FAMILIES + (bench.ADAPTERS,), meta["size"], device, machine_info=meta, on_row=on_row,
                      target_s=0.02 if smoke else 0.1, min_reps=3 if smoke else 10)
     if device == "cuda":
         try:
@@ -422,6 +419,7 @@ def stage_report(out: Path, smoke: bool) -> int:
             "build_s": build.get("build_s"), "build_ok": build.get("ok"), "build_error": build.get("error"),
             "tests": tests["tests"], "failures": tests["failures"],
             "bench": bench_report.bench_entries(rows), "baselines": bench_report.baseline_entries(rows),
+            "adapters": bench_report.adapter_entries(rows),
             "bench_meta": meta, "static": static, "triton_jit": triton_jit, "stages": stages}
     write_json(out / "gpu_check.json", data)
     (out / "gpu_check.md").write_text(render(data, rows) + "\n")
@@ -504,7 +502,7 @@ def summary(data: dict, rows: list) -> str:
     for t in data["tests"]:
         lines.append(f"  {t['family']:15s} {t['backend']:7s} {t['passed']:5d} passed {t['failed']:4d} failed "
                      f"{t['skipped']:4d} skipped {t['seconds']:6.0f} s")
-    goal = [r for r in rows if r.kind == "kernel"]
+    goal = [r for r in rows if r.kind == "kernel" and r.family != "integrations"]
     lines.append(f"bench: {len(rows)} rows")
     for r in goal:
         if r.status != "ok":
@@ -514,6 +512,10 @@ def summary(data: dict, rows: list) -> str:
         x = " ".join(f"{fmt_x(v)} {b}" for b, v in r.speedup.items())
         met = "" if r.target_met is None else ("  target met" if r.target_met else "  target NOT met")
         lines.append(f"  {r.op:22s} {r.shape:40s} {r.backend:7s} {fmt_us(r.median_us):>9s} µs {pct} {x}{met}")
+    for a in data.get("adapters", []):
+        if a["median_us"] is not None:
+            extra = "" if a["overhead_us"] is None else f" (raw op {a['raw_op_us']:.0f} µs, +{a['overhead_us']:.0f})"
+            lines.append(f"  adapter {a['adapter']:45s} {a['backend']:7s} {a['median_us']:9.0f} µs{extra}")
     flagged = [k for k in data["static"].get("cuda", []) + data.get("triton_jit", []) + data["static"].get("triton", [])
                if k.get("flag")]
     lines.append(f"static: {len(flagged)} kernels flagged (spills or < 2 blocks/SM)")

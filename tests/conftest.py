@@ -67,7 +67,7 @@ def entry_points(backend: str, family: str):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "family(name): the op family a test module covers (rejection, "
-                                       "tree_attention, lm_head, sparse_kv)")
+                                       "tree_attention, lm_head, sparse_kv; integrations: the engine entry points)")
     config.addinivalue_line("markers", "gpu_sized: too large for the interpreter / emulator: on CPU only the torch "
                                        "backend runs it (FASTVERIFY_EMULATE_FULL=1: all)")
 

@@ -1,5 +1,6 @@
 """Op microbenchmarks: one runner (``core``), one report writer (``report``) and one module
-per op family (``rejection``, ``tree_attention``, ``lm_head``, ``sparse_kv``), used by
+per op family (``rejection``, ``tree_attention``, ``lm_head``, ``sparse_kv``) plus
+``integrations`` (the engine entry points' cost over the raw ops), used by
 ``fastverify bench``, the pytest-benchmark suite in ``perf/`` and ``scripts/gpu_check.sh``.
 
 Sizes: ``goal`` — the shapes the project's targets are stated at (GPU), ``grid`` — a sweep
@@ -22,12 +23,13 @@ from . import core, report
 from .core import KERNEL_BACKENDS, SIZES, Case, Impl, Row, default_device, device_name, git_revision, machine, versions
 
 FAMILIES = ("rejection", "tree_attention", "lm_head", "sparse_kv")
+ADAPTERS = "integrations"           # the engine entry points' cost over the raw ops
 
 
 def family(name: str):
     """The benchmark module of an op family."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
+    if name not in FAMILIES + (ADAPTERS,):
+        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES + (ADAPTERS,)}")
     return importlib.import_module(f"{__name__}.{name}")
 
 
@@ -42,5 +44,5 @@ def run(families, size: str, device, **kwargs) -> list[Row]:
     return core.run(cases(families, size, device), device, **kwargs)
 
 
-__all__ = ["FAMILIES", "KERNEL_BACKENDS", "SIZES", "Case", "Impl", "Row", "cases", "core", "default_device",
+__all__ = ["ADAPTERS", "FAMILIES", "KERNEL_BACKENDS", "SIZES", "Case", "Impl", "Row", "cases", "core", "default_device",
            "device_name", "family", "git_revision", "machine", "report", "run", "versions"]

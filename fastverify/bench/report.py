@@ -18,19 +18,35 @@ from typing import Optional
 from .core import Row
 
 FAMILY_TITLES = {"rejection": "Rejection sampling", "tree_attention": "Tree attention",
-                 "lm_head": "Frequency-ranked LM head", "sparse_kv": "Sparse-KV attention"}
+                 "lm_head": "Frequency-ranked LM head", "sparse_kv": "Sparse-KV attention",
+                 "integrations": "Engine entry points (cost over the raw op)"}
 
 
 def bench_entries(rows: list[Row]) -> list[dict]:
-    """The kernel rows in the flat schema: one entry per (row, baseline) pair."""
+    """The op families' kernel rows in the flat schema: one entry per (row, baseline) pair."""
     out = []
     for r in rows:
-        if r.kind != "kernel":
+        if r.kind != "kernel" or r.family == "integrations":
             continue
         base = dict(family=r.family, op=r.op, shape=r.shape, backend=r.backend, status=r.status,
                     median_us=r.median_us, gbps=r.gbps, pct_of_bound=r.pct_of_bound)
         pairs = list(r.speedup.items()) or [(None, None)]
         out += [dict(base, baseline=b, speedup=x) for b, x in pairs]
+    return out
+
+
+def adapter_entries(rows: list[Row]) -> list[dict]:
+    """The engine entry points: µs per call and, where the adapter wraps one op, that raw
+    op's µs (the device's default backend) and the difference."""
+    raw = {(r.op, r.shape): r.median_us for r in rows if r.family == "integrations" and r.kind == "baseline"}
+    out = []
+    for r in rows:
+        if r.family != "integrations" or r.kind != "kernel":
+            continue
+        base = raw.get((r.op, r.shape))
+        out.append(dict(adapter=r.op, shape=r.shape, backend=r.backend, status=r.status, median_us=r.median_us,
+                        raw_op_us=base, overhead_us=None if base is None or r.median_us is None
+                        else r.median_us - base))
     return out
 
 
@@ -42,7 +58,7 @@ def baseline_entries(rows: list[Row]) -> list[dict]:
 
 def to_json(meta: dict, rows: list[Row]) -> dict:
     return {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows], "bench": bench_entries(rows),
-            "baselines": baseline_entries(rows)}
+            "baselines": baseline_entries(rows), "adapters": adapter_entries(rows)}
 
 
 def rows_from_json(data: dict) -> list[Row]:
