@@ -43,7 +43,7 @@ FAMILIES = ("rejection", "tree_attention", "lm_head", "sparse_kv")
 GPU_TESTS = ["tests/test_rejection.py", "tests/test_tree_attention.py", "tests/test_lm_head.py",
              "tests/test_sparse_kv.py", "tests/integrations", "tests/test_ops.py", "tests/test_lossless.py"]
 SMOKE_TESTS = ["tests/test_rejection.py::test_matches_oracle",
-               "tests/test_tree_attention.py::test_tree_attention_matches_path_oracle",
+               "tests/test_tree_attention.py::test_tree_attention_matches_oracle",
                "tests/test_lm_head.py::test_topk_matches_oracle",
                "tests/test_lm_head.py::test_sample_matches_oracle",
                "tests/test_sparse_kv.py::test_attention_matches_oracle",
