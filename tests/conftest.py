@@ -93,6 +93,21 @@ def backend_of(item) -> str:
     return getattr(item.module, "BACKEND", "torch")
 
 
+def capture_graph(fn):
+    """(CUDA graph, its static outputs) of ``fn``, warmed up twice on a side stream first
+    (the tests marked ``cuda`` replay it after changing the inputs in place)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    return graph, outs
+
+
 _report_path = os.environ.get("FASTVERIFY_TEST_REPORT")
 
 

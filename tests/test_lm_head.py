@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 import naive
-from conftest import BACKEND_DEVICES, BACKENDS, entry_points
+from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
 from law import assert_law
 
 import fastverify
@@ -703,20 +703,6 @@ def test_torch_compile_fullgraph(backend):
 # ----------------------------------------------------------------------------- on a GPU
 
 
-def capture(fn):
-    """(graph, static outputs) of fn after a warm-up on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = fn()
-    return graph, outs
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_replay_follows_new_inputs(backend):
@@ -724,7 +710,7 @@ def test_cuda_graph_replay_follows_new_inputs(backend):
     calls = (lambda: run_topk(x, 8, backend), lambda: run_topk(replace(x, temperature=None), 40, backend),
              lambda: run_sample(x, backend))
     for fn in calls:
-        graph, outs = capture(fn)
+        graph, outs = capture_graph(fn)
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(a, b) for a, b in zip(outs, fn())), "replay vs eager"

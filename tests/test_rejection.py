@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import naive
-from conftest import BACKEND_DEVICES, BACKENDS, entry_points
+from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
 from problems import Chain, Tree, chain_problem, random_tree, run_chain, run_tree, tree_depth, tree_problem
 
 import fastverify
@@ -145,7 +145,7 @@ def boosted(rows: int, V: int, likely: torch.Tensor, g: torch.Generator) -> torc
 def grid_sampling(B: int, g: torch.Generator, filt: bool, q_rows: int | None, V: int, likely: torch.Tensor,
                   q_dtype) -> dict:
     """Every third request greedy; draft probs for ``q_rows`` rows (None: none); top-k up to
-    29 and top-p in [0.2, 1) with ``filt``. (Drawn in test_cuda.py's order: same inputs.)"""
+    29 and top-p in [0.2, 1) with ``filt``."""
     temperature = torch.rand(B, generator=g) + 0.3
     temperature[::3] = 0.0
     q = None if q_rows is None else torch.softmax(boosted(q_rows, V, likely, g), 1).to(q_dtype)
@@ -464,7 +464,7 @@ def nan_inf_problems(dtype, filt: bool) -> tuple[Chain, Tree, Chain]:
     return replace(a, logits=l.to(dtype)), replace(t, logits=t.logits.to(dtype)), replace(a, logits=runs.to(dtype))
 
 
-# test_cuda_emulated.py's subset on cuda, the torch and triton backends on its unfiltered
+# the emulator's subset on cuda, the torch and triton backends on its unfiltered
 # point (NaN with filters on triton: test_chain_degenerate_logits_give_in_range_tokens)
 NAN_INF_ON_CPU = {(F32, False): ALL, (BF16, True): ("torch", "cuda"), (F16, True): ("torch", "cuda")}
 
@@ -601,20 +601,6 @@ def test_cuda_schemas_take_chunk_width_and_stream(backend):
 # ----------------------------------------------------------------------------- GPU only: graphs, compile, streams
 
 
-def capture(fn):
-    """(graph, static outputs) of fn after a warm-up on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = fn()
-    return graph, outs
-
-
 def refill(p: Chain, seed: int) -> None:
     """New contents for a graph's static inputs (same shapes, same drafts)."""
     g = torch.Generator(device=GPU).manual_seed(seed)
@@ -645,7 +631,7 @@ GRAPH_CASES = {
 def test_cuda_graph_replay_follows_new_inputs(backend, case):
     p = GRAPH_CASES[case]().to(GPU)
     with fastverify.use_backend(backend):
-        graph, outs = capture(lambda: public_op(p))
+        graph, outs = capture_graph(lambda: public_op(p))
         graph.replay()
         torch.cuda.synchronize()
         assert_same(outs, public_op(p), "replay vs eager")

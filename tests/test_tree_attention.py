@@ -7,9 +7,8 @@ count, strided views, the garbage the unchecked kernels must survive — as torc
 
 CPU / GPU: tests run over ``BACKENDS`` (torch; triton under the Triton interpreter and
 cuda through the CPU emulator here; triton and cuda on CUDA tensors on a GPU). The case
-grid is test_cuda.py's (every case in every dtype). Here torch runs all of it, the
-emulator every case in float32 plus test_cuda_emulated.py's subset (each case in one more
-dtype), the interpreter (~1 s a case) the CPU cases in float32 plus a bf16 and an f16
+grid is every case in every dtype. Here torch runs all of it, the emulator every case in
+float32 plus each case in one more dtype, the interpreter (~1 s a case) the CPU cases in float32 plus a bf16 and an f16
 row; their other rows, and the interpreter's slowest build_tree inputs, are
 ``gpu_sized``. Split counts are a knob of the triton / cuda entry points
 (``entry_points``). CUDA graphs and torch.compile on CUDA tensors are ``cuda`` tests over
@@ -26,7 +25,7 @@ import torch
 
 from attention_problems import (Paged, ancestors, build_tree_cases, dense_sdpa_oracle, mask_words_oracle,
                                 paged_problem, path_attention_oracle, tree_parents)
-from conftest import BACKEND_DEVICES, BACKENDS, entry_points
+from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
 
 import fastverify
 
@@ -163,7 +162,7 @@ TILE_CASES = {
     "head_dim_200": ([4, 9], [40, 18], dict(D=200, Hq=2, Hkv=1)),
 }
 ATTENTION_CASES = {**CASES, **TILE_CASES}
-# On CPU the emulator runs every case in float32 and test_cuda_emulated.py's subset (every
+# On CPU the emulator runs every case in float32 and a subset in half precision (every
 # case in one dtype, the dtypes taking turns, and three more); the interpreter runs the CPU
 # cases in float32 and a bf16 and an f16 row (its tile shapes only depend on the head dim,
 # which those cases span).
@@ -390,20 +389,6 @@ def test_compact_kv_garbage_is_memory_safe(backend):
 # ----------------------------------------------------------------------------- on the GPU only
 
 
-def capture(fn):
-    """(graph, static output) of fn after a warm-up on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_and_compile(backend):
@@ -412,7 +397,7 @@ def test_cuda_graph_and_compile(backend):
     p = paged_problem([6, 64], [300, 40], Hq=8, Hkv=2, D=128, page=16, dtype=F16, seed=14).to(GPU)
     fn = functools.partial(fastverify.tree_attention, *p.args())
     with fastverify.use_backend(backend):
-        graph, out = capture(fn)
+        graph, out = capture_graph(fn)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, fn())

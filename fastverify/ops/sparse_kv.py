@@ -237,7 +237,7 @@ def sparse_kv_attention_torch(q, k_cache, v_cache, block_table, seq_lens, chunk_
     G = Hq // Hkv
     cs = chunk_size
     dev = q.device
-    lens = seq_lens.long()
+    lens = seq_lens.long().clamp_min(0)             # unchecked garbage (CUDA): a negative length has no key
     full = lens // cs                                                              # F_b
     ids = chunk_ids.long()
     ok = (ids >= 0) & (ids < full[:, None, None])                                  # [B, Hkv, C]

@@ -4,7 +4,9 @@
 memory, barriers, warp shuffles, cub block reductions, wmma); ``build.py`` compiles the
 unmodified .cu files against it into ``torch.ops.fastverify_cuda_emu``; :func:`kernels`
 returns fastverify._cuda's entry points over those ops, to be called with CPU tensors.
-tests/test_cuda_emulated.py runs tests/test_cuda.py's comparisons through it.
+tests/conftest.py installs them as the cuda backend of CPU tensors, so every family's
+tests run the CUDA kernels on CPU; tests/test_cuda_emulator.py proves the emulator catches
+what it claims to.
 """
 
 from .build import Unavailable, load

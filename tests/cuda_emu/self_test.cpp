@@ -1,5 +1,5 @@
 // Kernels with deliberate bugs, registered as torch.ops.fastverify_cuda_emu_selftest.*,
-// so tests/test_cuda_emulated.py can check that the emulator catches what it claims to:
+// so tests/test_cuda_emulator.py can check that the emulator catches what it claims to:
 // a read of another thread's shared-memory write without a barrier, a barrier only some
 // threads reach, a misaligned wmma pointer, another lane's share of a wmma store read
 // without __syncwarp.
