@@ -252,14 +252,7 @@ def test_strided_q_and_caches(backend, dtype, pad):
     assert_close(run_attention(x, backend), want, dtype, f"rows padded by {pad}")
 
 
-TRITON_NOT_MEMORY_SAFE = pytest.mark.skip(
-    reason="fastverify/triton/tree_attention.py reads out of bounds on this garbage (a segfault under the "
-           "interpreter): its prefix loop is not clamped to the block table's capacity and _load_kv does not "
-           "mask page ids outside the cache")
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=TRITON_NOT_MEMORY_SAFE if b == "triton" else ())
-                                     for b in KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_tree_attention_garbage_is_memory_safe(backend):
     """Unchecked garbage (CUDA without FASTVERIFY_CHECKS): seq_lens beyond the block table
     and page ids outside the cache are masked out, never read."""

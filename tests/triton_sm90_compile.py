@@ -62,7 +62,7 @@ def attention_variants():
         "depth_ptr": "*i32", "B": "i32", "W": "i32"}, {"W_P2": 4}, 1
     strides = {k: "i32" for k in ("stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp",
                                    "stride_vs", "stride_vh", "stride_bt")}
-    sizes = {k: "i32" for k in ("T", "Hq", "Hkv", "G", "D", "PAGE", "SPLIT")}
+    sizes = {k: "i32" for k in ("T", "Hq", "Hkv", "G", "D", "PAGE", "NUM_PAGES", "CAPACITY", "SPLIT")}
     for dt, (D, bm, bn) in itertools.product(("bf16", "fp16"), ((64, 64, 64), (80, 64, 64), (128, 64, 64),
                                                                   (256, 32, 32))):
         d_p2 = max(16, 1 << (D - 1).bit_length())

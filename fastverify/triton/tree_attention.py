@@ -69,15 +69,19 @@ def _tile_rows(q_ptr, stride_qt, stride_qh, cu_ptr, b, h, pid_m, G, D,
 
 @triton.jit
 def _load_kv(k_ptr, v_ptr, bt_row_ptr, pos, ok, h, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-             PAGE, D, D_P2: tl.constexpr):
-    """K, V [BLOCK_N, D_P2] of key positions pos of one request (paged)."""
+             PAGE, NUM_PAGES, CAPACITY, D, D_P2: tl.constexpr):
+    """K, V [BLOCK_N, D_P2] of key positions pos of one request (paged), and which of them
+    exist: a position past the block table's capacity or on a page id outside the cache
+    (unchecked garbage) is never read and counts as no key."""
+    ok = ok & (pos >= 0) & (pos < CAPACITY)
     page = tl.load(bt_row_ptr + pos // PAGE, mask=ok, other=0).to(tl.int64)
+    ok = ok & (page >= 0) & (page < NUM_PAGES)
     slot = (pos % PAGE).to(tl.int64)
     d = tl.arange(0, D_P2)
     m = ok[:, None] & (d[None, :] < D)
     k = tl.load(k_ptr + (page * stride_kp + slot * stride_ks + h * stride_kh)[:, None] + d[None, :], mask=m, other=0.0)
     v = tl.load(v_ptr + (page * stride_vp + slot * stride_vs + h * stride_vh)[:, None] + d[None, :], mask=m, other=0.0)
-    return k, v
+    return k, v, ok
 
 
 @triton.jit
@@ -107,7 +111,7 @@ def _online_softmax_step(m_i, l_i, acc, s, v, UPCAST: tl.constexpr):
 @triton.jit
 def _prefix_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, ws_o_ptr, ws_ml_ptr,
                            stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                           stride_bt, T, Hq, Hkv, G, D, PAGE, SPLIT, scale_log2,
+                           stride_bt, T, Hq, Hkv, G, D, PAGE, NUM_PAGES, CAPACITY, SPLIT, scale_log2,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_P2: tl.constexpr,
                            UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -118,7 +122,7 @@ def _prefix_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, ws_o_pt
     n0, n, node, head, ok, q = _tile_rows(q_ptr, stride_qt, stride_qh, cu_ptr, b, h, pid_m, G, D, BLOCK_M, D_P2)
     prefix = tl.load(seq_ptr + b) - n
     s0 = pid_s * SPLIT
-    s1 = tl.minimum(s0 + SPLIT, prefix)
+    s1 = tl.minimum(tl.minimum(s0 + SPLIT, prefix), CAPACITY)
     if (pid_m * BLOCK_M < n * G) & (s0 < s1):
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -126,9 +130,8 @@ def _prefix_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, ws_o_pt
         bt_row = bt_ptr + b.to(tl.int64) * stride_bt
         for start in range(s0, s1, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
-            kv_ok = pos < s1
-            k, v = _load_kv(k_ptr, v_ptr, bt_row, pos, kv_ok, h, stride_kp, stride_ks, stride_kh,
-                            stride_vp, stride_vs, stride_vh, PAGE, D, D_P2)
+            k, v, kv_ok = _load_kv(k_ptr, v_ptr, bt_row, pos, pos < s1, h, stride_kp, stride_ks, stride_kh,
+                                   stride_vp, stride_vs, stride_vh, PAGE, NUM_PAGES, CAPACITY, D, D_P2)
             s = _dot(q, tl.trans(k), UPCAST) * scale_log2
             s = tl.where(kv_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, UPCAST)
@@ -142,8 +145,8 @@ def _prefix_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, ws_o_pt
 @triton.jit
 def _tree_merge_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, mask_ptr, ws_o_ptr, ws_ml_ptr, out_ptr,
                        stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                       stride_bt, stride_mt, stride_ot, stride_oh, T, Hq, Hkv, G, D, PAGE, SPLIT, NUM_SPLITS,
-                       scale_log2, W,
+                       stride_bt, stride_mt, stride_ot, stride_oh, T, Hq, Hkv, G, D, PAGE, NUM_PAGES, CAPACITY,
+                       SPLIT, NUM_SPLITS, scale_log2, W,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_P2: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -161,9 +164,8 @@ def _tree_merge_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, mask_ptr, w
         # the tree keys: node j of the tree sits at position prefix + j
         for start in range(0, n, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            kv_ok = (j < n) & (prefix + j >= 0)
-            k, v = _load_kv(k_ptr, v_ptr, bt_row, prefix + j, kv_ok, h, stride_kp, stride_ks, stride_kh,
-                            stride_vp, stride_vs, stride_vh, PAGE, D, D_P2)
+            k, v, kv_ok = _load_kv(k_ptr, v_ptr, bt_row, prefix + j, j < n, h, stride_kp, stride_ks, stride_kh,
+                                   stride_vp, stride_vs, stride_vh, PAGE, NUM_PAGES, CAPACITY, D, D_P2)
             word = tl.load(mask_rows[:, None] + (j // 64)[None, :],
                            mask=ok[:, None] & kv_ok[None, :] & (j // 64 < W)[None, :], other=0)
             allowed = ((word >> (j % 64).to(tl.int64)[None, :]) & 1) != 0
@@ -173,7 +175,7 @@ def _tree_merge_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, cu_ptr, mask_ptr, w
         # merge the prefix splits by log-sum-exp
         row = ((n0 + node) * Hq + head).to(tl.int64)
         d = tl.arange(0, D_P2)
-        for sp in range(0, tl.minimum(tl.cdiv(tl.maximum(prefix, 0), SPLIT), NUM_SPLITS)):
+        for sp in range(0, tl.minimum(tl.cdiv(tl.minimum(tl.maximum(prefix, 0), CAPACITY), SPLIT), NUM_SPLITS)):
             r = row + sp * T * Hq
             m_s = tl.load(ws_ml_ptr + r * 2, mask=ok, other=float("-inf"))
             l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=ok, other=0.0)
@@ -281,15 +283,16 @@ def tree_attention(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tre
     ws_o = torch.empty((splits, T, Hq, D_P2), dtype=torch.float32, device=q.device)
     ws_ml = torch.empty((splits, T, Hq, 2), dtype=torch.float32, device=q.device)
     common = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
+    pages = (k_cache.shape[1], k_cache.shape[0], block_table.shape[1] * k_cache.shape[1])   # PAGE, NUM_PAGES, CAPACITY
     warps = 4 if D <= 64 else 8
     upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
     _prefix_partial_kernel[(tiles, splits, B * Hkv)](
         q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, ws_o, ws_ml, *common,
-        T, Hq, Hkv, G, D, k_cache.shape[1], split, scale,
+        T, Hq, Hkv, G, D, *pages, split, scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D_P2=D_P2, UPCAST=upcast, num_warps=warps)
     _tree_merge_kernel[(tiles, B * Hkv)](
         q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, ws_o, ws_ml, out, *common,
-        tree_mask.stride(0), out.stride(0), out.stride(1), T, Hq, Hkv, G, D, k_cache.shape[1], split, splits, scale,
+        tree_mask.stride(0), out.stride(0), out.stride(1), T, Hq, Hkv, G, D, *pages, split, splits, scale,
         tree_mask.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D_P2=D_P2, UPCAST=upcast, num_warps=warps)
     return out
 
