@@ -7,7 +7,7 @@ import torch
 
 import naive
 from attention_problems import path_attention_oracle, paged_problem
-from test_sparse_kv import problem as sparse_problem, random_ids
+from test_sparse_kv import chunk_ids, problem as sparse_problem
 
 from fastverify import cpu_kernels
 
@@ -149,7 +149,7 @@ def test_paged_attention_tree_mode(case, threads):
 @pytest.mark.parametrize("lens,chunk,Hkv,C", [([300, 40, 7], 16, 2, 5), ([1000, 64], 8, 1, 40), ([17], 32, 4, 3)])
 def test_paged_attention_sparse_mode(lens, chunk, Hkv, C):
     p = sparse_problem(lens, Hq=2 * Hkv, Hkv=Hkv, D=64, seed=4)
-    ids = random_ids(lens, Hkv, C, chunk, seed=5)
+    ids = chunk_ids(lens, Hkv, C, chunk, seed=5)
     ids[0, 0, 0] = -1                                   # padding and an id past F_b are skipped
     ids[-1, -1, -1] = lens[-1] // chunk + 3
     out = cpu_kernels.paged_attention(p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens, chunk_ids=ids,

@@ -73,9 +73,6 @@ namespace {
 
 using Key = unsigned long long;
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr float kInf = __builtin_huge_valf();
 constexpr int kMaxK = 64;                    // fastverify.ops.frspec.MAX_K
 constexpr int kMaxListK = 16;                // k up to this: thread-list top-k; above: bitonic
 constexpr uint32_t kLmHeadStream = 1;        // Philox counter word c3 of the draft draws
@@ -592,6 +589,25 @@ __device__ __forceinline__ Key group_max(Key x) {
   return x;
 }
 
+// The lane's columns c = q + kGroup·j < nvalid of tile row srow (none unless `active`):
+// f(x, c) with the row's score x of column c (scaled by 1 / t, canonical), folded into
+// the lane's softmax state (m, l) on the way; then (m, l) reduced over the group.
+template <int kGroup, int kTileN, typename F>
+__device__ __forceinline__ void group_fold_columns(const float* srow, float t, bool active, int q, int nvalid,
+                                                   float& m, float& l, F&& f) {
+  constexpr int kCols = kTileN / kGroup;
+  if (active) {
+    for (int j = 0; j < kCols; ++j) {
+      const int c = q + kGroup * j;
+      if (c >= nvalid) break;
+      const float x = canonical(srow[c] / t);
+      softmax_fold(m, l, x);
+      f(x, c);
+    }
+  }
+  group_softmax_reduce<kGroup>(m, l);
+}
+
 // Inserts key into the descending list L (dropping its last key) if it beats that.
 template <int KL>
 __device__ __forceinline__ void list_insert(Key (&L)[KL], Key key) {
@@ -607,7 +623,6 @@ __device__ __forceinline__ void list_insert(Key (&L)[KL], Key key) {
 template <int KL, int kGroup, int kTileN, int kRows>
 __device__ void topk_list_fold(const float* srow, RowState<kRows>& rs, Key (&row_list)[KL], int r, bool active,
                                int q, int64_t n0, int nvalid, int k) {
-  constexpr int kCols = kTileN / kGroup;
   const float t = rs.temp[r];
   const Key thr = rs.key[r];
   Key L[KL];
@@ -616,20 +631,13 @@ __device__ void topk_list_fold(const float* srow, RowState<kRows>& rs, Key (&row
   float m = -kInf;
   float l = 0.f;
   bool inserted = false;
-  if (active) {
-    for (int j = 0; j < kCols; ++j) {
-      const int c = q + kGroup * j;
-      if (c >= nvalid) break;
-      const float x = canonical(srow[c] / t);
-      softmax_fold(m, l, x);
-      const Key key = make_key(x, n0 + c);
-      if (key > thr && key > L[KL - 1]) {
-        list_insert<KL>(L, key);
-        inserted = true;
-      }
+  group_fold_columns<kGroup, kTileN>(srow, t, active, q, nvalid, m, l, [&](float x, int c) {
+    const Key key = make_key(x, n0 + c);
+    if (key > thr && key > L[KL - 1]) {
+      list_insert<KL>(L, key);
+      inserted = true;
     }
-  }
-  group_softmax_reduce<kGroup>(m, l);
+  });
   if (q == 0 && active) softmax_merge(rs.m[r], rs.l[r], m, l);
   if (!warp_any(inserted)) return;  // no row of the warp changed
   Key best = 0;
@@ -648,7 +656,6 @@ __device__ void topk_list_fold(const float* srow, RowState<kRows>& rs, Key (&row
 template <int kGroup, int kTileN, int kRows>
 __device__ void sample_fold(const float* srow, RowState<kRows>& rs, int r, bool active, int q, int64_t n0,
                             int nvalid) {
-  constexpr int kCols = kTileN / kGroup;
   const float t = rs.temp[r];
   const bool noisy = rs.noisy[r];
   const uint64_t seed = rs.seed[r];
@@ -657,22 +664,15 @@ __device__ void sample_fold(const float* srow, RowState<kRows>& rs, int r, bool 
   float l = 0.f;
   Key best = 0;
   float best_s = -kInf;
-  if (active) {
-    for (int j = 0; j < kCols; ++j) {
-      const int c = q + kGroup * j;
-      if (c >= nvalid) break;
-      const float x = canonical(srow[c] / t);
-      softmax_fold(m, l, x);
-      const int64_t v = n0 + c;
-      const float y = noisy ? canonical(x + gumbel(seed, pos, static_cast<uint32_t>(v))) : x;
-      const Key key = make_key(y, v);
-      if (key > best) {
-        best = key;
-        best_s = x;
-      }
+  group_fold_columns<kGroup, kTileN>(srow, t, active, q, nvalid, m, l, [&](float x, int c) {
+    const int64_t v = n0 + c;
+    const float y = noisy ? canonical(x + gumbel(seed, pos, static_cast<uint32_t>(v))) : x;
+    const Key key = make_key(y, v);
+    if (key > best) {
+      best = key;
+      best_s = x;
     }
-  }
-  group_softmax_reduce<kGroup>(m, l);
+  });
 #pragma unroll
   for (int o = kGroup / 2; o > 0; o >>= 1) {
     const Key other = __shfl_xor_sync(kFullMask, best, o);
@@ -999,8 +999,6 @@ __global__ void __launch_bounds__(kSampleMergeThreads) sample_merge_kernel(const
 }
 
 // ------------------------------------------------------------------------------ launchers
-
-int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 struct Plan {
   int rows;            // hidden rows per block

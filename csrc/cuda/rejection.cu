@@ -34,11 +34,8 @@
 namespace fastverify {
 namespace {
 
-constexpr float kInf = __builtin_huge_valf();
 constexpr float kFltMax = FLT_MAX;
 constexpr int kMaxChunk = 4096;  // fastverify.ops.sampling.MAX_CHUNK
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 // kernel 1: one block per row
 constexpr int kThrThreads = 512;
@@ -415,42 +412,29 @@ struct FinSmem {
   int i;
 };
 
-// Block-wide reductions, result broadcast to every thread. Each ends with a barrier, so
-// the temp storage and the broadcast slot are free again when it returns.
-__device__ __forceinline__ float block_sum(float x, FinSmem& sm) {
-  const float r = FinReduceF(sm.tmp.rf).Sum(x);
-  if (threadIdx.x == 0) sm.f = r;
+// The value of the one thread with `mine` set, broadcast to every thread through `slot`.
+// Ends with a barrier, so the slot, and the temp storage of a reduction that fed it, are
+// free again when it returns.
+template <typename V>
+__device__ __forceinline__ V block_broadcast(bool mine, V value, V& slot) {
+  if (mine) slot = value;
   __syncthreads();
-  const float out = sm.f;
+  const V out = slot;
   __syncthreads();
   return out;
+}
+
+// Block-wide reductions (valid in thread 0), result broadcast to every thread.
+__device__ __forceinline__ float block_sum(float x, FinSmem& sm) {
+  return block_broadcast(threadIdx.x == 0, FinReduceF(sm.tmp.rf).Sum(x), sm.f);
 }
 
 __device__ __forceinline__ int block_min(int x, FinSmem& sm) {
-  const int r = FinReduceI(sm.tmp.ri).Reduce(x, MinIntOp{});
-  if (threadIdx.x == 0) sm.i = r;
-  __syncthreads();
-  const int out = sm.i;
-  __syncthreads();
-  return out;
+  return block_broadcast(threadIdx.x == 0, FinReduceI(sm.tmp.ri).Reduce(x, MinIntOp{}), sm.i);
 }
 
 __device__ __forceinline__ int block_max(int x, FinSmem& sm) {
-  const int r = FinReduceI(sm.tmp.ri).Reduce(x, MaxIntOp{});
-  if (threadIdx.x == 0) sm.i = r;
-  __syncthreads();
-  const int out = sm.i;
-  __syncthreads();
-  return out;
-}
-
-// The value of the one thread with `mine` set, broadcast.
-__device__ __forceinline__ float block_pick(bool mine, float value, FinSmem& sm) {
-  if (mine) sm.f = value;
-  __syncthreads();
-  const float out = sm.f;
-  __syncthreads();
-  return out;
+  return block_broadcast(threadIdx.x == 0, FinReduceI(sm.tmp.ri).Reduce(x, MaxIntOp{}), sm.i);
 }
 
 // One target row in a finalize kernel: its processed distribution p (block-uniform).
@@ -512,11 +496,7 @@ __device__ Row<T> load_row(const T* logits, int64_t stride_l, const float* thr, 
 
   RowMax loc{-kInf, -kInf, INT_MAX};
   for (int c = threadIdx.x; c < NC; c += kFinThreads) loc = RowMaxOp{}(loc, RowMax{r.m[c], a[c], c});
-  const RowMax red = FinReduceRM(sm.tmp.rm).Reduce(loc, RowMaxOp{});
-  if (threadIdx.x == 0) sm.rm = red;
-  __syncthreads();
-  const RowMax all = sm.rm;
-  __syncthreads();
+  const RowMax all = block_broadcast(threadIdx.x == 0, FinReduceRM(sm.tmp.rm).Reduce(loc, RowMaxOp{}), sm.rm);
   r.M = all.m;
   float w = 0.f;
   for (int c = threadIdx.x; c < NC; c += kFinThreads) w += r.mass(c);
@@ -559,32 +539,25 @@ __device__ Pick block_inverse_cdf(int N, float target, const WF& wf, FinSmem& sm
         if (w[j] > 0.f) my_last = idx;
       }
     }
-    const int hit = block_min(my_first, sm);
-    if (hit != INT_MAX) {
+    // sum_{j < i} w_j for an index i of the tile, from the thread that holds it
+    auto sum_before = [&](int i) {
       bool mine = false;
       float before = 0.f;
 #pragma unroll
       for (int j = 0; j < kScanItems; ++j) {
-        if (first + j == hit) {
+        if (first + j == i) {
           mine = true;
           before = cum[j] - w[j];
         }
       }
-      return Pick{hit, target - block_pick(mine, before, sm)};
-    }
+      return block_broadcast(mine, before, sm.f);
+    };
+    const int hit = block_min(my_first, sm);
+    if (hit != INT_MAX) return Pick{hit, target - sum_before(hit)};
     const int pos = block_max(my_last, sm);
     if (pos >= 0) {
-      bool mine = false;
-      float before = 0.f;
-#pragma unroll
-      for (int j = 0; j < kScanItems; ++j) {
-        if (first + j == pos) {
-          mine = true;
-          before = cum[j] - w[j];
-        }
-      }
       last = pos;
-      last_before = block_pick(mine, before, sm);
+      last_before = sum_before(pos);
     }
     carry += aggregate;
   }
@@ -1063,6 +1036,30 @@ RowStats row_stats_pass(const at::Tensor& logits, const Common& c, int row_extra
   return rs;
 }
 
+// The fields of the kernel 3 arguments (ChainArgs<T> / TreeArgs<T>) that both ops fill alike.
+template <typename T, typename Args>
+void fill_finalize_args(Args& a, const at::Tensor& logits, const std::optional<at::Tensor>& draft_probs,
+                        const Common& c, const RowStats& rs, const at::Tensor& wbuf, const at::Tensor& out,
+                        const at::Tensor& num, int chunk) {
+  a.logits = static_cast<const T*>(logits.data_ptr());
+  a.stride_l = logits.stride(0);
+  a.q = make_qmat(draft_probs);
+  a.has_q = draft_probs.has_value();
+  a.cu = c.cu.data_ptr<int32_t>();
+  a.temp = c.temp.data_ptr<float>();
+  a.seed = c.seed.data_ptr<int64_t>();
+  a.pos = c.pos.data_ptr<int64_t>();
+  a.thr = rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr;
+  a.stats = rs.stats.data_ptr<float>();
+  a.amax = rs.amax.data_ptr<int32_t>();
+  a.wbuf = wbuf.defined() ? wbuf.data_ptr<float>() : nullptr;
+  a.out = out.data_ptr<int32_t>();
+  a.num = num.data_ptr<int32_t>();
+  a.V = static_cast<int>(c.V);
+  a.NC = c.NC;
+  a.chunk = chunk;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
@@ -1094,26 +1091,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     at::Tensor wbuf;
     if (draft_probs.has_value()) wbuf = at::empty({c.B, c.NC}, target_logits.options().dtype(at::kFloat));
     ChainArgs<T> a;
-    a.logits = static_cast<const T*>(target_logits.data_ptr());
-    a.stride_l = target_logits.stride(0);
-    a.q = make_qmat(draft_probs);
-    a.has_q = draft_probs.has_value();
+    fill_finalize_args<T>(a, target_logits, draft_probs, c, rs, wbuf, out, num, chunk);
     a.draft = Ids{drafts.data_ptr(), drafts.scalar_type() == at::kLong};
-    a.cu = c.cu.data_ptr<int32_t>();
-    a.temp = c.temp.data_ptr<float>();
-    a.seed = c.seed.data_ptr<int64_t>();
-    a.pos = c.pos.data_ptr<int64_t>();
-    a.thr = rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr;
-    a.stats = rs.stats.data_ptr<float>();
-    a.amax = rs.amax.data_ptr<int32_t>();
-    a.wbuf = wbuf.defined() ? wbuf.data_ptr<float>() : nullptr;
-    a.out = out.data_ptr<int32_t>();
-    a.num = num.data_ptr<int32_t>();
     a.R = c.R;
     a.N = N;
-    a.V = static_cast<int>(c.V);
-    a.NC = c.NC;
-    a.chunk = chunk;
     a.max_draft_len = static_cast<int>(max_draft_len);
     launch_kernel("chain_finalize_kernel", chain_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
                   dim3(kFinThreads), stream, a);
@@ -1161,28 +1142,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
       wbuf = at::empty({c.B, c.NC}, f32);
     }
     TreeArgs<T> a;
-    a.logits = static_cast<const T*>(target_logits.data_ptr());
-    a.stride_l = target_logits.stride(0);
-    a.q = make_qmat(draft_probs);
-    a.has_q = draft_probs.has_value();
+    fill_finalize_args<T>(a, target_logits, draft_probs, c, rs, wbuf, out, num, chunk);
     a.tok = Ids{tok.data_ptr(), tok.scalar_type() == at::kLong};
     a.par = Ids{par.data_ptr(), par.scalar_type() == at::kLong};
-    a.cu = c.cu.data_ptr<int32_t>();
-    a.temp = c.temp.data_ptr<float>();
-    a.seed = c.seed.data_ptr<int64_t>();
-    a.pos = c.pos.data_ptr<int64_t>();
-    a.thr = rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr;
-    a.stats = rs.stats.data_ptr<float>();
-    a.amax = rs.amax.data_ptr<int32_t>();
     a.ws = ws.defined() ? ws.data_ptr<float>() : nullptr;
-    a.wbuf = wbuf.defined() ? wbuf.data_ptr<float>() : nullptr;
     a.acc = accepted.data_ptr<int32_t>();
-    a.out = out.data_ptr<int32_t>();
-    a.num = num.data_ptr<int32_t>();
     a.num_rows = T_rows;
-    a.V = static_cast<int>(c.V);
-    a.NC = c.NC;
-    a.chunk = chunk;
     a.max_depth = static_cast<int>(max_depth);
     launch_kernel("tree_finalize_kernel", tree_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
                   dim3(kFinThreads), stream, a);

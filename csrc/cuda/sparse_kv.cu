@@ -65,7 +65,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <initializer_list>
 #include <optional>
 #include <type_traits>
 
@@ -75,10 +74,6 @@
 namespace fastverify {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr float kInf = __builtin_huge_valf();
-constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kMaxChunkSize = int64_t{1} << 22;  // so the keys of a round (<= 256 units) fit an int
@@ -114,21 +109,30 @@ __device__ __forceinline__ float elem(const uint4 (&raw)[kV], int e) {
   return to_float(reinterpret_cast<const S*>(&raw[0])[e]);
 }
 
+// How a warp reads rows of kDp elements of S (the kernels' tiles derive from it): lane
+// group g = lane / kL reads a row, lane l = lane % kL its elements d0 = l·kE .. d0 + kE.
+template <typename S, int kDp>
+struct RowLanes {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(S));            // elements per 16-byte vector
+  static constexpr int kV = kDp / kVec > kWarp ? kDp / (kVec * kWarp) : 1;  // vectors per lane and row
+  static constexpr int kE = kVec * kV;                                      // elements per lane and row
+  static constexpr int kL = kDp / kE;                                       // lanes per row
+  static constexpr int kRows = kWarp / kL;                                  // rows a warp reads at once
+};
+
 // ---------------------------------------------------------------------- sparse attention
 
 template <typename T, int kDp, int kGT>
-struct SparseTile {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));          // elements per 16-byte vector
-  static constexpr int kV = kDp / kVec > kWarp ? kDp / (kVec * kWarp) : 1;  // vectors per lane and row
-  static constexpr int kE = kVec * kV;                                      // elements per lane and row
-  static constexpr int kL = kDp / kE;                                       // lanes per key row
-  static constexpr int kGroups = kWarp / kL;                                // keys a warp reads at once
-  static constexpr int kT = std::max(1, (kGT >= 8 ? 2 : 4) / kV);          // keys per lane group per step
+struct SparseTile : RowLanes<T, kDp> {
+  using Lanes = RowLanes<T, kDp>;
+  static constexpr int kGroups = Lanes::kRows;                              // keys a warp reads at once
+  static constexpr int kT = std::max(1, (kGT >= 8 ? 2 : 4) / Lanes::kV);   // keys per lane group per step
   static constexpr int kKW = kGroups * kT;                                  // keys per warp step
   static constexpr int kWarps = kGT >= 8 ? 4 : 8;
   static constexpr int kThreads = kWarps * kWarp;
   static constexpr int kMinBlocks = kGT >= 8 ? 4 : 2;  // resident blocks per SM (<= 128 registers a thread)
-  static_assert(kL >= 1 && kL <= kWarp && kWarp % kL == 0 && kKW <= kWarp && kE % 4 == 0, "lane layout");
+  static_assert(Lanes::kL >= 1 && Lanes::kL <= kWarp && kWarp % Lanes::kL == 0 && kKW <= kWarp && Lanes::kE % 4 == 0,
+                "lane layout");
 };
 
 template <typename T, int kDp, int kGT>
@@ -475,19 +479,18 @@ __device__ __forceinline__ uint32_t order_key(float s) {
   return static_cast<uint32_t>(bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ 0x80000000u;
 }
 
+// Rows of the scores: the chunk means (fp32) or the cache rows (T).
+template <typename T, bool kMeans>
+using ScoreRow = std::conditional_t<kMeans, float, T>;
+
 template <typename T, int kDp, bool kMeans>
-struct ScoreTile {
-  using Row = std::conditional_t<kMeans, float, T>;  // what the score rows hold
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(Row));
-  static constexpr int kV = kDp / kVec > kWarp ? kDp / (kVec * kWarp) : 1;
-  static constexpr int kE = kVec * kV;
-  static constexpr int kL = kDp / kE;          // lanes per row
-  static constexpr int kRows = kWarp / kL;     // rows a warp reads at once
-  static constexpr int kU = 4;                 // of which each lane has kU in flight
+struct ScoreTile : RowLanes<ScoreRow<T, kMeans>, kDp> {
+  using Row = ScoreRow<T, kMeans>;
+  static constexpr int kU = 4;  // rows in flight per lane: a warp reads kU rounds of kRows rows
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarp;
   // chunks per block: a warp per chunk of the cache, a lane group per mean row
-  static constexpr int kChunks = kMeans ? kWarps * kRows * kU : kWarps * 4;
+  static constexpr int kChunks = kMeans ? kWarps * RowLanes<Row, kDp>::kRows * kU : kWarps * 4;
 };
 
 template <typename T>
@@ -708,28 +711,13 @@ __global__ void __launch_bounds__(kSelectThreads) chunk_select_kernel(const Sele
 
 // ------------------------------------------------------------------------------ launchers
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void check_device(const at::Tensor& x, const char* name, const at::Tensor& first) {
-  TORCH_CHECK(x.device().type() == kKernelDevice, "fastverify_cuda: ", name, " must be a ", kKernelDevice,
-              " tensor, got one on ", x.device());
-  TORCH_CHECK(x.device() == first.device(), "fastverify_cuda: ", name, " is on ", x.device(),
-              " but the other inputs on ", first.device());
-}
-
-void check_int32(const at::Tensor& x, const char* name, int dim, const at::Tensor& first) {
-  check_device(x, name, first);
-  TORCH_CHECK(x.dim() == dim, "fastverify_cuda: ", name, " must have ", dim, " dimension(s), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kInt, "fastverify_cuda: ", name, " must be int32, got ", x.scalar_type());
-}
-
 // q [B, Hq, D], a cache [num_pages, page_size, Hkv, D] of q's dtype, block_table, seq_lens.
 void check_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
                  const at::Tensor& seq_lens, int64_t chunk_size) {
   check_device(q, "q", q);
   check_device(k_cache, "k_cache", q);
-  check_int32(block_table, "block_table", 2, q);
-  check_int32(seq_lens, "seq_lens", 1, q);
+  check_int(block_table, "block_table", 2, false, q);
+  check_int(seq_lens, "seq_lens", 1, false, q);
   TORCH_CHECK(q.dim() == 3, "fastverify_cuda: q must be [B, Hq, D], got shape ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 4, "fastverify_cuda: k_cache must be [num_pages, page_size, Hkv, D], got shape ",
               k_cache.sizes());
@@ -753,16 +741,6 @@ void check_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
               "fastverify_cuda: block table capacity (max_pages * page_size) must be below 2^31");
   TORCH_CHECK(k_cache.size(0) < (int64_t{1} << 31) && B < (int64_t{1} << 31),
               "fastverify_cuda: too many pages or requests");
-}
-
-// 16-byte loads of rows of D elements at base + i·strides[k]: every address 16-byte aligned.
-bool rows_vectorizable(const at::Tensor& t, std::initializer_list<int64_t> strides, int64_t D) {
-  const int64_t elem = static_cast<int64_t>(t.element_size());
-  if (!aligned16(t.data_ptr()) || (D * elem) % 16 != 0) return false;
-  for (const int64_t s : strides) {
-    if ((s * elem) % 16 != 0) return false;
-  }
-  return true;
 }
 
 // f(std::integral_constant<int, kDp>{}) with kDp the padded head dim of D.
@@ -799,7 +777,7 @@ at::Tensor sparse_kv_attention_cuda(const at::Tensor& q, const at::Tensor& k_cac
                                     int64_t num_splits, int64_t cuda_stream) {
   check_paged(q, k_cache, block_table, seq_lens, chunk_size);
   check_device(v_cache, "v_cache", q);
-  check_int32(chunk_ids, "chunk_ids", 3, q);
+  check_int(chunk_ids, "chunk_ids", 3, false, q);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type() &&
                   v_cache.stride(3) == 1,
               "fastverify_cuda: v_cache must be like k_cache (", k_cache.sizes(), ", ", k_cache.scalar_type(),
@@ -851,42 +829,18 @@ at::Tensor sparse_kv_attention_cuda(const at::Tensor& q, const at::Tensor& k_cac
         at::Tensor ws_o = splits > 1 ? at::empty({B, Hq, splits, D}, f32) : at::empty({0}, f32);
         at::Tensor ws_ml = splits > 1 ? at::empty({B, Hq, splits, 2}, f32) : at::empty({0}, f32);
         SparseArgs<Scalar> a;
-        a.q = static_cast<const Scalar*>(qc.data_ptr());
-        a.k = static_cast<const Scalar*>(k_cache.data_ptr());
-        a.v = static_cast<const Scalar*>(v_cache.data_ptr());
-        a.out = static_cast<Scalar*>(out.data_ptr());
-        a.block_table = table.data_ptr<int32_t>();
-        a.seq_lens = lens.data_ptr<int32_t>();
+        fill_paged_attention<Scalar>(a, qc, out, k_cache, v_cache, table, lens, ws_o, ws_ml, sm_scale);
         a.chunk_ids = ids.data_ptr<int32_t>();
-        a.ws_o = ws_o.data_ptr<float>();
-        a.ws_ml = ws_ml.data_ptr<float>();
         a.stride_qb = qc.stride(0);
         a.stride_qh = qc.stride(1);
-        a.stride_kp = k_cache.stride(0);
-        a.stride_ks = k_cache.stride(1);
-        a.stride_kh = k_cache.stride(2);
-        a.stride_vp = v_cache.stride(0);
-        a.stride_vs = v_cache.stride(1);
-        a.stride_vh = v_cache.stride(2);
-        a.stride_bt = table.stride(0);
         a.stride_cb = ids.stride(0);
         a.stride_ch = ids.stride(1);
-        a.num_pages = k_cache.size(0);
         a.B = static_cast<int>(B);
-        a.Hq = static_cast<int>(Hq);
-        a.Hkv = static_cast<int>(Hkv);
-        a.G = static_cast<int>(G);
-        a.D = static_cast<int>(D);
         a.C = static_cast<int>(C);
         a.chunk_size = static_cast<int>(chunk_size);
-        a.page_size = static_cast<int>(k_cache.size(1));
-        a.capacity = static_cast<int>(table.size(1) * k_cache.size(1));
         a.head_tiles = static_cast<int>(head_tiles);
         a.num_splits = static_cast<int>(splits);
         a.units_per_split = static_cast<int>(per);
-        a.scale_log2 = static_cast<float>(sm_scale * kLog2e);
-        a.vec_kv = rows_vectorizable(k_cache, {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)}, D) &&
-                   rows_vectorizable(v_cache, {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)}, D);
         launch_kernel("sparse_partial_kernel", sparse_partial_kernel<Scalar, kDp, kGT>,
                       dim3(static_cast<unsigned>(rows * splits)), dim3(Tile::kThreads), stream, a);
         if (splits > 1) {
@@ -948,34 +902,22 @@ at::Tensor select_kv_chunks_cuda(const at::Tensor& q, const at::Tensor& k_cache,
           const int64_t tiles = ceil_div(max_f, Tile::kChunks);
           TORCH_CHECK(B * Hkv * tiles < (int64_t{1} << 31), "fastverify_cuda: select_kv_chunks grid too large");
           ScoreArgs<Scalar> a;
+          fill_paged_keys<Scalar>(a, k_cache, table, lens, G);
           a.q = static_cast<const Scalar*>(qc.data_ptr());
-          a.k = static_cast<const Scalar*>(k_cache.data_ptr());
           a.means = kMeans ? means->data_ptr<float>() : nullptr;
           a.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-          a.block_table = table.data_ptr<int32_t>();
-          a.seq_lens = lens.data_ptr<int32_t>();
           a.stride_qb = qc.stride(0);
           a.stride_qh = qc.stride(1);
-          a.stride_kp = k_cache.stride(0);
-          a.stride_ks = k_cache.stride(1);
-          a.stride_kh = k_cache.stride(2);
           a.stride_mb = kMeans ? means->stride(0) : 0;
           a.stride_mc = kMeans ? means->stride(1) : 0;
           a.stride_mh = kMeans ? means->stride(2) : 0;
-          a.stride_bt = table.stride(0);
-          a.num_pages = k_cache.size(0);
           a.max_f = max_f;
-          a.Hkv = static_cast<int>(Hkv);
-          a.G = static_cast<int>(G);
-          a.D = static_cast<int>(D);
           a.C = static_cast<int>(num_chunks);
           a.chunk_size = static_cast<int>(chunk_size);
-          a.page_size = static_cast<int>(page_size);
           a.num_sink = static_cast<int>(num_sink_chunks);
           a.num_recent = static_cast<int>(num_recent_chunks);
           a.tiles = static_cast<int>(tiles);
-          const at::Tensor& rows = kMeans ? *means : k_cache;
-          a.vec_rows = rows_vectorizable(rows, {rows.stride(0), rows.stride(1), rows.stride(2)}, D);
+          a.vec_rows = cache_rows_vectorizable(kMeans ? *means : k_cache, D);
           launch_kernel("chunk_score_kernel", chunk_score_kernel<Scalar, kDp, kMeans>,
                         dim3(static_cast<unsigned>(B * Hkv * tiles)), dim3(Tile::kThreads), stream, a);
         };

@@ -48,7 +48,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 
@@ -58,10 +57,6 @@
 namespace fastverify {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr float kInf = __builtin_huge_valf();
-constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaskBits = 64;        // bits per tree_mask word
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxSplits = 16;       // prefix splits (fastverify.triton.tree_attention.plan)
@@ -263,33 +258,36 @@ __device__ __forceinline__ TileRows tile_rows(const int32_t* cu, int b, int tile
   return t;
 }
 
+// The [kRows, kDp] tile of T, the block's threads striding over it: wide(r, d0) for each
+// 16-byte piece (d0 a multiple of kVec) where `vec`, else narrow(r, d) for each element.
+template <typename T, int kDp, int kRows, typename Wide, typename Narrow>
+__device__ __forceinline__ void for_each_tile_piece(bool vec, Wide&& wide, Narrow&& narrow) {
+  using Tile = AttnTile<T, kDp>;
+  if (vec) {
+    constexpr int kChunks = kDp / Tile::kVec;
+    for (int c = threadIdx.x; c < kRows * kChunks; c += Tile::kThreads) wide(c / kChunks, (c % kChunks) * Tile::kVec);
+  } else {
+    for (int e = threadIdx.x; e < kRows * kDp; e += Tile::kThreads) narrow(e / kDp, e % kDp);
+  }
+}
+
 // q rows of the tile -> sm.q [kBlockM, kDp], zero past the tile's rows and past D.
 template <typename T, int kDp>
 __device__ void load_q_tile(AttnSmem<T, kDp>& sm, const AttnArgs<T>& a, const TileRows& rows, int h) {
-  using Tile = AttnTile<T, kDp>;
-  const int tid = threadIdx.x;
   auto row_ptr = [&](int r) -> const T* {
     const int64_t row = rows.first + r;
     const int64_t node = row / a.G;
     const int64_t head = static_cast<int64_t>(h) * a.G + row % a.G;
     return a.q + (rows.n0 + node) * a.stride_qt + head * a.stride_qh;
   };
-  if (a.vec_q) {
-    constexpr int kChunks = kDp / Tile::kVec;
-    for (int c = tid; c < Tile::kBlockM * kChunks; c += Tile::kThreads) {
-      const int r = c / kChunks;
-      const int d0 = (c % kChunks) * Tile::kVec;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows.count && d0 < a.D) x = *reinterpret_cast<const uint4*>(row_ptr(r) + d0);
-      *reinterpret_cast<uint4*>(&sm.main.q[r][d0]) = x;
-    }
-  } else {
-    for (int e = tid; e < Tile::kBlockM * kDp; e += Tile::kThreads) {
-      const int r = e / kDp;
-      const int d = e % kDp;
-      sm.main.q[r][d] = (r < rows.count && d < a.D) ? row_ptr(r)[d] : from_float<T>(0.f);
-    }
-  }
+  for_each_tile_piece<T, kDp, AttnTile<T, kDp>::kBlockM>(
+      a.vec_q,
+      [&](int r, int d0) {
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (r < rows.count && d0 < a.D) x = *reinterpret_cast<const uint4*>(row_ptr(r) + d0);
+        *reinterpret_cast<uint4*>(&sm.main.q[r][d0]) = x;
+      },
+      [&](int r, int d) { sm.main.q[r][d] = (r < rows.count && d < a.D) ? row_ptr(r)[d] : from_float<T>(0.f); });
 }
 
 // Page and slot of each key of a step (-1: masked). position(j) is the cache position of
@@ -312,37 +310,29 @@ __device__ void locate_keys(AttnSmem<T, kDp>& sm, const AttnArgs<T>& a, const in
 // K, V rows of the step's keys -> sm.k, sm.v [kBlockN, kDp], zero where masked and past D.
 template <typename T, int kDp>
 __device__ void load_kv_block(AttnSmem<T, kDp>& sm, const AttnArgs<T>& a, int h) {
-  using Tile = AttnTile<T, kDp>;
-  const int tid = threadIdx.x;
   auto k_row = [&](int j) {
     return a.k + sm.key_page[j] * a.stride_kp + sm.key_slot[j] * a.stride_ks + h * a.stride_kh;
   };
   auto v_row = [&](int j) {
     return a.v + sm.key_page[j] * a.stride_vp + sm.key_slot[j] * a.stride_vs + h * a.stride_vh;
   };
-  if (a.vec_kv) {
-    constexpr int kChunks = kDp / Tile::kVec;
-    for (int c = tid; c < Tile::kBlockN * kChunks; c += Tile::kThreads) {
-      const int j = c / kChunks;
-      const int d0 = (c % kChunks) * Tile::kVec;
-      uint4 kx = make_uint4(0u, 0u, 0u, 0u);
-      uint4 vx = kx;
-      if (sm.key_page[j] >= 0 && d0 < a.D) {
-        kx = *reinterpret_cast<const uint4*>(k_row(j) + d0);
-        vx = *reinterpret_cast<const uint4*>(v_row(j) + d0);
-      }
-      *reinterpret_cast<uint4*>(&sm.main.k[j][d0]) = kx;
-      *reinterpret_cast<uint4*>(&sm.main.v[j][d0]) = vx;
-    }
-  } else {
-    for (int e = tid; e < Tile::kBlockN * kDp; e += Tile::kThreads) {
-      const int j = e / kDp;
-      const int d = e % kDp;
-      const bool ok = sm.key_page[j] >= 0 && d < a.D;
-      sm.main.k[j][d] = ok ? k_row(j)[d] : from_float<T>(0.f);
-      sm.main.v[j][d] = ok ? v_row(j)[d] : from_float<T>(0.f);
-    }
-  }
+  for_each_tile_piece<T, kDp, AttnTile<T, kDp>::kBlockN>(
+      a.vec_kv,
+      [&](int j, int d0) {
+        uint4 kx = make_uint4(0u, 0u, 0u, 0u);
+        uint4 vx = kx;
+        if (sm.key_page[j] >= 0 && d0 < a.D) {
+          kx = *reinterpret_cast<const uint4*>(k_row(j) + d0);
+          vx = *reinterpret_cast<const uint4*>(v_row(j) + d0);
+        }
+        *reinterpret_cast<uint4*>(&sm.main.k[j][d0]) = kx;
+        *reinterpret_cast<uint4*>(&sm.main.v[j][d0]) = vx;
+      },
+      [&](int j, int d) {
+        const bool ok = sm.key_page[j] >= 0 && d < a.D;
+        sm.main.k[j][d] = ok ? k_row(j)[d] : from_float<T>(0.f);
+        sm.main.v[j][d] = ok ? v_row(j)[d] : from_float<T>(0.f);
+      });
 }
 
 // O [16 rows of a warp, kDp] in fp32 on tensor cores: kDp / 16 wmma accumulator tiles.
@@ -562,6 +552,16 @@ __device__ void stage_rows(AttnSmem<T, kDp>& sm, const RowAcc<T, kDp>& acc, cons
   __syncthreads();
 }
 
+// The start of a kernel's pass over keys: the tile's q rows in shared memory, the warp's
+// accumulator empty (its init may use the warp's score tile as scratch).
+template <typename T, int kDp>
+__device__ __forceinline__ void begin_pass(AttnSmem<T, kDp>& sm, RowAcc<T, kDp>& acc, const AttnArgs<T>& a,
+                                           const TileRows& rows, int h) {
+  load_q_tile(sm, a, rows, h);
+  __syncthreads();
+  acc.init(&sm.main.s[16 * (threadIdx.x / kWarp)][0]);
+}
+
 template <typename T, int kDp>
 __global__ void __launch_bounds__(AttnTile<T, kDp>::kThreads) prefix_partial_kernel(const AttnArgs<T> a) {
   using Tile = AttnTile<T, kDp>;
@@ -578,10 +578,8 @@ __global__ void __launch_bounds__(AttnTile<T, kDp>::kThreads) prefix_partial_ker
   const int64_t s1 = min(s0 + a.split, prefix_end);
   if (rows.count <= 0 || s0 >= s1) return;  // block-uniform
 
-  load_q_tile(sm, a, rows, h);
-  __syncthreads();
   RowAcc<T, kDp> acc;
-  acc.init(&sm.main.s[16 * (threadIdx.x / kWarp)][0]);
+  begin_pass(sm, acc, a, rows, h);
   RowState st;
   const int32_t* bt_row = a.block_table + b * a.stride_bt;
   attend(sm, acc, st, a, bt_row, h, s0, s1, [](int64_t key) { return key; },
@@ -620,10 +618,8 @@ __global__ void __launch_bounds__(AttnTile<T, kDp>::kThreads) tree_merge_kernel(
   if (rows.count <= 0) return;  // block-uniform
   const int64_t prefix = static_cast<int64_t>(a.seq_lens[b]) - rows.n;
 
-  load_q_tile(sm, a, rows, h);
-  __syncthreads();
   RowAcc<T, kDp> acc;
-  acc.init(&sm.main.s[16 * (threadIdx.x / kWarp)][0]);
+  begin_pass(sm, acc, a, rows, h);
   RowState st;
   const int32_t* bt_row = a.block_table + b * a.stride_bt;
   // The tree keys: node j sits at position prefix + j. Each lane reads its row's mask
@@ -695,20 +691,6 @@ constexpr void check_smem() {
 
 // ------------------------------------------------------------------------------ launchers
 
-void check_device(const at::Tensor& x, const char* name, const at::Tensor& first) {
-  TORCH_CHECK(x.device().type() == kKernelDevice, "fastverify_cuda: ", name, " must be a ", kKernelDevice,
-              " tensor, got one on ", x.device());
-  TORCH_CHECK(x.device() == first.device(), "fastverify_cuda: ", name, " is on ", x.device(),
-              " but the other inputs on ", first.device());
-}
-
-void check_int(const at::Tensor& x, const char* name, int dim, bool allow_int64, const at::Tensor& first) {
-  check_device(x, name, first);
-  TORCH_CHECK(x.dim() == dim, "fastverify_cuda: ", name, " must have ", dim, " dimension(s), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kInt || (allow_int64 && x.scalar_type() == at::kLong), "fastverify_cuda: ",
-              name, allow_int64 ? " must be int32 or int64" : " must be int32", ", got ", x.scalar_type());
-}
-
 // f(Tag<int32_t or int64_t>{}) for an id tensor.
 template <typename F>
 void dispatch_id(at::ScalarType st, F&& f) {
@@ -735,18 +717,6 @@ void dispatch_head_dim(int64_t D, F&& f) {
   } else {
     f(std::integral_constant<int, 256>{});
   }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// 16-byte loads of rows of D elements at base + i·strides[k]: every address 16-byte aligned.
-bool rows_vectorizable(const at::Tensor& t, std::initializer_list<int64_t> strides, int64_t D) {
-  const int64_t elem = static_cast<int64_t>(t.element_size());
-  if (!aligned16(t.data_ptr()) || (D * elem) % 16 != 0) return false;
-  for (const int64_t s : strides) {
-    if ((s * elem) % 16 != 0) return false;
-  }
-  return true;
 }
 
 }  // namespace
@@ -861,44 +831,20 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
       at::Tensor ws_o = at::empty({splits, T, Hq, D}, f32);
       at::Tensor ws_ml = at::empty({splits, T, Hq, 2}, f32);
       AttnArgs<Scalar> a;
-      a.q = static_cast<const Scalar*>(q.data_ptr());
-      a.k = static_cast<const Scalar*>(k_cache.data_ptr());
-      a.v = static_cast<const Scalar*>(v_cache.data_ptr());
-      a.out = static_cast<Scalar*>(out.data_ptr());
-      a.block_table = table.data_ptr<int32_t>();
-      a.seq_lens = lens.data_ptr<int32_t>();
+      fill_paged_attention<Scalar>(a, q, out, k_cache, v_cache, table, lens, ws_o, ws_ml, sm_scale);
       a.cu = cu.data_ptr<int32_t>();
       a.tree_mask = mask.data_ptr<int64_t>();
-      a.ws_o = ws_o.data_ptr<float>();
-      a.ws_ml = ws_ml.data_ptr<float>();
       a.stride_qt = q.stride(0);
       a.stride_qh = q.stride(1);
-      a.stride_kp = k_cache.stride(0);
-      a.stride_ks = k_cache.stride(1);
-      a.stride_kh = k_cache.stride(2);
-      a.stride_vp = v_cache.stride(0);
-      a.stride_vs = v_cache.stride(1);
-      a.stride_vh = v_cache.stride(2);
-      a.stride_bt = table.stride(0);
       a.stride_mt = mask.stride(0);
       a.stride_ot = out.stride(0);
       a.stride_oh = out.stride(1);
       a.total_nodes = T;
-      a.Hq = static_cast<int>(Hq);
-      a.Hkv = static_cast<int>(Hkv);
-      a.G = static_cast<int>(G);
-      a.D = static_cast<int>(D);
-      a.page_size = static_cast<int>(page_size);
-      a.num_pages = k_cache.size(0);
-      a.capacity = capacity;
       a.W = static_cast<int>(mask.size(1));
       a.tiles = static_cast<int>(tiles);
       a.num_splits = static_cast<int>(splits);
       a.split = split;
-      a.scale_log2 = static_cast<float>(sm_scale * kLog2e);
       a.vec_q = rows_vectorizable(q, {q.stride(0), q.stride(1)}, D);
-      a.vec_kv = rows_vectorizable(k_cache, {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)}, D) &&
-                 rows_vectorizable(v_cache, {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)}, D);
       launch_kernel("prefix_partial_kernel", prefix_partial_kernel<Scalar, kDp>,
                     dim3(static_cast<unsigned>(tiles * splits * B * Hkv)), dim3(Tile::kThreads), stream, a);
       launch_kernel("tree_merge_kernel", tree_merge_kernel<Scalar, kDp>, dim3(static_cast<unsigned>(tiles * B * Hkv)),
@@ -959,8 +905,7 @@ void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   const int64_t row_bytes = D * elem;
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(Hkv));
   const cudaStream_t stream = as_stream(cuda_stream);
-  const bool vec = rows_vectorizable(k_cache, {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)}, D) &&
-                   rows_vectorizable(v_cache, {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)}, D);
+  const bool vec = cache_rows_vectorizable(k_cache, D) && cache_rows_vectorizable(v_cache, D);
   if (vec) {
     a.units = static_cast<int>(row_bytes / 16);
     launch_kernel("compact_kv_kernel", compact_kv_kernel<uint4>, grid, dim3(kCompactThreads), stream, a);

@@ -56,28 +56,44 @@ lib.define(
 # --------------------------------------------------------------------------- checks
 
 
-def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
-                           seed, positions, max_draft_len, values: bool = True) -> None:
-    """Raise a ValueError naming the first bad argument. ``values=False`` (fake
-    kernels) checks only metadata."""
+def _check_batch(target_logits, cu, cu_name):
+    """(device, B) of a call whose requests are delimited by ``cu`` [B + 1] int32, on the
+    device of ``target_logits``. The first checks of both ops."""
     if not isinstance(target_logits, torch.Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     dev = target_logits.device
-    check_tensor(cu_num_draft, "cu_num_draft", ndim=1, dtypes=(torch.int32,), device=dev)
-    if cu_num_draft.numel() < 1:
-        raise ValueError("cu_num_draft must have B + 1 >= 1 entries (an empty batch is [0]), got none")
-    B = cu_num_draft.numel() - 1
-    check_tensor(draft_tokens, "draft_tokens", ndim=1, dtypes=ID_DTYPES, device=dev)
-    N = draft_tokens.numel()
-    check_logits(target_logits, "target_logits", dev, rows=N + B)
+    check_tensor(cu, cu_name, ndim=1, dtypes=(torch.int32,), device=dev)
+    if cu.numel() < 1:
+        raise ValueError(f"{cu_name} must have B + 1 >= 1 entries (an empty batch is [0]), got none")
+    return dev, cu.numel() - 1
+
+
+def _check_target(target_logits, rows, draft_probs, draft_rows, temperature, top_k, top_p, seed, positions, B, dev,
+                  bound, bound_name) -> int:
+    """Metadata checks both ops make after their token arguments: target_logits [rows, V]
+    with V >= 1, draft_probs [draft_rows, V], the sampling parameters of B requests, and
+    the depth bound (``max_draft_len`` / ``max_depth``) an int >= 0. Returns V."""
+    check_logits(target_logits, "target_logits", dev, rows=rows)
     V = target_logits.shape[1]
     if V < 1:
         raise ValueError("target_logits must have a vocabulary of at least 1 token")
     if draft_probs is not None:
-        check_logits(draft_probs, "draft_probs", dev, rows=N, vocab=V)
+        check_logits(draft_probs, "draft_probs", dev, rows=draft_rows, vocab=V)
     check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, False)
-    if not isinstance(max_draft_len, int) or max_draft_len < 0:
-        raise ValueError(f"max_draft_len must be an int >= 0, got {max_draft_len!r}")
+    if not isinstance(bound, int) or bound < 0:
+        raise ValueError(f"{bound_name} must be an int >= 0, got {bound!r}")
+    return V
+
+
+def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
+                           seed, positions, max_draft_len, values: bool = True) -> None:
+    """Raise a ValueError naming the first bad argument. ``values=False`` (fake
+    kernels) checks only metadata."""
+    dev, B = _check_batch(target_logits, cu_num_draft, "cu_num_draft")
+    check_tensor(draft_tokens, "draft_tokens", ndim=1, dtypes=ID_DTYPES, device=dev)
+    N = draft_tokens.numel()
+    V = _check_target(target_logits, N + B, draft_probs, N, temperature, top_k, top_p, seed, positions, B, dev,
+                      max_draft_len, "max_draft_len")
     if not (values and _backend.value_checks_enabled(target_logits)):
         return
     check_cu(cu_num_draft, "cu_num_draft", N, "draft_tokens.numel()", min_step=0)
@@ -93,25 +109,12 @@ def check_rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_prob
 def check_tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
                                 top_k, top_p, seed, positions, max_depth, values: bool = True) -> None:
     """As :func:`check_rejection_sample`, for the tree op."""
-    if not isinstance(target_logits, torch.Tensor):
-        raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
-    dev = target_logits.device
-    check_tensor(cu_num_nodes, "cu_num_nodes", ndim=1, dtypes=(torch.int32,), device=dev)
-    if cu_num_nodes.numel() < 1:
-        raise ValueError("cu_num_nodes must have B + 1 >= 1 entries (an empty batch is [0]), got none")
-    B = cu_num_nodes.numel() - 1
+    dev, B = _check_batch(target_logits, cu_num_nodes, "cu_num_nodes")
     check_tensor(tree_tokens, "tree_tokens", ndim=1, dtypes=ID_DTYPES, device=dev)
     T = tree_tokens.numel()
     check_tensor(parents, "parents", ndim=1, dtypes=ID_DTYPES, device=dev, shape=(T,))
-    check_logits(target_logits, "target_logits", dev, rows=T)
-    V = target_logits.shape[1]
-    if V < 1:
-        raise ValueError("target_logits must have a vocabulary of at least 1 token")
-    if draft_probs is not None:
-        check_logits(draft_probs, "draft_probs", dev, rows=T, vocab=V)
-    check_sampling_params(temperature, top_k, top_p, seed, positions, B, dev, False)
-    if not isinstance(max_depth, int) or max_depth < 0:
-        raise ValueError(f"max_depth must be an int >= 0, got {max_depth!r}")
+    V = _check_target(target_logits, T, draft_probs, T, temperature, top_k, top_p, seed, positions, B, dev,
+                      max_depth, "max_depth")
     if not (values and _backend.value_checks_enabled(target_logits)):
         return
     check_cu(cu_num_nodes, "cu_num_nodes", T, "tree_tokens.numel()", min_step=1)

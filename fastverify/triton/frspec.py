@@ -154,6 +154,24 @@ def _split_range(pid_s, V, TILES_PER_SPLIT, BLOCK_V: tl.constexpr):
     return v_begin, tl.minimum(v_begin + TILES_PER_SPLIT * BLOCK_V, V)
 
 
+@triton.jit
+def _split_tile(h_ptr, stride_h, w_ptr, m, m_ok, v0, v_end, t, mx, sm, D,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """The tile of subset rows v = v0 .. v0 + BLOCK_V (< v_end) of a split: (v, s, ok) as
+    _scores, and the running (mx, sm) with s folded in (_online_lse)."""
+    v = v0 + tl.arange(0, BLOCK_V)
+    s, ok = _scores(h_ptr, stride_h, w_ptr, m, m_ok, v, v < v_end, t, D, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)
+    mx, sm = _online_lse(mx, sm, s)
+    return v, s, ok, mx, sm
+
+
+@triton.jit
+def _store_split_lse(ws_ml_ptr, row, mx, sm, m_ok):
+    """The split's (max, sum) of rows m to ws_ml [M·S, 2] at row = m·S + s."""
+    tl.store(ws_ml_ptr + row * 2, mx, mask=m_ok)
+    tl.store(ws_ml_ptr + row * 2 + 1, sm, mask=m_ok)
+
+
 # ---------------------------------------------------------------------------- kernels
 
 
@@ -180,17 +198,15 @@ def _topk_partial_kernel(h_ptr, w_ptr, temp_ptr, ws_s_ptr, ws_r_ptr, ws_ml_ptr, 
     sm = tl.zeros([BLOCK_M], tl.float32)
     v_begin, v_end = _split_range(pid_s, V, TILES_PER_SPLIT, BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
-        s, ok = _scores(h_ptr, stride_h, w_ptr, m, m_ok, v, v < v_end, t, D, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)
-        mx, sm = _online_lse(mx, sm, s)
+        v, s, ok, mx, sm = _split_tile(h_ptr, stride_h, w_ptr, m, m_ok, v0, v_end, t, mx, sm, D,
+                                       BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)
         ls, lr = _insert_topk(ls, lr, s, tl.where(ok, v[None, :], BIG), K_P2)
     row = m.to(tl.int64) * NUM_SPLITS + pid_s
     off = row[:, None] * K + slot
     keep = m_ok[:, None] & (slot < K)
     tl.store(ws_s_ptr + off, ls, mask=keep)
     tl.store(ws_r_ptr + off, lr, mask=keep)
-    tl.store(ws_ml_ptr + row * 2, mx, mask=m_ok)
-    tl.store(ws_ml_ptr + row * 2 + 1, sm, mask=m_ok)
+    _store_split_lse(ws_ml_ptr, row, mx, sm, m_ok)
 
 
 @triton.jit
@@ -270,9 +286,8 @@ def _sample_partial_kernel(h_ptr, w_ptr, temp_ptr, seed_ptr, pos_ptr, ws_n_ptr, 
     sm = tl.zeros([BLOCK_M], tl.float32)
     v_begin, v_end = _split_range(pid_s, V, TILES_PER_SPLIT, BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        v = v0 + tl.arange(0, BLOCK_V)
-        s, ok = _scores(h_ptr, stride_h, w_ptr, m, m_ok, v, v < v_end, t, D, BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)
-        mx, sm = _online_lse(mx, sm, s)
+        v, s, ok, mx, sm = _split_tile(h_ptr, stride_h, w_ptr, m, m_ok, v0, v_end, t, mx, sm, D,
+                                       BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)
         noisy = tl.where(greedy[:, None], s, s + _gumbel(seed, pos, v, BLOCK_M, BLOCK_V))
         r = tl.where(ok, v[None, :], BIG)
         tn = tl.max(noisy, 1)
@@ -286,8 +301,7 @@ def _sample_partial_kernel(h_ptr, w_ptr, temp_ptr, seed_ptr, pos_ptr, ws_n_ptr, 
     tl.store(ws_n_ptr + row, bn, mask=m_ok)
     tl.store(ws_s_ptr + row, bs, mask=m_ok)
     tl.store(ws_r_ptr + row, br, mask=m_ok)
-    tl.store(ws_ml_ptr + row * 2, mx, mask=m_ok)
-    tl.store(ws_ml_ptr + row * 2 + 1, sm, mask=m_ok)
+    _store_split_lse(ws_ml_ptr, row, mx, sm, m_ok)
 
 
 @triton.jit

@@ -47,6 +47,14 @@ def _scale(l, t):
 
 
 @triton.jit
+def _temperature(temp_ptr, b):
+    """(t, random) of request b: random iff temperature[b] > 0; t = 1 where greedy."""
+    t = tl.load(temp_ptr + b)
+    random = t > 0
+    return tl.where(random, t, 1.0), random
+
+
+@triton.jit
 def _float_key(x):
     """Order-preserving float32 → int64 key in [0, 2^32)."""
     bits = x.to(tl.int32, bitcast=True)
@@ -217,9 +225,7 @@ def _filter_threshold_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, topk_ptr, t
     row = tl.program_id(0)
     b = request_of_row(cu_ptr, row, B, ROW_EXTRA)
     l_row = logits_ptr + row.to(tl.int64) * stride_l
-    t = tl.load(temp_ptr + b)
-    random = t > 0
-    t = tl.where(random, t, 1.0)
+    t, random = _temperature(temp_ptr, b)
     key = tl.zeros([], tl.int64)
     use = tl.zeros([], tl.int1)
     if HAS_TOPK:
@@ -251,8 +257,7 @@ def _chunk_stats_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, thr_ptr, stats_p
     offs = c * CHUNK + tl.arange(0, CHUNK)
     l = _load_logits(logits_ptr + row.to(tl.int64) * stride_l, offs, offs < V)  # in flight during the search
     b = request_of_row(cu_ptr, row, B, ROW_EXTRA)
-    t = tl.load(temp_ptr + b)
-    t = tl.where(t > 0, t, 1.0)
+    t, _ = _temperature(temp_ptr, b)
     a_i = tl.argmax(l, 0)
     a_v = tl.max(l, 0)
     z = _scale(l, t)
@@ -285,9 +290,7 @@ def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_
     K = tl.where(ok, tl.maximum(K, 0), 0)
     row0 = tl.where(ok, row0, 0)
     start = tl.where(ok, start, 0)
-    t = tl.load(temp_ptr + b)
-    random = t > 0
-    t = tl.where(random, t, 1.0)
+    t, random = _temperature(temp_ptr, b)
     seed = tl.load(seed_ptr + b)
     pos = tl.load(pos_ptr + b)
 
@@ -428,9 +431,7 @@ def _tree_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, tok_ptr, par_pt
     ok = (n0 >= 0) & (n >= 1) & (n0 + n <= T)
     n0 = tl.where(ok, n0, 0)
     n = tl.where(ok, n, 0)
-    t = tl.load(temp_ptr + b)
-    random = t > 0
-    t = tl.where(random, t, 1.0)
+    t, random = _temperature(temp_ptr, b)
     seed = tl.load(seed_ptr + b)
     pos = tl.load(pos_ptr + b)
     thr = tl.full([], float("-inf"), tl.float32)

@@ -53,6 +53,15 @@ PASSES = 8                  # 16^8 = 2^32: the int32 key range
 
 
 @triton.jit
+def _page_slot(bt_row, pos, ok, PAGE, NUM_PAGES):
+    """(page, slot, ok) of cache positions pos of one request, int64; ok is cleared where
+    the block table names no page of the cache (garbage or -1 entries are never read)."""
+    page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
+    ok = ok & (page >= 0) & (page < NUM_PAGES)
+    return page, (pos % PAGE).to(tl.int64), ok
+
+
+@triton.jit
 def _sparse_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, ids_ptr, ws_o_ptr, ws_ml_ptr, out_ptr,
                            stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                            stride_bt, stride_ib, stride_ih, stride_ob, stride_oh,
@@ -89,9 +98,7 @@ def _sparse_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, ids_ptr, ws_o_p
         pos = cid * CS + x % CS
         ok = x_ok & (cid >= 0) & ((cid < F) | (j == C)) & (pos < L) & (pos < CAPACITY)
         if tl.max(ok.to(tl.int32), 0) > 0:                              # skip blocks of empty slots
-            page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
-            ok = ok & (page >= 0) & (page < NUM_PAGES)
-            slot = (pos % PAGE).to(tl.int64)
+            page, slot, ok = _page_slot(bt_row, pos, ok, PAGE, NUM_PAGES)
             m2 = ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + (page * stride_kp + slot * stride_ks + h * stride_kh)[:, None] + d[None, :],
                         mask=m2, other=0.0)
@@ -169,9 +176,8 @@ def _chunk_scores_kernel(q_ptr, k_ptr, bt_ptr, seq_ptr, means_ptr, score_ptr,
                 t = t0 + tl.arange(0, CS_BLK)
                 pos = c[:, None] * CS + t[None, :]                                # [BLOCK_C, CS_BLK]
                 ok = c_ok[:, None] & (t < CS)[None, :]
-                page = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
-                ok = ok & (page >= 0) & (page < NUM_PAGES)
-                off = page * stride_kp + (pos % PAGE).to(tl.int64) * stride_ks + h * stride_kh
+                page, slot, ok = _page_slot(bt_row, pos, ok, PAGE, NUM_PAGES)
+                off = page * stride_kp + slot * stride_ks + h * stride_kh
                 k = tl.load(k_ptr + off[:, :, None] + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
                             other=0.0)
                 acc += tl.sum(k.to(tl.float32), 1)
