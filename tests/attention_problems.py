@@ -152,3 +152,22 @@ def dense_sdpa_oracle(p: Paged) -> torch.Tensor:
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allow)
         out[cu[b]:cu[b] + n] = o[0].transpose(0, 1)
     return out
+
+
+# Bad paged-KV arguments both attention ops refuse with the same message: name ->
+# (overrides of a valid call built from a problem p with 2 KV heads of head_dim 16, message).
+PAGED_KV_BAD = {
+    "q_2d": (lambda p: dict(q=p.q[0]), "q must have 3 dimension"),
+    "q_int": (lambda p: dict(q=p.q.long()), "q must be float16/bfloat16/float32"),
+    "cache_dtype": (lambda p: dict(k_cache=p.k_cache.double()), "k_cache must be float32"),
+    "head_dim_mismatch": (lambda p: dict(q=p.q[..., :8].contiguous()), "does not match q head_dim"),
+    "gqa": (lambda p: dict(q=torch.randn(p.q.shape[0], 3, 16)), "not a multiple of the 2 KV heads"),
+    "block_table_dtype": (lambda p: dict(block_table=p.block_table.long()), "block_table must be int32"),
+    "block_table_rows": (lambda p: dict(block_table=p.block_table[:1]), "block_table must have shape"),
+    "block_table_short": (lambda p: dict(block_table=p.block_table[:, :2]), "block_table is too short"),
+    "page_out_of_range": (lambda p: dict(block_table=torch.where(p.block_table == p.block_table[1, 0], 999,
+                                                                 p.block_table)), "page id outside"),
+    "seq_lens_dtype": (lambda p: dict(seq_lens=p.seq_lens.long()), "seq_lens must be int32"),
+    "device_mismatch": (lambda p: dict(seq_lens=torch.empty(2, dtype=torch.int32, device="meta")),
+                        "seq_lens is on meta"),
+}

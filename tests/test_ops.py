@@ -36,22 +36,22 @@ def test_schemas_name_the_contract_arguments():
     assert not any(a.is_write for s in (chain, tree) for a in s.arguments if a.alias_info is not None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("q,filters", [(False, False), (True, True)])
-def test_opcheck_rejection_sample(backend, q, filters):
-    p = chain_problem(B=3, V=33, max_k=2, q=q, filters=filters, seed=1).to(BACKEND_DEVICES[backend])
-    args, kwargs = chain_call(p)
-    with fastverify.use_backend(backend):
-        torch.library.opcheck(torch.ops.fastverify.rejection_sample.default, args, kwargs)
+OPCHECK_REJECTION = {  # op -> (a small problem with or without draft_probs and filters, its call)
+    "rejection_sample": (lambda q, filters: chain_problem(B=3, V=33, max_k=2, q=q, filters=filters, seed=1),
+                         chain_call),
+    "tree_rejection_sample": (lambda q, filters: tree_problem(B=3, V=21, max_nodes=6, q=q, filters=filters, seed=2),
+                              tree_call),
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("q,filters", [(False, False), (True, True)])
-def test_opcheck_tree_rejection_sample(backend, q, filters):
-    p = tree_problem(B=3, V=21, max_nodes=6, q=q, filters=filters, seed=2).to(BACKEND_DEVICES[backend])
-    args, kwargs = tree_call(p)
+@pytest.mark.parametrize("op", list(OPCHECK_REJECTION))
+def test_opcheck_rejection(backend, q, filters, op):
+    make_problem, make_call = OPCHECK_REJECTION[op]
+    args, kwargs = make_call(make_problem(q, filters).to(BACKEND_DEVICES[backend]))
     with fastverify.use_backend(backend):
-        torch.library.opcheck(torch.ops.fastverify.tree_rejection_sample.default, args, kwargs)
+        torch.library.opcheck(getattr(torch.ops.fastverify, op).default, args, kwargs)
 
 
 def test_fake_tensors_give_output_shapes():

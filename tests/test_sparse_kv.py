@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import naive
-from attention_problems import paged_problem
+from attention_problems import PAGED_KV_BAD, paged_problem
 from conftest import BACKENDS, BACKEND_DEVICES, EMULATE_FULL, HAS_CUDA, capture_graph, entry_points
 
 import fastverify
@@ -852,28 +852,16 @@ def ids_with(b, h, j, value):
 
 
 COMMON_BAD = {
-    "q_2d": (lambda p: dict(q=p.q[0]), "q must have 3 dimension"),
-    "q_int": (lambda p: dict(q=p.q.long()), "q must be float16/bfloat16/float32"),
+    **PAGED_KV_BAD,
     "q_head_dim_stride": (lambda p: dict(q=torch.randn(2, 16, 4).transpose(1, 2)), "q must be contiguous in head_dim"),
     "head_dim_too_big": (lambda p: dict(q=torch.randn(2, 4, 288)), "head_dim in \\[1, 256\\]"),
-    "cache_dtype": (lambda p: dict(k_cache=p.k_cache.double()), "k_cache must be float32"),
     "cache_head_dim_stride": (lambda p: dict(k_cache=p.k_cache.transpose(1, 3).contiguous().transpose(1, 3)),
                               "k_cache must be contiguous in head_dim"),
-    "head_dim_mismatch": (lambda p: dict(q=p.q[..., :8].contiguous()), "does not match q head_dim"),
-    "gqa": (lambda p: dict(q=torch.randn(2, 3, 16)), "not a multiple of the 2 KV heads"),
-    "block_table_dtype": (lambda p: dict(block_table=p.block_table.long()), "block_table must be int32"),
-    "block_table_rows": (lambda p: dict(block_table=p.block_table[:1]), "block_table must have shape"),
-    "block_table_short": (lambda p: dict(block_table=p.block_table[:, :2]), "block_table is too short"),
-    "page_out_of_range": (lambda p: dict(block_table=torch.where(p.block_table == p.block_table[1, 0], 999,
-                                                                 p.block_table)), "page id outside"),
-    "seq_lens_dtype": (lambda p: dict(seq_lens=p.seq_lens.long()), "seq_lens must be int32"),
     "seq_lens_shape": (lambda p: dict(seq_lens=p.seq_lens[:1]), "seq_lens must have shape"),
     "seq_lens_zero": (lambda p: dict(seq_lens=torch.tensor([40, 0], dtype=torch.int32)),
                       r"seq_lens\[1\] = 0: every request needs at least one key"),
     "chunk_size_zero": (lambda p: dict(chunk_size=0), "chunk_size must be an int >= 1"),
     "chunk_size_vs_page": (lambda p: dict(chunk_size=12), "chunk_size 12 and page_size 8"),
-    "device_mismatch": (lambda p: dict(seq_lens=torch.empty(2, dtype=torch.int32, device="meta")),
-                        "seq_lens is on meta"),
 }
 
 SELECT_BAD = {

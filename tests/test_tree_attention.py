@@ -23,8 +23,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attention_problems import (Paged, ancestors, build_tree_cases, dense_sdpa_oracle, mask_words_oracle,
-                                paged_problem, path_attention_oracle, tree_parents)
+from attention_problems import (PAGED_KV_BAD, Paged, ancestors, build_tree_cases, dense_sdpa_oracle,
+                                mask_words_oracle, paged_problem, path_attention_oracle, tree_parents)
 from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
 
 import fastverify
@@ -478,19 +478,9 @@ def with_bits(p: Paged, row: int, word: int) -> dict:
 
 
 ATTENTION_BAD = {
-    "q_2d": (lambda p: dict(q=p.q[0]), "q must have 3 dimension"),
-    "q_int": (lambda p: dict(q=p.q.long()), "q must be float16/bfloat16/float32"),
-    "cache_dtype": (lambda p: dict(k_cache=p.k_cache.double()), "k_cache must be float32"),
+    **PAGED_KV_BAD,
     "v_shape": (lambda p: dict(v_cache=p.v_cache[:, :2]), "v_cache must have shape"),
-    "head_dim": (lambda p: dict(q=p.q[..., :8].contiguous()), "does not match q head_dim"),
-    "gqa": (lambda p: dict(q=torch.randn(7, 3, 16)), "not a multiple of the 2 KV heads"),
     "q_rows": (lambda p: dict(q=p.q[:-1], tree_mask=p.tree_mask[:-1]), "must equal q.shape\\[0\\]"),
-    "block_table_dtype": (lambda p: dict(block_table=p.block_table.long()), "block_table must be int32"),
-    "block_table_rows": (lambda p: dict(block_table=p.block_table[:1]), "block_table must have shape"),
-    "block_table_short": (lambda p: dict(block_table=p.block_table[:, :2]), "block_table is too short"),
-    "page_out_of_range": (lambda p: dict(block_table=torch.where(p.block_table == p.block_table[1, 0], 999,
-                                                                 p.block_table)), "page id outside"),
-    "seq_lens_dtype": (lambda p: dict(seq_lens=p.seq_lens.long()), "seq_lens must be int32"),
     "seq_lens_shorter_than_tree": (lambda p: dict(seq_lens=torch.tensor([2, 13], dtype=torch.int32)),
                                    r"seq_lens\[0\] = 2 is shorter than the 3 tree nodes"),
     "cu_not_increasing": (lambda p: dict(cu_num_nodes=torch.tensor([0, 0, 7], dtype=torch.int32)),
@@ -503,8 +493,6 @@ ATTENTION_BAD = {
     "mask_second_root": (lambda p: with_bits(p, 5, 0b100), "only node 0 of request 1 may be a root"),
     "mask_not_ancestor_closed": (lambda p: with_bits(p, 6, 0b1101), "not ancestor-closed"),
     "mask_beyond_tree": (lambda p: with_bits(p, 0, 0b1001), "beyond the 3 nodes"),
-    "device_mismatch": (lambda p: dict(seq_lens=torch.empty(2, dtype=torch.int32, device="meta")),
-                        "seq_lens is on meta"),
     "sm_scale": (lambda p: dict(sm_scale=float("nan")), "sm_scale must be a finite float"),
 }
 

@@ -149,9 +149,11 @@ def _gumbel(seed, pos, v, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _split_range(pid_s, V, TILES_PER_SPLIT, BLOCK_V: tl.constexpr):
+def _split_start(pid_s, V, TILES_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Split s's subset rows [v_begin, v_end) and the empty running (max, sum) of BLOCK_M rows."""
     v_begin = pid_s * TILES_PER_SPLIT * BLOCK_V
-    return v_begin, tl.minimum(v_begin + TILES_PER_SPLIT * BLOCK_V, V)
+    v_end = tl.minimum(v_begin + TILES_PER_SPLIT * BLOCK_V, V)
+    return v_begin, v_end, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
 
 
 @triton.jit
@@ -194,9 +196,7 @@ def _topk_partial_kernel(h_ptr, w_ptr, temp_ptr, ws_s_ptr, ws_r_ptr, ws_ml_ptr, 
     # slots j < K start empty; slots j >= K (padding to a power of 2) are never the worst
     ls = tl.where(slot < K, float("-inf"), float("inf"))
     lr = tl.where(slot < K, BIG, -1)
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    sm = tl.zeros([BLOCK_M], tl.float32)
-    v_begin, v_end = _split_range(pid_s, V, TILES_PER_SPLIT, BLOCK_V)
+    v_begin, v_end, mx, sm = _split_start(pid_s, V, TILES_PER_SPLIT, BLOCK_M, BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         v, s, ok, mx, sm = _split_tile(h_ptr, stride_h, w_ptr, m, m_ok, v0, v_end, t, mx, sm, D,
                                        BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)
@@ -282,9 +282,7 @@ def _sample_partial_kernel(h_ptr, w_ptr, temp_ptr, seed_ptr, pos_ptr, ws_n_ptr, 
     bn = tl.full([BLOCK_M], float("-inf"), tl.float32)
     bs = tl.full([BLOCK_M], float("-inf"), tl.float32)
     br = tl.full([BLOCK_M], BIG, tl.int32)
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    sm = tl.zeros([BLOCK_M], tl.float32)
-    v_begin, v_end = _split_range(pid_s, V, TILES_PER_SPLIT, BLOCK_V)
+    v_begin, v_end, mx, sm = _split_start(pid_s, V, TILES_PER_SPLIT, BLOCK_M, BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         v, s, ok, mx, sm = _split_tile(h_ptr, stride_h, w_ptr, m, m_ok, v0, v_end, t, mx, sm, D,
                                        BLOCK_M, BLOCK_V, BLOCK_D, UPCAST)

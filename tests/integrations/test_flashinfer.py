@@ -154,7 +154,7 @@ def test_accepted_count_is_independent_per_position(backend):
     """Deterministic constructions: row 0 accepts everything (counts equal, K); row 1 rejects
     draft 0 (target 0 there) but every later draft passes its own test: emitted 0, accepted
     K - 1; row 2 rejects every draft: both 0. The rejected rows emit the target's token."""
-    K, V = 3, 16
+    V = 16
     ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     draft_probs = onehot(ids, V)
     tgt = torch.tensor([[1, 2, 3, 10], [11, 5, 6, 12], [13, 14, 15, 0]])
@@ -343,7 +343,7 @@ def test_emitted_tokens_follow_the_target(backend):
     if N == 0:
         pytest.skip("too slow under the Triton interpreter / CUDA emulator; identical outputs to the torch "
                     "backend are checked in test_same_results_on_every_backend")
-    K, V = 2, 5
+    V = 5
     gen = torch.Generator().manual_seed(1234)
     q0, p0 = normalized((V,), gen), normalized((V,), gen)
     q1, p1_given = normalized((V,), gen), normalized((V, V), gen)     # p1_given[a] = p_1(· | a)

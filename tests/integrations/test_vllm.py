@@ -340,6 +340,14 @@ def test_rejection_sampling_approximates_target_distribution():
     assert d_tgt[0] / d_tgt[-1] > 20 * d_ref[0] / d_ref[-1], (d_tgt, d_ref)
 
 
+def masked_case_sizes(backend):
+    """(vocab_size, num_draft_tokens, batch_size, target rows) of the top-k / top-p cases:
+    vLLM's batch of 100 on torch, 4 requests on the interpreter and the emulator."""
+    vocab_size, num_draft_tokens = 100, 3
+    batch_size = 100 if backend == "torch" else 4
+    return vocab_size, num_draft_tokens, batch_size, batch_size * (num_draft_tokens + 1)
+
+
 def masked_logits_case(backend, target_logits, unmasked, sm, batch_size, num_draft_tokens, vocab_size):
     """vLLM's _test_masked_logits through forward: every emitted token lies in its row's
     unmasked set (here the bonus tokens too: the bonus rows carry their own sets)."""
@@ -366,9 +374,7 @@ def masked_logits_case(backend, target_logits, unmasked, sm, batch_size, num_dra
 def test_top_k(backend, top_k):
     if backend == "triton" and top_k != 5:
         pytest.skip("the Triton interpreter runs one top_k (~0.1 s per request)")
-    vocab_size, num_draft_tokens = 100, 3
-    batch_size = 100 if backend == "torch" else 4
-    rows = batch_size * (num_draft_tokens + 1)
+    vocab_size, num_draft_tokens, batch_size, rows = masked_case_sizes(backend)
     g = torch.Generator().manual_seed(top_k)
     top_k_indices = torch.stack([torch.randperm(vocab_size, generator=g)[:top_k] for _ in range(rows)])
     target_logits = torch.zeros(rows, vocab_size)
@@ -385,9 +391,7 @@ def test_top_k(backend, top_k):
 def test_top_p(backend, top_p):
     if backend == "triton" and top_p != 0.9:
         pytest.skip("the Triton interpreter runs one top_p (~0.1 s per request)")
-    vocab_size, num_draft_tokens = 100, 3
-    batch_size = 100 if backend == "torch" else 4
-    rows = batch_size * (num_draft_tokens + 1)
+    vocab_size, num_draft_tokens, batch_size, rows = masked_case_sizes(backend)
     target_logits = torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(int(top_p * 100)))
     logits_sort, logits_idx = target_logits.sort(dim=-1, descending=False)
     top_p_mask = logits_sort.softmax(-1).cumsum(-1) <= 1 - top_p
