@@ -28,6 +28,7 @@ from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
 from problems import Chain, Tree, chain_problem, random_tree, run_chain, run_tree, tree_depth, tree_problem
 
 import fastverify
+from fastverify.ops import rejection as ops_rejection
 from fastverify.ops.rejection import rejection_sample_torch, tree_rejection_sample_torch
 
 pytestmark = pytest.mark.family("rejection")
@@ -218,6 +219,15 @@ def mode_problem(op: str, mode: str, V: int) -> Chain:
 def test_matches_oracle(op, mode, V, backend):
     p, want = once((op, mode, V), lambda: with_reference(mode_problem(op, mode, V)))
     assert_same(run(p, backend), want)
+
+
+@pytest.mark.parametrize("mode", list(TREE_MODES))
+def test_tree_torch_static_children_bound_while_capturing(mode, monkeypatch):
+    """While a CUDA graph is captured the torch tree op reads no fan-out back: its children
+    table is T wide, with the same tokens."""
+    p, want = once(("tree", mode, 37), lambda: with_reference(mode_problem("tree", mode, 37)))
+    monkeypatch.setattr(ops_rejection, "host_read_ok", lambda t: False)
+    assert_same(run(p, "torch"), want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -623,11 +633,8 @@ GRAPH_CASES = {
 }
 
 
-# The torch backend's tree op reads its widest fan-out on the host (_children_table): not
-# capturable, so its tree cases are left out.
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend,case", [(b, c) for b in GPU_BACKENDS for c in GRAPH_CASES
-                                          if not (b == "torch" and c.startswith("tree"))])
+@pytest.mark.parametrize("backend,case", [(b, c) for b in GPU_BACKENDS for c in GRAPH_CASES])
 def test_cuda_graph_replay_follows_new_inputs(backend, case):
     p = GRAPH_CASES[case]().to(GPU)
     with fastverify.use_backend(backend):

@@ -28,6 +28,7 @@ from attention_problems import (PAGED_KV_BAD, Paged, ancestors, build_tree_cases
 from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
 
 import fastverify
+from fastverify.ops import attention as ops_attention
 
 pytestmark = pytest.mark.family("tree_attention")
 
@@ -187,6 +188,35 @@ def attention_case(case: str, dtype) -> tuple[Paged, torch.Tensor]:
 def test_tree_attention_matches_oracle(backend, case, dtype):
     p, want = attention_case(case, dtype)
     assert_close(run_attention(p, backend), want, dtype, f"{backend} {case}")
+
+
+# The torch backend off the CPU runs the padded path (static shapes, no host read: a CUDA
+# graph can capture it); here it runs on CPU against the same oracles.
+@pytest.mark.parametrize("case,dtype", [(case, F32) for case in ATTENTION_CASES]
+                         + [("random_trees", BF16), ("head_dim_80", F16), ("mixed_sizes_page_7", BF16)])
+def test_padded_torch_path_matches_oracle(case, dtype):
+    p, want = attention_case(case, dtype)
+    assert_close(ops_attention._tree_attention_padded(*p.args(), None), want, dtype, f"padded {case}")
+
+
+def test_padded_torch_path_sm_scale_and_garbage():
+    p = paged_problem([7, 12, 1], [45, 3, 20], Hq=8, Hkv=2, D=64, page=8, seed=3)
+    assert_close(ops_attention._tree_attention_padded(*p.args(), 0.3), dense_sdpa_oracle(with_scale(p, 0.3)), F32)
+    p = paged_problem([3, 4], [5, 9], Hq=4, Hkv=2, D=64, page=4, seed=13)
+    p.block_table[1, 1] = 10**6
+    p.block_table[0, 0] = -5
+    p.seq_lens[0] = 10**6
+    assert torch.isfinite(ops_attention._tree_attention_padded(*p.args(), None)).all()
+
+
+def test_build_tree_static_bound_while_capturing(monkeypatch):
+    """While a CUDA graph is captured build_tree reads no tree size back: it walks
+    min(T, 64·W) levels, with the same result."""
+    parents, prefixes, cu, want_mask, want_depth, request = build_tree_problem()
+    monkeypatch.setattr(ops_attention, "host_read_ok", lambda t: False)
+    mask, pos, depth = ops_attention.build_tree_torch(torch.tensor(sum(parents, [])), cu, torch.tensor(prefixes), 128)
+    assert torch.equal(mask, want_mask)
+    assert depth.tolist() == want_depth
 
 
 def test_oracles_agree():

@@ -22,6 +22,13 @@ def row_requests(cu: torch.Tensor, rows: int, extra: int) -> tuple[torch.Tensor,
     return row_req, torch.arange(rows, device=cu.device) - first[row_req]
 
 
+def host_read_ok(t: torch.Tensor) -> bool:
+    """Whether a torch kernel may read a small value of ``t`` back to the host (a loop
+    bound, a table width): not while a CUDA graph is being captured, where a sync would
+    break the capture; there the kernel takes the static bound its shapes give."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def implementation(device: torch.device, family: str, name: str, torch_fn):
     """The backend function of op ``name`` (family module ``family``) for tensors on ``device``."""
     backend = _backend.get_backend(device)

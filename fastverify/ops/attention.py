@@ -30,7 +30,7 @@ import torch
 from .. import _backend
 from .._layout import WORD, mask_words
 from ._checks import ID_DTYPES, check_cu, check_tensor, check_tree, passed_before, remember_passed
-from ._common import implementation, row_requests
+from ._common import host_read_ok, implementation, row_requests
 
 lib = torch.library.Library("fastverify", "FRAGMENT")
 lib.define("build_tree(Tensor parents, Tensor cu_num_nodes, Tensor prefix_lens, *, int? max_nodes=None) "
@@ -221,14 +221,18 @@ def build_tree_torch(parents, cu_num_nodes, prefix_lens, max_nodes):
     word = local // WORD
     mask = torch.zeros(T, W, dtype=torch.int64, device=dev)
     mask.scatter_(1, word[:, None].clamp(max=W - 1), torch.bitwise_left_shift(torch.ones_like(local), local % WORD)[:, None])
-    depth = torch.zeros(T, dtype=torch.int64, device=dev)
+    mask = torch.cat([mask, mask.new_zeros(1, W)])       # row T: where finished trees write
+    depth = torch.zeros(T + 1, dtype=torch.int64, device=dev)
     sizes = cu[1:] - first
-    for j in range(1, int(sizes.max()) if T else 0):
+    # a tree has at most min(T, 64·W) nodes: the static bound while a CUDA graph is captured
+    steps = (int(sizes.max()) if T else 0) if host_read_ok(sizes) else min(T, WORD * W)
+    for j in range(1, steps):
         has = sizes > j
-        idx = (first + j)[has]
-        p = gpar[idx]
-        mask[idx] |= mask[p]
+        idx = torch.where(has, first + j, T)
+        p = torch.where(has, gpar[idx.clamp(max=T - 1)], T)
+        mask[idx] = mask[idx] | mask[p]
         depth[idx] = depth[p] + 1
+    mask, depth = mask[:T], depth[:T]
     return mask, prefix_lens.long()[row_req] + depth, depth.to(torch.int32)
 
 
@@ -275,7 +279,9 @@ def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
     """torch backend of :func:`fastverify.tree_attention` (fp32 math). Requests with the
     same (nodes, keys) run together: their keys [g, L, Hkv, D] from the pages, scores of
     the G query heads of each KV head as rows [G·n] against [L], the tree part masked,
-    softmax, weighted sum."""
+    softmax, weighted sum. Off the CPU: :func:`_tree_attention_padded` (no host read)."""
+    if q.device.type != "cpu":
+        return _tree_attention_padded(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -299,6 +305,49 @@ def tree_attention_torch(q, k_cache, v_cache, block_table, seq_lens, cu_num_node
         o = torch.softmax(s, -1) @ v                                            # [g, Hkv, G·n, D]
         out[rows] = o.view(g, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(g * n, Hq, D).to(q.dtype)
     return out
+
+
+def _tree_attention_padded(q, k_cache, v_cache, block_table, seq_lens, cu_num_nodes, tree_mask, sm_scale):
+    """:func:`tree_attention_torch` with static shapes and no host read, so that a CUDA graph
+    can capture it: each request's nodes padded to N = min(T, 64·W), all keys its block
+    table can hold (C = max_pages · page_size) gathered, the invisible ones masked. With
+    prefix_b = seq_lens[b] − n_b and r = j − prefix_b, node i of request b sees key j iff
+
+        j < min(seq_lens[b], C)  and  (r < 0  or  (r < n_b and bit r of tree_mask[i] is set)).
+
+    Page ids outside the cache are clamped, never read out of bounds."""
+    T, Hq, D = q.shape
+    if T == 0:
+        return torch.empty_like(q)
+    B, P = block_table.shape
+    num_pages, page, Hkv = k_cache.shape[:3]
+    G, W = Hq // Hkv, tree_mask.shape[1]
+    N, C = min(T, WORD * W), P * page
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    cu = cu_num_nodes.long()
+    row_req, local = row_requests(cu, T, 0)
+    slot = local.clamp(max=N - 1)
+    n = cu[1:] - cu[:-1]                                                    # [B]
+    prefix = seq_lens.long() - n
+    pages = block_table.long().clamp(0, num_pages - 1)                      # [B, P]
+    k, v = (c[pages].flatten(1, 2).transpose(1, 2).float() for c in (k_cache, v_cache))   # [B, Hkv, C, D]
+    qp = q.new_zeros((B, N, Hq, D), dtype=torch.float32)
+    qp[row_req, slot] = q.float() * scale
+    qp = qp.view(B, N, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * N, D)
+    s = (qp @ k.transpose(-1, -2)).view(B, Hkv, G, N, C)                   # [B, Hkv, G, N, C]
+    j = torch.arange(C, device=q.device)
+    r = j[None, :] - prefix[:, None]                                        # [B, C]
+    rc = r.clamp(0, WORD * W - 1)
+    mp = tree_mask.new_zeros((B, N, W))
+    mp[row_req, slot] = tree_mask
+    bit = (mp.gather(2, (rc // WORD)[:, None, :].expand(B, N, C)) >> (rc % WORD)[:, None, :]) & 1   # [B, N, C]
+    allow = ((r < 0)[:, None, :] | ((r < n[:, None])[:, None, :] & (bit == 1))) & \
+        (j[None, :] < seq_lens.long()[:, None])[:, None, :]
+    allow |= ~allow.any(-1, keepdim=True) & (j == 0)                        # rows that see nothing: no NaN
+    s = s.masked_fill(~allow[:, None, None], float("-inf"))
+    o = torch.softmax(s, -1).view(B, Hkv, G * N, C) @ v                     # [B, Hkv, G·N, D]
+    o = o.view(B, Hkv, G, N, D).permute(0, 3, 1, 2, 4).reshape(B, N, Hq, D)
+    return o[row_req, slot].to(q.dtype)
 
 
 def _slots(block_table, pos, page):

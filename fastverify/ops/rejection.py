@@ -35,7 +35,7 @@ from .. import _backend
 from . import philox
 from ._checks import (ID_DTYPES, check_cu, check_ids_in_vocab, check_logits, check_probs, check_sampling_params,
                       check_tensor, check_tree)
-from ._common import implementation, row_requests
+from ._common import host_read_ok, implementation, row_requests
 from .sampling import NEG_INF, filter_threshold, inverse_cdf, sanitize, scale
 
 lib = torch.library.Library("fastverify", "FRAGMENT")
@@ -233,20 +233,21 @@ def _chain_output(x, row_req, row_j, n_acc, token, B: int, W: int):
 
 def _children_table(cu: torch.Tensor, row_req: torch.Tensor, local: torch.Tensor, parents: torch.Tensor):
     """kids [T + 1, C]: global ids of each node's children in node order, -1 padded
-    (row T is an empty dummy). C, the most children of any node, is read on the host."""
+    (row T is an empty dummy). C, the most children of any node, is read on the host, or
+    is T while a CUDA graph is captured (the extra columns stay empty)."""
     T = row_req.numel()
     par = parents.long()
     is_child = (local > 0) & (par >= 0) & (par < local)
     gpar = torch.where(is_child, cu[:-1][row_req] + par, T)                 # global parent, T = none
     order = torch.argsort(gpar * (T + 1) + torch.arange(T, device=cu.device))
     counts = torch.bincount(gpar, minlength=T + 1)[:T]
-    C = max(int(counts.max()) if T > 0 else 0, 1)
+    C = max(int(counts.max()) if T > 0 else 0, 1) if host_read_ok(counts) else max(T, 1)
     sp = gpar[order]
     first = torch.cat([counts.cumsum(0) - counts, counts.new_zeros(1)])    # first slot of each parent in `order`
     rank = torch.arange(T, device=cu.device) - first[sp]
     kids = torch.full((T + 1, C), -1, dtype=torch.long, device=cu.device)
-    m = sp < T
-    kids[sp[m], rank[m]] = order[m]
+    kids[sp, rank.clamp(max=C - 1)] = order                                  # the roots land in row T ...
+    kids[T] = -1                                                            # ... which stays empty
     return kids
 
 
