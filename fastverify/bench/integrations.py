@@ -12,6 +12,9 @@ cost over the raw op it wraps, on the same requests.
   caller's argmax ids / coins drive a torch walk of the tree (no fastverify op takes them):
   absolute times, no baseline.
 
+On a GPU where the peer is installed (vLLM, FlashInfer, sgl-kernel) its own function runs
+on the same arguments as a baseline too (``<peer> (peer)``, unchecked: other random streams).
+
 The ``raw op`` baseline runs on the device's default backend (``torch`` on CPU, the CUDA
 default on a GPU): compare it with the adapter row of that backend. Correctness is the
 business of tests/integrations (the peers' own cases), not of these rows.
@@ -19,6 +22,9 @@ business of tests/integrations (the peers' own cases), not of these rows.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -93,29 +99,58 @@ def tree_inputs(B: int, N: int, V: int, dtype: str, device) -> dict:
                               target_probs=probs, draft_probs=torch.zeros_like(probs)))
 
 
+# adapter -> (the peer's package, the module holding its function, the function, the inputs' key)
+PEERS = {
+    "vllm.rejection_sample": ("vllm", "vllm.v1.sample.rejection_sampler", "rejection_sample", "vllm"),
+    "flashinfer.chain_speculative_sampling": ("flashinfer", "flashinfer.sampling", "chain_speculative_sampling",
+                                              "flashinfer"),
+    "sglang.verify_tree_greedy": ("sgl_kernel", "sgl_kernel", "verify_tree_greedy", "greedy"),
+    "sglang.tree_speculative_sampling_target_only": ("sgl_kernel", "sgl_kernel", "tree_speculative_sampling_target_only",
+                                                     "sampling"),
+}
+
+
+def peer_impls(op: str) -> list[Impl]:
+    """The peer's own function behind adapter ``op`` as a baseline, when the peer is installed."""
+    package, module, name, key = PEERS[op]
+    if package not in sys.modules and importlib.util.find_spec(package) is None:
+        return []
+
+    def make(x):
+        fn = getattr(importlib.import_module(module), name)
+        return lambda: fn(**x[key])
+
+    return [Impl(f"{package} (peer)", make, kind="baseline", checked=False)]
+
+
 def cases(size: str, device) -> list[Case]:
     from ..integrations import flashinfer, sglang, vllm
 
     shapes = SHAPES["cpu" if size == "grid" and torch.device(device).type != "cuda" else size]
     raw = lambda key: Impl("raw op", lambda x, key=key: (lambda: fastverify.rejection_sample(   # noqa: E731
         *x[key]["args"], **x[key]["kwargs"])), kind="baseline", checked=False)
+    # the peers' kernels need a GPU (and are never installed into the CPU environment)
+    peers = peer_impls if torch.device(device).type == "cuda" else (lambda op: [])
     out = []
     for B, K, V, dt in shapes:
         shape = dict(B=B, K=K, V=V, dtype=dt)
         build = lambda a=(B, K, V, dt): chain_inputs(*a, device)   # noqa: E731
         nbytes = B * (K + 1) * V * DTYPES[dt].itemsize
         out.append(Case(FAMILY, "vllm.rejection_sample", shape, nbytes, build,
-                        kernel_impls(lambda x: vllm.rejection_sample(**x["vllm"])) + [raw("op")]))
+                        kernel_impls(lambda x: vllm.rejection_sample(**x["vllm"])) + [raw("op")]
+                        + peers("vllm.rejection_sample")))
         out.append(Case(FAMILY, "flashinfer.chain_speculative_sampling", shape, 4 * nbytes // DTYPES[dt].itemsize,
                         build, kernel_impls(lambda x: flashinfer.chain_speculative_sampling(**x["flashinfer"]))
-                        + [raw("flashinfer_op")]))
+                        + [raw("flashinfer_op")] + peers("flashinfer.chain_speculative_sampling")))
         N = 2 * K
         tshape = dict(B=B, N=N, V=V, dtype=dt)
         tbuild = lambda a=(B, N, V, dt): tree_inputs(*a, device)   # noqa: E731
         out.append(Case(FAMILY, "sglang.verify_tree_greedy", tshape, 0, tbuild,
-                        kernel_impls(lambda x: sglang.verify_tree_greedy(**x["greedy"]))))
+                        kernel_impls(lambda x: sglang.verify_tree_greedy(**x["greedy"]))
+                        + peers("sglang.verify_tree_greedy")))
         out.append(Case(FAMILY, "sglang.tree_speculative_sampling_target_only", tshape, B * N * V * 4, tbuild,
-                        kernel_impls(lambda x: sglang.tree_speculative_sampling_target_only(**x["sampling"]))))
+                        kernel_impls(lambda x: sglang.tree_speculative_sampling_target_only(**x["sampling"]))
+                        + peers("sglang.tree_speculative_sampling_target_only")))
     if size == "smoke":      # seconds per call under the Triton interpreter: the op's own smoke rows cover triton
         for c in out:
             c.impls = [i for i in c.impls if i.name != "triton"]
