@@ -93,6 +93,19 @@ def backend_of(item) -> str:
     return getattr(item.module, "BACKEND", "torch")
 
 
+def backend_params(rows, kernel_runs=lambda backend, row: True, backends=None) -> list:
+    """pytest params (backend, *row) for every backend and row. A row that ``kernel_runs``
+    refuses for a kernel backend is marked ``gpu_sized``: too slow for the Triton
+    interpreter / CUDA emulator, it runs on a GPU (or with FASTVERIFY_EMULATE_FULL=1)."""
+    params = []
+    for row in rows:
+        row = row if isinstance(row, tuple) else (row,)
+        for b in backends or BACKENDS:
+            marks = () if b == "torch" or kernel_runs(b, row) else pytest.mark.gpu_sized
+            params.append(pytest.param(b, *row, marks=marks, id="-".join(map(str, (b, *row)))))
+    return params
+
+
 def capture_graph(fn):
     """(CUDA graph, its static outputs) of ``fn``, warmed up twice on a side stream first
     (the tests marked ``cuda`` replay it after changing the inputs in place)."""

@@ -29,7 +29,7 @@ from fastverify.integrations.flashinfer import chain_speculative_sampling
 
 
 
-from conftest import BACKEND_DEVICES  # noqa: E402  (tests/conftest.py)
+from conftest import BACKEND_DEVICES, backend_params  # noqa: E402  (tests/conftest.py)
 
 pytestmark = pytest.mark.family("integrations")
 
@@ -73,14 +73,13 @@ def test_chain_speculative_sampling_docstring_example(backend):
     assert accepted.tolist() == [1] and emitted.tolist() == [1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# K = 5 costs ~1 s per trial under the Triton interpreter (K = 1, 3 cover the logic there)
 @pytest.mark.parametrize("onehot_target", [False, True])
-@pytest.mark.parametrize("num_speculate_tokens", [1, 3, 5])
+@pytest.mark.parametrize("backend,num_speculate_tokens", backend_params([1, 3, 5],
+                                                                        lambda b, row: b != "triton" or row != (5,)))
 def test_chain_speculative_sampling(backend, num_speculate_tokens, onehot_target):
     """FlashInfer's test_chain_speculative_sampling (batch 1/99/989 and vocab 111/32000/128256
     there; a batch of 2 at vocab 111 here, fewer trials on emulated backends)."""
-    if backend == "triton" and backend in EMULATED and num_speculate_tokens == 5:
-        pytest.skip("K = 5 costs ~1 s per trial under the Triton interpreter; K = 1, 3 cover the logic")
     B, K, V = 2, num_speculate_tokens, 111
     gen = torch.Generator().manual_seed(42)
     draft_probs = normalized((B, K, V), gen)
@@ -326,23 +325,16 @@ def test_cuda_generator_advances_like_flashinfer():
 # ----------------------------------------------------------------------------- goodness of fit
 
 
-def samples_for(backend):
-    if backend in EMULATED:
-        return 0
-    return 20000
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+# 20000 samples: too slow under the Triton interpreter / CUDA emulator (identical outputs to
+# the torch backend are checked there in test_same_results_on_every_backend)
+@pytest.mark.parametrize("backend", backend_params([()], lambda b, row: False))
 def test_emitted_tokens_follow_the_target(backend):
     """Drafts drawn from q, one request per sample (rows are independent streams), K = 2:
     the first token ~ p_0; the first two slots (a, b) follow
         P(a, b)    = min(p_0(a), q_0(a)) · p_1(b | a)      (draft a accepted, then b)
         P(a, stop) = p_0(a) - min(p_0(a), q_0(a))          (a recovered after a rejection)
     where p_1(· | a) is row 1 of a request whose draft 0 is a (as a target model computes it)."""
-    N = samples_for(backend)
-    if N == 0:
-        pytest.skip("too slow under the Triton interpreter / CUDA emulator; identical outputs to the torch "
-                    "backend are checked in test_same_results_on_every_backend")
+    N = 20000
     V = 5
     gen = torch.Generator().manual_seed(1234)
     q0, p0 = normalized((V,), gen), normalized((V,), gen)

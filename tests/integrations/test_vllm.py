@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from scipy.stats import chi2_contingency
 
 import naive
-from conftest import BACKEND_DEVICES, BACKENDS
+from conftest import BACKEND_DEVICES, BACKENDS, backend_params
 from law import assert_law
 
 import fastverify
@@ -275,14 +275,13 @@ def test_logits_processors_go_to_the_fallback():
 # ----------------------------------------------------------------------------- random sampling (vLLM's cases)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the Triton interpreter runs one shape, top_k and top_p (~0.1 s per request); a GPU all
 @pytest.mark.parametrize("frac_seeded", [0.0, 0.5])
-@pytest.mark.parametrize("k,batch_size", [(1, 1), (3, 4), (5, 8)])
+@pytest.mark.parametrize("backend,k,batch_size", backend_params([(1, 1), (3, 4), (5, 8)],
+                                                                lambda b, row: b != "triton" or row == (3, 4)))
 def test_deterministic_when_seeded(backend, k, batch_size, frac_seeded):
     """vLLM: seeded requests emit the same tokens every repetition (fresh generators with the
     same seeds), whatever the unseeded requests draw. Through forward: logits with bonus rows."""
-    if backend == "triton" and (k, batch_size) != (3, 4):
-        pytest.skip("the Triton interpreter runs one shape (~0.1 s per request)")
     n_rep = 20 if backend == "torch" else 3
     vocab_size = 1000
     dev = BACKEND_DEVICES[backend]
@@ -369,11 +368,8 @@ def masked_logits_case(backend, target_logits, unmasked, sm, batch_size, num_dra
             assert t in unmasked[row], (b, j, t)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("top_k", [1, 5, 99])
+@pytest.mark.parametrize("backend,top_k", backend_params([1, 5, 99], lambda b, row: b != "triton" or row == (5,)))
 def test_top_k(backend, top_k):
-    if backend == "triton" and top_k != 5:
-        pytest.skip("the Triton interpreter runs one top_k (~0.1 s per request)")
     vocab_size, num_draft_tokens, batch_size, rows = masked_case_sizes(backend)
     g = torch.Generator().manual_seed(top_k)
     top_k_indices = torch.stack([torch.randperm(vocab_size, generator=g)[:top_k] for _ in range(rows)])
@@ -386,11 +382,9 @@ def test_top_k(backend, top_k):
                        num_draft_tokens, vocab_size)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("backend,top_p", backend_params([0.5, 0.9, 0.99],
+                                                         lambda b, row: b != "triton" or row == (0.9,)))
 def test_top_p(backend, top_p):
-    if backend == "triton" and top_p != 0.9:
-        pytest.skip("the Triton interpreter runs one top_p (~0.1 s per request)")
     vocab_size, num_draft_tokens, batch_size, rows = masked_case_sizes(backend)
     target_logits = torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(int(top_p * 100)))
     logits_sort, logits_idx = target_logits.sort(dim=-1, descending=False)
