@@ -277,23 +277,24 @@ def _depths(parents: list[list[int]]) -> list[int]:
     return out
 
 
-# generate()'s drafter options beyond its own keyword arguments
-OPTIONS = ("draft_layers", "ngram_max", "ngram_min", "ngram_branches", "frspec_vocab", "frspec_ranking", "kv_budget",
-           "kv_policy", "kv_chunk", "kv_sink", "kv_recent", "kv_refresh")
+# generate()'s drafter options beyond its own keyword arguments, with their defaults
+OPTIONS = dict(draft_layers=None, ngram_max=3, ngram_min=1, ngram_branches=4, frspec_vocab=None, frspec_ranking=None,
+               kv_policy="topk", kv_budget=256, kv_chunk=16, kv_sink=1, kv_recent=1, kv_refresh=8)
 
 
 def make_drafter(model, drafter, **options):
     """``None``/"layerskip"/"ngram"/a model/a drafter object -> a drafter. A model drafter
     gets a frequency-ranked head of ``frspec_vocab`` tokens when that option is set."""
+    options = {**OPTIONS, **options}
     if drafter == "ngram":
-        if options.get("frspec_vocab"):
+        if options["frspec_vocab"]:
             raise ValueError("frspec_vocab needs a model drafter (layerskip or a model); the n-gram drafter has no head")
-        return NgramDrafter(max_ngram=options.get("ngram_max", 3), min_ngram=options.get("ngram_min", 1),
-                            branches=options.get("ngram_branches", 4))
+        return NgramDrafter(max_ngram=options["ngram_max"], min_ngram=options["ngram_min"],
+                            branches=options["ngram_branches"])
     if isinstance(drafter, (NgramDrafter, ModelDrafter)):
         return drafter
     if drafter is None or drafter == "layerskip":
-        return layerskip(model, options.get("draft_layers"), head=ranked_head(model, model, **options))
+        return layerskip(model, options["draft_layers"], head=ranked_head(model, model, **options))
     if isinstance(drafter, torch.nn.Module):
         return ModelDrafter(drafter, head=ranked_head(model, drafter, **options))
     raise ValueError(f"drafter must be None, 'layerskip', 'ngram', a model or a drafter object, got {drafter!r}")
@@ -382,10 +383,10 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
     if method == "selfspec" or (drafter == "selfspec" and method in ("chain", "tree")):
         if drafter not in (None, "selfspec"):
             raise ValueError(f"method 'selfspec' drafts with the target itself; drafter must be None, got {drafter!r}")
-        draft_obj = SelfSpecDrafter(model, KVPolicy(
-            options.get("kv_policy", "topk"), options.get("kv_budget", 256), options.get("kv_chunk", 16),
-            options.get("kv_sink", 1), options.get("kv_recent", 1), options.get("kv_refresh", 8)),
-            head=ranked_head(model, model, **options))
+        o = {**OPTIONS, **options}
+        draft_obj = SelfSpecDrafter(model, KVPolicy(o["kv_policy"], o["kv_budget"], o["kv_chunk"], o["kv_sink"],
+                                                    o["kv_recent"], o["kv_refresh"]),
+                                    head=ranked_head(model, model, **o))
     else:
         draft_obj = make_drafter(model, drafter, **options) if method != "ar" else None
     if num_draft is None:
