@@ -34,7 +34,7 @@ import types
 
 import torch
 
-from ._layout import default_chunk, mask_words
+from ._layout import CHAIN_RULES, default_chunk, mask_words
 
 LIB_NAME = "fastverify_cuda"
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -163,11 +163,13 @@ class Kernels:
         return self._ops
 
     def rejection_sample(self, target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p,
-                         seed, positions, max_draft_len, *, chunk_size=None):
+                         seed, positions, max_draft_len, verify="token", typical_eps=None, typical_delta=None, *,
+                         chunk_size=None):
         """CUDA backend of :func:`fastverify.rejection_sample`. ``chunk_size`` overrides the chunk width."""
         return self.ops().rejection_sample(
             target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed, positions,
-            max_draft_len, chunk_size or default_chunk(target_logits.shape[1]), _stream(target_logits))
+            max_draft_len, CHAIN_RULES[verify], typical_eps, typical_delta,
+            chunk_size or default_chunk(target_logits.shape[1]), _stream(target_logits))
 
     def tree_rejection_sample(self, target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
                               top_k, top_p, seed, positions, max_depth, *, chunk_size=None):

@@ -3,10 +3,13 @@ imports nothing of fastverify, so ops/ → triton/ | _cuda stays one-way.
 
 - A tree_mask row holds one bit per node of its tree in int64 words: ``mask_words``.
 - The rejection kernels walk the vocabulary in chunks whose width depends on V alone
-  (so results never depend on the batch): ``default_chunk``.
+  (so results never depend on the batch): ``default_chunk``; they number the verification
+  rules: ``CHAIN_RULES``.
 """
 
 WORD = 64               # bits per tree_mask word
+# rule codes of rejection_sample's kernels (verify= of the op)
+CHAIN_RULES = {"token": 0, "block": 1, "typical": 2}
 MAX_CHUNK = 4096        # widest vocabulary chunk of the rejection kernels
 
 

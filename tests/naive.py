@@ -92,7 +92,25 @@ def draw(w, u: float, fallback: int) -> int:
 # ----------------------------------------------------------------------------- chain
 
 
-def rejection_sample(logits, drafts, cu, draft_probs, temperature, top_k, top_p, seed, positions, max_draft_len):
+def entropy(p) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def block_ratio(prev: float, px: float, qx: float) -> float:
+    """p_i = min(p_{i-1} P(x) / Q(x), 1); 0 when the target gives x no mass."""
+    num = prev * px
+    if num > 0 and num >= qx:
+        return 1.0
+    return num / qx if qx > 0 else 0.0
+
+
+def block_h(p_i: float, z_i: float) -> float:
+    den = z_i + 1 - p_i
+    return z_i / den if den > 0 else 1.0
+
+
+def rejection_sample(logits, drafts, cu, draft_probs, temperature, top_k, top_p, seed, positions, max_draft_len,
+                     verify="token", typical_eps=None, typical_delta=None):
     """Oracle of fastverify.rejection_sample on Python lists; returns (rows, num_accepted)."""
     B = len(cu) - 1
     outs, nums = [], []
@@ -101,45 +119,100 @@ def rejection_sample(logits, drafts, cu, draft_probs, temperature, top_k, top_p,
         T = temperature[b]
         kk = top_k[b] if top_k is not None else 0
         pp = top_p[b] if top_p is not None else 1.0
-        out = []
-        for j in range(K + 1):
-            row = logits[s + b + j]
-            if T == 0:
-                g = argmax(row)
-                if j < K and drafts[s + j] == g:
-                    out.append(g)
-                    continue
+        rows = [logits[s + b + j] for j in range(K + 1)]
+        xs = drafts[s:s + K]
+        qs = draft_probs[s:s + K] if draft_probs is not None else None
+        if T == 0:
+            out = []
+            for j in range(K + 1):
+                g = argmax(rows[j])
                 out.append(g)
-                break
-            p = target_probs(row, T, kk, pp)
-            u_acc, u_smp = uniforms(seed[b], positions[b] + j)
-            if j < K:
-                x = drafts[s + j]
-                q = draft_probs[s + j] if draft_probs is not None else None
-                qx = q[x] if q is not None else 1.0
-                if u_acc * qx < p[x]:
-                    out.append(x)
-                    continue
-                if q is not None:
-                    w = [max(pi - qi, 0.0) for pi, qi in zip(p, q)]
-                    if sum(w) <= 0:
-                        w = [0.0 if i == x else pi for i, pi in enumerate(p)]
-                else:
-                    w = [0.0 if i == x else pi for i, pi in enumerate(p)]
+                if j == K or xs[j] != g:
+                    break
+        else:
+            P = [target_probs(r, T, kk, pp) for r in rows]
+            if verify == "block":
+                out = _block_chain(P, xs, qs, seed[b], positions[b], [argmax(r) for r in rows])
+            elif verify == "typical":
+                eps = 0.09 if typical_eps is None else typical_eps[b]
+                delta = 0.3 if typical_delta is None else typical_delta[b]
+                out = _typical_chain(P, xs, eps, delta, seed[b], positions[b], [argmax(r) for r in rows])
             else:
-                w = p
-            out.append(draw(w, u_smp, argmax(row)))
-            break
+                out = _token_chain(P, xs, qs, seed[b], positions[b], [argmax(r) for r in rows])
         nums.append(len(out) - 1)
         outs.append(out + [-1] * (max_draft_len + 1 - len(out)))
     return outs, nums
+
+
+def _without(p, x):
+    return [0.0 if i == x else pi for i, pi in enumerate(p)]
+
+
+def _token_chain(P, xs, qs, seed, pos, g):
+    K = len(xs)
+    out = []
+    for j in range(K + 1):
+        u_acc, u_smp = uniforms(seed, pos + j)
+        if j == K:
+            return out + [draw(P[j], u_smp, g[j])]
+        x = xs[j]
+        qx = qs[j][x] if qs is not None else 1.0
+        if u_acc * qx < P[j][x]:
+            out.append(x)
+            continue
+        w = _without(P[j], x)
+        if qs is not None:
+            resid = [max(pi - qi, 0.0) for pi, qi in zip(P[j], qs[j])]
+            w = resid if sum(resid) > 0 else w
+        return out + [draw(w, u_smp, g[j])]
+
+
+def _block_chain(P, xs, qs, seed, pos, g):
+    """Sun et al.'s block verification, as written in the design (docs/ops.md)."""
+    K = len(xs)
+    p = [1.0]
+    for i in range(1, K + 1):
+        x = xs[i - 1]
+        p.append(block_ratio(p[-1], P[i - 1][x], qs[i - 1][x] if qs is not None else 1.0))
+    h = [None]
+    for i in range(1, K):
+        if qs is not None:
+            z = sum(max(p[i] * a - c, 0.0) for a, c in zip(P[i], qs[i]))
+        else:
+            z = p[i] * (1 - P[i][xs[i]])
+        h.append(block_h(p[i], z))
+    if K:
+        h.append(p[K])
+    tau = 0
+    for i in range(1, K + 1):
+        if uniforms(seed, pos + i - 1)[0] < h[i]:
+            tau = i
+    u_smp = uniforms(seed, pos + tau)[1]
+    if tau == K:
+        w = P[K]
+    else:
+        w = _without(P[tau], xs[tau])
+        if qs is not None:
+            resid = [max(p[tau] * a - c, 0.0) for a, c in zip(P[tau], qs[tau])]
+            w = resid if sum(resid) > 0 else w
+    return list(xs[:tau]) + [draw(w, u_smp, g[tau])]
+
+
+def _typical_chain(P, xs, eps, delta, seed, pos, g):
+    """Medusa's typical acceptance (lossy)."""
+    thr = [min(eps, delta * math.exp(-entropy(row))) for row in P]
+    tau = 0
+    while tau < len(xs) and P[tau][xs[tau]] > thr[tau]:
+        tau += 1
+    w = [pi if pi >= thr[tau] else 0.0 for pi in P[tau]]
+    return list(xs[:tau]) + [draw(w, uniforms(seed, pos + tau)[1], g[tau])]
 
 
 # ----------------------------------------------------------------------------- tree
 
 
 def tree_rejection_sample(logits, tokens, parents, cu, draft_probs, temperature, top_k, top_p, seed, positions,
-                          max_depth):
+                          max_depth, verify="specinfer"):
     """Oracle of fastverify.tree_rejection_sample; returns (accepted_nodes, output_tokens, num_accepted)."""
     B = len(cu) - 1
     accs, outs, nums = [], [], []
@@ -149,6 +222,15 @@ def tree_rejection_sample(logits, tokens, parents, cu, draft_probs, temperature,
         kk = top_k[b] if top_k is not None else 0
         pp = top_p[b] if top_p is not None else 1.0
         kids = {i: [j for j in range(i + 1, n1 - n0) if parents[n0 + j] == i] for i in range(n1 - n0)}
+        if verify in ("block", "block_wor") and T > 0:
+            P = [target_probs(logits[n0 + i], T, kk, pp) for i in range(n1 - n0)]
+            acc, out = _multi_path_block(P, draft_probs[n0:n1], tokens[n0:n1], parents[n0:n1], seed[b],
+                                         positions[b], verify == "block_wor", [argmax(logits[n0 + i])
+                                                                              for i in range(n1 - n0)])
+            nums.append(len(out) - 1)
+            accs.append(acc + [-1] * (max_depth + 1 - len(acc)))
+            outs.append(out + [-1] * (max_depth + 1 - len(out)))
+            continue
         node, acc, out = 0, [0], []
         for depth in range(max_depth + 1):
             row = logits[n0 + node]
@@ -188,6 +270,78 @@ def tree_rejection_sample(logits, tokens, parents, cu, draft_probs, temperature,
         accs.append(acc + [-1] * (max_depth + 1 - len(acc)))
         outs.append(out + [-1] * (max_depth + 1 - len(out)))
     return accs, outs, nums
+
+
+def _multi_path_block(P, q, tok, par, seed, pos, wor, g):
+    """Greedy multi-path block verification of one tree (local lists; P and q per node),
+    as the design states it (docs/ops.md). Returns (accepted nodes, emitted tokens)."""
+    n = len(par)
+    depth = [0] * n
+    for i in range(1, n):
+        depth[i] = depth[par[i]] + 1
+    has_child = set(par[1:])
+    paths = []
+    for leaf in (i for i in range(n) if i not in has_child):
+        path = [leaf]
+        while path[-1] != 0:
+            path.append(par[path[-1]])
+        paths.append(path[::-1])
+
+    def below(path, d):  # Q-mass of the path's tokens after its node at depth d
+        return math.prod(q[path[k - 1]][tok[path[k]]] for k in range(d + 1, len(path)))
+
+    def draft_row(u, j):
+        row = list(q[u])
+        if not wor:
+            return row
+        rem, total = [0.0] * len(row), 0.0
+        for path in paths[:j]:
+            if len(path) > depth[u] + 1 and path[depth[u]] == u:
+                m = below(path, depth[u])
+                rem[tok[path[depth[u] + 1]]] += m
+                total += m
+        return [(a - r) / (1 - total) if total < 1 else 0.0 for a, r in zip(row, rem)]
+
+    v, R, used, attempt = 0, P[0], set(), 0
+    while True:
+        j = next((l for l, path in enumerate(paths) if l not in used and len(path) > depth[v] + 1
+                  and path[depth[v]] == v), None)
+        if j is None:
+            return paths_to(v, par), [tok[x] for x in paths_to(v, par)[1:]] + [
+                draw(R, uniforms(seed, pos + depth[v])[1], g[v])]
+        used.add(j)
+        u = paths[j][depth[v]:]
+        L = len(u) - 1
+        Tr = [R] + [P[x] for x in u[1:]]
+        Dr = [draft_row(x, j) for x in u]
+        p = [1.0]
+        for i in range(1, L + 1):
+            x = tok[u[i]]
+            p.append(block_ratio(p[-1], Tr[i - 1][x], Dr[i - 1][x]))
+        tau = 0
+        for i in range(1, L + 1):
+            if i < L:
+                h = block_h(p[i], sum(max(p[i] * a - c, 0.0) for a, c in zip(Tr[i], Dr[i])))
+            else:
+                h = p[L]
+            if uniforms(seed, pos + depth[v] + i - 1, attempt)[0] < h:
+                tau = i
+        attempt += 1
+        if tau == L:
+            leaf = u[L]
+            nodes = paths_to(leaf, par)
+            return nodes, [tok[x] for x in nodes[1:]] + [draw(P[leaf], uniforms(seed, pos + depth[leaf])[1], g[leaf])]
+        resid = [max(p[tau] * a - c, 0.0) for a, c in zip(Tr[tau], Dr[tau])]
+        R = [x / sum(resid) for x in resid] if sum(resid) > 0 else Tr[tau]
+        v = u[tau]
+
+
+def paths_to(node, par):
+    """Tree-local nodes from the root to ``node``."""
+    out = [node]
+    while out[-1] != 0:
+        out.append(par[out[-1]])
+    return out[::-1]
 
 
 # ----------------------------------------------------------------------------- frequency-ranked LM head

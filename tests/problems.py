@@ -25,6 +25,9 @@ class Chain:
     top_k: torch.Tensor | None = None
     top_p: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    verify: str | None = None     # None: the op's default rule
+    typical_eps: torch.Tensor | None = None
+    typical_delta: torch.Tensor | None = None
 
     @property
     def B(self):
@@ -34,11 +37,22 @@ class Chain:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, logits=mv(self.logits), drafts=mv(self.drafts), cu=mv(self.cu),
                        temperature=mv(self.temperature), seed=mv(self.seed), positions=mv(self.positions),
-                       draft_probs=mv(self.draft_probs), top_k=mv(self.top_k), top_p=mv(self.top_p))
+                       draft_probs=mv(self.draft_probs), top_k=mv(self.top_k), top_p=mv(self.top_p),
+                typical_eps=mv(self.typical_eps), typical_delta=mv(self.typical_delta))
 
     def kwargs(self):
-        return dict(draft_probs=self.draft_probs, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                    seed=self.seed, positions=self.positions)
+        kw = dict(draft_probs=self.draft_probs, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                  seed=self.seed, positions=self.positions)
+        return {**kw, **self.rule_kwargs()}
+
+    def rule_kwargs(self):
+        """verify= (and typical's ε, δ) where the problem sets them."""
+        kw = {} if self.verify is None else dict(verify=self.verify)
+        if self.typical_eps is not None:
+            kw["typical_eps"] = self.typical_eps
+        if self.typical_delta is not None:
+            kw["typical_delta"] = self.typical_delta
+        return kw
 
     def oracle_args(self):
         tl = lambda t: None if t is None else t.tolist()  # noqa: E731
@@ -46,6 +60,13 @@ class Chain:
                 None if self.draft_probs is None else self.draft_probs.double().tolist(),
                 self.temperature.tolist(), tl(self.top_k), tl(self.top_p), self.seed.tolist(),
                 self.positions.tolist(), self.max_draft_len)
+
+    def oracle_kwargs(self):
+        tl = lambda t: None if t is None else t.tolist()  # noqa: E731
+        kw = {} if self.verify is None else dict(verify=self.verify)
+        if self.verify == "typical":
+            kw.update(typical_eps=tl(self.typical_eps), typical_delta=tl(self.typical_delta))
+        return kw
 
 
 @dataclass
@@ -136,6 +157,57 @@ def tree_problem(B=5, V=37, max_nodes=12, *, dtype=torch.float32, q=False, filte
     draft_probs = torch.softmax(torch.randn(T, V, generator=g) + boost, 1) if q else None
     return Tree(logits=logits.to(dtype), drafts=torch.tensor(tok), parents=torch.tensor(par),
                 cu=torch.tensor(cu, dtype=torch.int32), max_draft_len=depth, draft_probs=draft_probs,
+                **sampling_params(B, g, greedy_share=greedy_share, filters=filters))
+
+
+def path_trie(paths: list[tuple], repeat_leaves: bool) -> tuple[list[int], list[int]]:
+    """(parents, tokens) of the trie of draft paths of one depth, in the order given: a path
+    adds the nodes it does not share with an earlier one, so the leaves come in path order;
+    with ``repeat_leaves`` a path drawn again adds a repeated leaf (i.i.d. drafts). Node 0
+    is the root (its token, -1 here, is the caller's)."""
+    parents, tokens, node_of = [-1], [-1], {(): 0}
+    for path in paths:
+        node = 0
+        for d, t in enumerate(path):
+            key = tuple(path[:d + 1])
+            if key in node_of and not (repeat_leaves and d == len(path) - 1):
+                node = node_of[key]
+                continue
+            parents.append(node)
+            tokens.append(t)
+            node = len(parents) - 1
+            node_of.setdefault(key, node)
+    return parents, tokens
+
+
+def multi_path_problem(B=4, V=23, n=3, depth=3, *, wor: bool, filters=False, greedy_share=0.25, seed=0,
+                       dtype=torch.float32) -> Tree:
+    """B tries of n draft paths of ``depth`` tokens (verify 'block' or 'block_wor'); tokens from
+    a few likely ones so that paths share prefixes, i.i.d. paths sometimes repeat; draft
+    probabilities on every node."""
+    g = torch.Generator().manual_seed(seed)
+    par, tok, cu = [], [], [0]
+    for b in range(B):
+        nb = 1 + (b * 2 + seed) % n
+        paths = []
+        while len(paths) < nb:
+            path = tuple(int(t) for t in torch.randint(0, 4, (depth,), generator=g))
+            if wor and path in paths:
+                continue
+            paths.append(path)
+        p, t = path_trie(paths, repeat_leaves=not wor)
+        t[0] = int(torch.randint(0, V, (1,), generator=g))
+        par += p
+        tok += t
+        cu.append(cu[-1] + len(p))
+    T = cu[-1]
+    boost = torch.zeros(V)
+    boost[:4] = 2.5
+    logits = torch.randn(T, V, generator=g) * 2 + boost
+    draft_probs = torch.softmax(torch.randn(T, V, generator=g) + 1.6 * boost, 1)  # paths carry much of q
+    return Tree(logits=logits.to(dtype), drafts=torch.tensor(tok), parents=torch.tensor(par),
+                cu=torch.tensor(cu, dtype=torch.int32), max_draft_len=depth, draft_probs=draft_probs,
+                verify="block_wor" if wor else "block",
                 **sampling_params(B, g, greedy_share=greedy_share, filters=filters))
 
 

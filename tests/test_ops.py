@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import BACKEND_DEVICES
-from problems import chain_problem, run_tree, tree_problem
+from problems import chain_problem, multi_path_problem, run_tree, tree_problem
 
 import fastverify
 
@@ -29,26 +29,40 @@ def test_schemas_name_the_contract_arguments():
     tree = torch.ops.fastverify.tree_rejection_sample.default._schema
     assert [a.name for a in chain.arguments] == [
         "target_logits", "draft_tokens", "cu_num_draft", "draft_probs", "temperature", "top_k", "top_p", "seed",
-        "positions", "max_draft_len"]
+        "positions", "max_draft_len", "verify", "typical_eps", "typical_delta"]
     assert [a.name for a in tree.arguments] == [
         "target_logits", "tree_tokens", "parents", "cu_num_nodes", "draft_probs", "temperature", "top_k", "top_p",
-        "seed", "positions", "max_depth"]
+        "seed", "positions", "max_depth", "verify"]
+    # the rule is a keyword whose default is the rule of DESIGN §2
+    assert [a.default_value for a in chain.arguments if a.name == "verify"] == ["token"]
+    assert [a.default_value for a in tree.arguments if a.name == "verify"] == ["specinfer"]
     assert not any(a.is_write for s in (chain, tree) for a in s.arguments if a.alias_info is not None)
 
 
-OPCHECK_REJECTION = {  # op -> (a small problem with or without draft_probs and filters, its call)
-    "rejection_sample": (lambda q, filters: chain_problem(B=3, V=33, max_k=2, q=q, filters=filters, seed=1),
-                         chain_call),
-    "tree_rejection_sample": (lambda q, filters: tree_problem(B=3, V=21, max_nodes=6, q=q, filters=filters, seed=2),
-                              tree_call),
+def with_rule(p, rule):
+    p.verify = rule
+    return p
+
+
+OPCHECK_REJECTION = {  # case -> (op, a small problem with or without draft_probs and filters, its call)
+    "rejection_sample": ("rejection_sample", lambda q, filters: chain_problem(
+        B=3, V=33, max_k=2, q=q, filters=filters, seed=1), chain_call),
+    "rejection_sample-block": ("rejection_sample", lambda q, filters: with_rule(chain_problem(
+        B=3, V=33, max_k=2, q=q, filters=filters, seed=1), "block"), chain_call),
+    "rejection_sample-typical": ("rejection_sample", lambda q, filters: with_rule(chain_problem(
+        B=3, V=33, max_k=2, q=q, filters=filters, seed=1), "typical"), chain_call),
+    "tree_rejection_sample": ("tree_rejection_sample", lambda q, filters: tree_problem(
+        B=3, V=21, max_nodes=6, q=q, filters=filters, seed=2), tree_call),
+    "tree_rejection_sample-block_wor": ("tree_rejection_sample", lambda q, filters: multi_path_problem(
+        B=3, V=21, n=3, depth=2, wor=True, filters=filters, seed=2), tree_call),
 }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("q,filters", [(False, False), (True, True)])
-@pytest.mark.parametrize("op", list(OPCHECK_REJECTION))
-def test_opcheck_rejection(backend, q, filters, op):
-    make_problem, make_call = OPCHECK_REJECTION[op]
+@pytest.mark.parametrize("case", list(OPCHECK_REJECTION))
+def test_opcheck_rejection(backend, q, filters, case):
+    op, make_problem, make_call = OPCHECK_REJECTION[case]
     args, kwargs = make_call(make_problem(q, filters).to(BACKEND_DEVICES[backend]))
     with fastverify.use_backend(backend):
         torch.library.opcheck(getattr(torch.ops.fastverify, op).default, args, kwargs)

@@ -47,9 +47,19 @@ GPU = "cuda"
 
 
 def positional(p: Chain) -> tuple:
-    """The op's arguments in the entry points' positional order."""
+    """The op's arguments in the entry points' positional order (the rule's only where set)."""
     ids = (p.logits, p.drafts, p.parents, p.cu) if isinstance(p, Tree) else (p.logits, p.drafts, p.cu)
-    return (*ids, p.draft_probs, p.temperature, p.top_k, p.top_p, p.seed, p.positions, p.max_draft_len)
+    args = (*ids, p.draft_probs, p.temperature, p.top_k, p.top_p, p.seed, p.positions, p.max_draft_len)
+    if p.verify is None:
+        return args
+    if isinstance(p, Tree):
+        return (*args, p.verify)
+    B = p.cu.numel() - 1
+    eps, delta = p.typical_eps, p.typical_delta
+    if p.verify == "typical":     # the entry points take (ε, δ) tensors, as the op hands them over
+        eps = torch.full((B,), 0.09, device=p.logits.device) if eps is None else eps
+        delta = torch.full((B,), 0.3, device=p.logits.device) if delta is None else delta
+    return (*args, p.verify, eps, delta)
 
 
 def run(p: Chain, backend: str, chunk: int | None = None) -> tuple:
@@ -76,7 +86,7 @@ def reference(p: Chain) -> tuple:
     spec on CPU (the loops would take minutes)."""
     tree = isinstance(p, Tree)
     if p.logits.shape[1] <= ORACLE_MAX_V:
-        res = (naive.tree_rejection_sample if tree else naive.rejection_sample)(*p.oracle_args())
+        res = (naive.tree_rejection_sample if tree else naive.rejection_sample)(*p.oracle_args(), **p.oracle_kwargs())
         return tuple(torch.tensor(x, dtype=torch.int32) for x in res)
     spec = tree_rejection_sample_torch if tree else rejection_sample_torch
     return spec(*positional(p.to("cpu")))

@@ -13,11 +13,13 @@
 
 namespace fastverify {
 
+// rule: 0 token, 1 block, 2 typical (typical_eps / typical_delta [B] fp32 given)
 // -> (output_tokens [B, max_draft_len + 1] int32, num_accepted [B] int32)
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& positions, int64_t max_draft_len,
+    int64_t rule, const std::optional<at::Tensor>& typical_eps, const std::optional<at::Tensor>& typical_delta,
     int64_t chunk_size, int64_t cuda_stream);
 
 // -> (accepted_nodes [B, max_depth + 1], output_tokens [B, max_depth + 1], num_accepted [B]), all int32

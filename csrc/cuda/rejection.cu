@@ -10,9 +10,11 @@
 //    top-k, probability mass for top-p).            <- _filter_threshold_kernel
 // 2. chunk_stats_kernel, one block per (row, chunk): m_c = max z, s_c = sum exp(z - m_c)
 //    over kept tokens, and the first argmax of the raw logits.   <- _chunk_stats_kernel
-// 3. chain_finalize_kernel / tree_finalize_kernel, one block per request: merge the
-//    chunk stats of a row, run the acceptance tests, draw the emitted token by inverse
-//    CDF over chunk masses, then inside one chunk.
+// 3. block_residual_kernel (verify="block" with draft_probs), one block per (draft row,
+//    chunk): the residual masses sum_chunk max(p_j P_j - Q_j, 0).  <- _block_residual_kernel
+// 4. chain_finalize_kernel / tree_finalize_kernel, one block per request: merge the
+//    chunk stats of a row, run the acceptance tests of the rule, draw the emitted token by
+//    inverse CDF over chunk masses, then inside one chunk.
 //                                     <- _chain_finalize_kernel / _tree_finalize_kernel
 //
 // Float math is fp32 with IEEE division and the precise expf (no fast math). All
@@ -290,7 +292,7 @@ template <typename T>
 __global__ void __launch_bounds__(kStatsThreads)
     chunk_stats_kernel(const T* __restrict__ logits, int64_t stride_l, bool vec_ok, const int32_t* cu,
                        const float* temp, const float* thr, float* stats, int32_t* amax, int B, int64_t R, int V,
-                       int NC, int chunk, int row_extra) {
+                       int NC, int chunk, int row_extra, bool entropy) {
   using Reduce1 = cub::BlockReduce<ArgMaxZ, kStatsThreads>;
   using Reduce2 = cub::BlockReduce<float, kStatsThreads>;
   __shared__ union {
@@ -364,17 +366,27 @@ __global__ void __launch_bounds__(kStatsThreads)
     __syncthreads();
     const float m = zmax_bcast;
     float s = 0.f;
+    float e = 0.f;  // sum exp(z - m) (z - m): the row's entropy follows from it (load_row)
 #pragma unroll
     for (int k = 0; k < kStatsItems; ++k) {
-      if (z[k] > -kInf) s += expf(z[k] - m);
+      if (z[k] > -kInf) {
+        const float x = expf(z[k] - m);
+        s += x;
+        e += x * (z[k] - m);
+      }
     }
     s = Reduce2(tmp.r2).Sum(s);
+    if (entropy) {
+      __syncthreads();  // tmp.r2 is reused
+      e = Reduce2(tmp.r2).Sum(e);
+    }
     if (threadIdx.x == 0) {
       const int64_t i = row * NC + c;
       stats[i] = m;
       stats[RNC + i] = s;
       stats[2 * RNC + i] = red.av;
       amax[i] = c * chunk + red.ai;
+      if (entropy) stats[3 * RNC + i] = e;
     }
     __syncthreads();  // tmp and zmax_bcast are reused by the next chunk
   }
@@ -450,6 +462,7 @@ struct Row {
   float M;  // max_c m_c
   float S;  // sum of the chunk masses: lse = M + log S
   int g;    // first argmax of the row's raw logits
+  float H;  // entropy -sum p log p (with the entropy stats; else 0)
 
   // mass of chunk c relative to exp(M)
   __device__ __forceinline__ float mass(int c) const {
@@ -475,11 +488,12 @@ struct Row {
   }
 };
 
-// Merge a row's chunk stats (_row_stats).
+// Merge a row's chunk stats (_row_stats / _chain_rows); with `entropy`, stats has the
+// fourth plane e_c and the row's entropy is H = log S - (1/S) sum_c e^{m_c - M} (e_c + (m_c - M) s_c).
 template <typename T>
 __device__ Row<T> load_row(const T* logits, int64_t stride_l, const float* thr, const float* stats,
                            const int32_t* amax, int64_t row, int64_t R, int V, int NC, int chunk, float t,
-                           FinSmem& sm) {
+                           FinSmem& sm, bool entropy = false) {
   Row<T> r;
   const int64_t base = row * NC;
   const int64_t RNC = R * NC;
@@ -502,6 +516,17 @@ __device__ Row<T> load_row(const T* logits, int64_t stride_l, const float* thr, 
   for (int c = threadIdx.x; c < NC; c += kFinThreads) w += r.mass(c);
   r.S = block_sum(w, sm);
   r.g = amax[base + all.c];  // all.c < NC: chunk 0 always takes part
+  r.H = 0.f;
+  if (entropy) {
+    const float* e = stats + 3 * RNC + base;
+    float tsum = 0.f;
+    for (int c = threadIdx.x; c < NC; c += kFinThreads) {
+      const float mc = r.m[c];
+      if (mc > -kInf) tsum += expf(mc - r.M) * (e[c] + (mc - r.M) * r.s[c]);
+    }
+    tsum = block_sum(tsum, sm);
+    r.H = r.S > 0.f ? logf(r.S) - tsum / r.S : 0.f;
+  }
   return r;
 }
 
@@ -590,10 +615,11 @@ __device__ int sample_p(const Row<T>& r, int excl, float u, FinSmem& sm) {
 }
 
 // r_k at a token with target prob p and draft prob q after k recorded rejections:
-// r <- max(r - q / sigma_i, 0) / rho_{i+1} for i < k, (sigma_i, rho_{i+1}) = ws[2i], ws[2i+1]
-// (_rrs_value). ws is written by this block (no read-only cache path).
-__device__ __forceinline__ float rrs_value(float p, float q, const float* ws, int k) {
-  float r = p;
+// r <- max(r - q / sigma_i, 0) / rho_{i+1} for i < k, (sigma_i, rho_{i+1}) = ws[2i], ws[2i+1],
+// from r = a p (a = 1 but for the block rule's p_tau) (_rrs_value). ws is written by this
+// block (no read-only cache path).
+__device__ __forceinline__ float rrs_value(float p, float q, const float* ws, int k, float a = 1.f) {
+  float r = a * p;
   for (int i = 0; i < k; ++i) {
     const float sigma = ws[2 * i];
     const float rho = ws[2 * i + 1];
@@ -606,11 +632,11 @@ __device__ __forceinline__ float rrs_value(float p, float q, const float* ws, in
 // max(r_k - q / sigma, 0) at token `off`, 0 off the row (_residual_chunk).
 template <typename T>
 __device__ __forceinline__ float residual_at(const Row<T>& r, QRow q, int64_t off, const float* ws, int k,
-                                             float sigma) {
+                                             float sigma, float a = 1.f) {
   if (off < 0 || off >= r.V) return 0.f;
   const float p = r.chunk_prob(off, r.S);
   const float qv = q[off];
-  return fmaxf(rrs_value(p, qv, ws, k) - qv / sigma, 0.f);
+  return fmaxf(rrs_value(p, qv, ws, k, a) - qv / sigma, 0.f);
 }
 
 // Per-chunk masses of the unnormalized residual max(r_k - q / sigma, 0) into wbuf[0, NC)
@@ -638,7 +664,7 @@ __device__ float residual_masses(const Row<T>& r, QRow q, const float* ws, int k
 // (_sample_residual).
 template <typename T>
 __device__ int sample_residual(const Row<T>& r, QRow q, const float* wbuf, float u, const float* ws, int k,
-                               float sigma, FinSmem& sm) {
+                               float sigma, FinSmem& sm, float a = 1.f) {
   float tot = 0.f;
   for (int c = threadIdx.x; c < r.NC; c += kFinThreads) tot += wbuf[c];
   tot = block_sum(tot, sm);
@@ -646,11 +672,53 @@ __device__ int sample_residual(const Row<T>& r, QRow q, const float* wbuf, float
   if (pc.i < 0) return -1;
   const int64_t first = static_cast<int64_t>(pc.i) * r.chunk;
   const Pick pt = block_inverse_cdf(
-      r.chunk, pc.rest, [&](int e) { return residual_at(r, q, first + e, ws, k, sigma); }, sm);
+      r.chunk, pc.rest, [&](int e) { return residual_at(r, q, first + e, ws, k, sigma, a); }, sm);
   return pt.i >= 0 ? static_cast<int>(first + pt.i) : -1;
 }
 
-// ---------------------------------------------------------------- kernel 3: chain finalize
+// Token ~ p truncated to p >= cut (typical acceptance's next token, _sample_typical):
+// chunk masses into wbuf (a warp per chunk), then one chunk to place u; the argmax if
+// nothing is left (cannot happen: max p >= e^{-H} > cut).
+template <typename T>
+__device__ int sample_typical(const Row<T>& r, float cut, float u, float* wbuf, FinSmem& sm) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  auto kept = [&](int64_t off) {
+    const float p = r.chunk_prob(off, r.S);
+    return p >= cut ? p : 0.f;
+  };
+  for (int c = warp; c < r.NC; c += kFinWarps) {
+    const int64_t first = static_cast<int64_t>(c) * r.chunk;
+    float acc = 0.f;
+    for (int e = lane; e < r.chunk; e += kWarp) acc += kept(first + e);
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+    if (lane == 0) wbuf[c] = acc;
+  }
+  __syncthreads();
+  float tot = 0.f;
+  for (int c = threadIdx.x; c < r.NC; c += kFinThreads) tot += wbuf[c];
+  tot = block_sum(tot, sm);
+  const Pick pc = block_inverse_cdf(r.NC, u * tot, [&](int c) { return wbuf[c]; }, sm);
+  if (pc.i < 0) return r.g;
+  const int64_t first = static_cast<int64_t>(pc.i) * r.chunk;
+  const Pick pt = block_inverse_cdf(r.chunk, pc.rest, [&](int e) { return kept(first + e); }, sm);
+  return pt.i >= 0 ? static_cast<int>(first + pt.i) : r.g;
+}
+
+// p_i = min(p_{i-1} P(x_i) / Q(x_i), 1) without 0/0 (block_ratio of the torch spec).
+__device__ __forceinline__ float block_ratio(float prev, float px, float qx) {
+  const float num = prev * px;
+  if (num >= qx && num > 0.f) return 1.f;
+  return qx > 0.f ? num / qx : 0.f;
+}
+
+// ---------------------------------------------------------------- kernels 3-4: chains
+
+// Verification rules of the chain op (fastverify.triton.rejection.CHAIN_RULES).
+constexpr int kRuleToken = 0;
+constexpr int kRuleBlock = 1;
+constexpr int kRuleTypical = 2;
 
 template <typename T>
 struct ChainArgs {
@@ -666,7 +734,10 @@ struct ChainArgs {
   const float* thr;  // nullptr: no top-k / top-p
   const float* stats;
   const int32_t* amax;
-  float* wbuf;  // [B, NC] residual chunk masses (with draft_probs)
+  float* wbuf;        // [B, NC] chunk masses of the sampled row (draft_probs or typical)
+  float* wres;        // [R, NC] block rule: residual masses of every draft row (with draft_probs)
+  const float* eps;   // [B] typical's epsilon and delta
+  const float* delta;
   int32_t* out;
   int32_t* num;
   int64_t R;
@@ -675,9 +746,91 @@ struct ChainArgs {
   int NC;
   int chunk;
   int max_draft_len;
+  int rule;
+  int B;
 };
 
-// One request: accept drafts in order, then draw the recovered or bonus token
+// First draft, first row and number of drafts of a request (_chain_request): unchecked
+// prefix sums must not move a read outside [0, N) drafts or [0, R) rows.
+struct ChainRequest {
+  int64_t start;
+  int64_t row0;
+  int64_t K;
+};
+
+template <typename T>
+__device__ ChainRequest chain_request(const ChainArgs<T>& a, int b) {
+  int64_t start = a.cu[b];
+  int64_t row0 = start + b;
+  const bool ok = start >= 0 && start <= a.N && row0 < a.R;
+  int64_t K = static_cast<int64_t>(a.cu[b + 1]) - start;
+  K = min(min(K, static_cast<int64_t>(a.max_draft_len)), min(a.N - start, a.R - 1 - row0));
+  return ChainRequest{ok ? start : 0, ok ? row0 : 0, ok ? max(K, static_cast<int64_t>(0)) : 0};
+}
+
+// Draft j of a request: (id or -1 if out of the vocabulary, P_j(x), Q_j(x): 1 for a point mass).
+struct Draft {
+  int x;
+  float px;
+  float qx;
+};
+
+template <typename T>
+__device__ Draft draft_at(const ChainArgs<T>& a, const Row<T>& r, int64_t start, int64_t j) {
+  const int64_t x = a.draft[start + j];
+  const bool valid = x >= 0 && x < a.V;
+  const int xi = valid ? static_cast<int>(x) : -1;
+  const float qx = a.has_q ? (valid ? a.q.row(start + j)[xi] : 0.f) : 1.f;
+  return Draft{xi, r.prob_at(xi, r.S), qx};
+}
+
+template <typename T>
+__device__ __forceinline__ Row<T> chain_row(const ChainArgs<T>& a, int64_t row, float t, FinSmem& sm) {
+  return load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.R, a.V, a.NC, a.chunk, t, sm,
+                  a.rule == kRuleTypical);
+}
+
+// Block rule, one block per (row, chunk): wres[row, c] = sum_{x in c} max(p_j P_j(x) - Q_j(x), 0)
+// for a draft row j of a sampling request, else 0 (_block_residual_kernel). p_j is computed
+// as the finalize kernel computes it (the same rows, the same order of operations).
+template <typename T>
+__global__ void __launch_bounds__(kFinThreads) block_residual_kernel(const ChainArgs<T> a) {
+  __shared__ FinSmem sm;
+  const int64_t row = blockIdx.x;
+  const int b = request_of_row(a.cu, row, a.B, 1);
+  const ChainRequest req = chain_request(a, b);
+  float t = a.temp[b];
+  const bool random = t > 0.f;
+  t = random ? t : 1.f;
+  const int64_t j_row = row - req.row0;
+  float* w = a.wres + row * a.NC;
+  if (!random || j_row < 0 || j_row >= req.K) {
+    for (int c = blockIdx.y; c < a.NC; c += gridDim.y) {
+      if (threadIdx.x == 0) w[c] = 0.f;
+    }
+    return;
+  }
+  float p = 1.f;  // p_{j_row}
+  for (int64_t j = 0; j < j_row; ++j) {
+    const Row<T> r = chain_row(a, req.row0 + j, t, sm);
+    const Draft d = draft_at(a, r, req.start, j);
+    p = block_ratio(p, d.px, d.qx);
+  }
+  const Row<T> r = chain_row(a, row, t, sm);
+  const QRow q = a.q.row(req.start + j_row);
+  for (int c = blockIdx.y; c < a.NC; c += gridDim.y) {
+    const int64_t first = static_cast<int64_t>(c) * a.chunk;
+    float acc = 0.f;
+    for (int e = threadIdx.x; e < a.chunk; e += kFinThreads) {
+      const int64_t off = first + e;
+      if (off < a.V) acc += fmaxf(p * r.chunk_prob(off, r.S) - q[off], 0.f);
+    }
+    acc = block_sum(acc, sm);
+    if (threadIdx.x == 0) w[c] = acc;
+  }
+}
+
+// One request: the accepted length tau of the rule, then the recovered or bonus token
 // (_chain_finalize_kernel).
 template <typename T>
 __global__ void __launch_bounds__(kFinThreads) chain_finalize_kernel(const ChainArgs<T> a) {
@@ -689,15 +842,10 @@ __global__ void __launch_bounds__(kFinThreads) chain_finalize_kernel(const Chain
   for (int64_t col = threadIdx.x; col < W; col += kFinThreads) out[col] = -1;
   __syncthreads();  // thread 0 overwrites some of these below
 
-  int64_t start = a.cu[b];
-  int64_t row0 = start + b;
-  // Unchecked prefix sums must not move a read outside [0, N) drafts or [0, R) rows.
-  const bool ok = start >= 0 && start <= a.N && row0 < a.R;
-  int64_t K = static_cast<int64_t>(a.cu[b + 1]) - start;
-  K = min(min(K, static_cast<int64_t>(a.max_draft_len)), min(a.N - start, a.R - 1 - row0));
-  K = ok ? max(K, static_cast<int64_t>(0)) : 0;
-  row0 = ok ? row0 : 0;
-  start = ok ? start : 0;
+  const ChainRequest req = chain_request(a, b);
+  const int64_t start = req.start;
+  const int64_t row0 = req.row0;
+  const int64_t K = req.K;
   float t = a.temp[b];
   const bool random = t > 0.f;
   t = random ? t : 1.f;
@@ -705,29 +853,61 @@ __global__ void __launch_bounds__(kFinThreads) chain_finalize_kernel(const Chain
   const int64_t pos = a.pos[b];
 
   int n_acc = 0;
-  for (int64_t j = 0; j < K; ++j) {
-    const int64_t row = row0 + j;
-    const Row<T> r = load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.R, a.V, a.NC, a.chunk, t, sm);
-    const int64_t x = a.draft[start + j];
-    const bool valid = x >= 0 && x < a.V;
-    const int xi = valid ? static_cast<int>(x) : -1;
-    const float px = r.prob_at(xi, r.S);
-    const float u = uniform_pair(seed, pos + j, 0u).x;
-    bool accept;
-    if (has_q) {
-      const float qx = valid ? a.q.row(start + j)[xi] : 0.f;
-      accept = u * qx < px;
-    } else {
-      accept = u < px;
+  float scale = 1.f;  // block: p_tau, which scales the residual
+  if (a.rule == kRuleBlock && random) {
+    // h_j = Z_j / (Z_j + 1 - p_j) (1 <= j < K), h_K = p_K; tau = the last j with eta_j < h_j,
+    // eta_j = the token rule's u of draft j (position pos + j - 1)
+    float p = 1.f;  // p_j
+    for (int64_t j = 0; j <= K; ++j) {
+      float h = p;
+      Draft d{-1, 0.f, 1.f};
+      if (j < K) {
+        const Row<T> r = chain_row(a, row0 + j, t, sm);
+        d = draft_at(a, r, start, j);
+        if (j >= 1) {
+          float Z = p * (1.f - d.px);  // Q_j a point mass at x_{j+1}
+          if (has_q) {
+            const float* wr = a.wres + (row0 + j) * a.NC;
+            float z = 0.f;
+            for (int c = threadIdx.x; c < a.NC; c += kFinThreads) z += wr[c];
+            Z = block_sum(z, sm);
+          }
+          const float den = Z + 1.f - p;
+          h = den > 0.f ? Z / den : 1.f;
+        }
+      }
+      if (j >= 1 && uniform_pair(seed, pos + j - 1, 0u).x < h) {
+        n_acc = static_cast<int>(j);
+        scale = p;
+      }
+      if (j < K) p = block_ratio(p, d.px, d.qx);
     }
-    accept = valid && (random ? accept : xi == r.g);
-    if (!accept) break;
-    if (threadIdx.x == 0) out[j] = xi;
-    ++n_acc;
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < n_acc; ++j) {
+        const int64_t x = a.draft[start + j];
+        out[j] = static_cast<int>(x);  // accepted drafts are in the vocabulary (p_j > 0)
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < K; ++j) {
+      const Row<T> r = chain_row(a, row0 + j, t, sm);
+      const Draft d = draft_at(a, r, start, j);
+      bool accept;
+      if (a.rule == kRuleTypical) {
+        accept = d.px > fminf(a.eps[b], a.delta[b] * expf(-r.H));
+      } else {
+        const float u = uniform_pair(seed, pos + j, 0u).x;
+        accept = has_q ? u * d.qx < d.px : u < d.px;
+      }
+      accept = d.x >= 0 && (random ? accept : d.x == r.g);
+      if (!accept) break;
+      if (threadIdx.x == 0) out[j] = d.x;
+      ++n_acc;
+    }
   }
 
   const int64_t row = row0 + n_acc;
-  const Row<T> r = load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.R, a.V, a.NC, a.chunk, t, sm);
+  const Row<T> r = chain_row(a, row, t, sm);
   int token = r.g;
   if (random) {
     const float u = uniform_pair(seed, pos + n_acc, 0u).y;
@@ -737,12 +917,20 @@ __global__ void __launch_bounds__(kFinThreads) chain_finalize_kernel(const Chain
       excl = (x >= 0 && x < a.V) ? static_cast<int>(x) : -1;
     }
     token = -1;
-    if (has_q && excl >= 0) {
-      // residual max(p - q, 0): one pass for chunk masses, one chunk to place u
+    float* wbuf = a.wbuf + static_cast<int64_t>(b) * a.NC;
+    if (a.rule == kRuleTypical) {
+      token = sample_typical(r, fminf(a.eps[b], a.delta[b] * expf(-r.H)), u, wbuf, sm);
+    } else if (has_q && excl >= 0) {
+      // residual max(a p - q, 0) (a = p_tau for block, 1 for token): its chunk masses (block:
+      // from block_residual_kernel), then one chunk to place u
       const QRow q = a.q.row(start + n_acc);
-      float* wbuf = a.wbuf + static_cast<int64_t>(b) * a.NC;
-      residual_masses(r, q, nullptr, 0, 1.f, wbuf, sm);
-      token = sample_residual(r, q, wbuf, u, nullptr, 0, 1.f, sm);
+      const float* masses = wbuf;
+      if (a.rule == kRuleBlock) {
+        masses = a.wres + row * a.NC;
+      } else {
+        residual_masses(r, q, nullptr, 0, 1.f, wbuf, sm);
+      }
+      token = sample_residual(r, q, masses, u, nullptr, 0, 1.f, sm, scale);
     }
     if (token < 0) token = sample_p(r, excl, u, sm);
   }
@@ -1007,10 +1195,11 @@ struct RowStats {
 
 // Kernels 1 (if filtering) and 2 for all rows (_row_stats_pass).
 template <typename T>
-RowStats row_stats_pass(const at::Tensor& logits, const Common& c, int row_extra, int chunk, cudaStream_t stream) {
+RowStats row_stats_pass(const at::Tensor& logits, const Common& c, int row_extra, int chunk, cudaStream_t stream,
+                        bool entropy = false) {
   RowStats rs;
   const auto f32 = logits.options().dtype(at::kFloat);
-  rs.stats = at::empty({3, c.R, c.NC}, f32);
+  rs.stats = at::empty({entropy ? 4 : 3, c.R, c.NC}, f32);
   rs.amax = at::empty({c.R, c.NC}, logits.options().dtype(at::kInt));
   if (c.R == 0) return rs;
   const T* l = static_cast<const T*>(logits.data_ptr());
@@ -1032,7 +1221,7 @@ RowStats row_stats_pass(const at::Tensor& logits, const Common& c, int row_extra
   launch_kernel("chunk_stats_kernel", chunk_stats_kernel<T>, grid, dim3(kStatsThreads), stream, l, stride_l, chunk_vec,
                 c.cu.data_ptr<int32_t>(), c.temp.data_ptr<float>(),
                 rs.thr.defined() ? rs.thr.data_ptr<float>() : nullptr, rs.stats.data_ptr<float>(),
-                rs.amax.data_ptr<int32_t>(), B, c.R, V, c.NC, chunk, row_extra);
+                rs.amax.data_ptr<int32_t>(), B, c.R, V, c.NC, chunk, row_extra, entropy);
   return rs;
 }
 
@@ -1066,6 +1255,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& cu_num_draft,
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& positions, int64_t max_draft_len,
+    int64_t rule, const std::optional<at::Tensor>& typical_eps, const std::optional<at::Tensor>& typical_delta,
     int64_t chunk_size, int64_t cuda_stream) {
   TORCH_CHECK(target_logits.device().type() == kKernelDevice, "fastverify_cuda: target_logits must be a ",
               kKernelDevice, " tensor, got one on ", target_logits.device());
@@ -1078,6 +1268,17 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const at::Tensor drafts = draft_tokens.contiguous();
   const int64_t N = drafts.numel();
   if (draft_probs.has_value()) check_probs(*draft_probs, N, c.V, target_logits);
+  TORCH_CHECK(rule == kRuleToken || rule == kRuleBlock || rule == kRuleTypical,
+              "fastverify_cuda: unknown verification rule ", rule);
+  at::Tensor eps, delta;
+  if (rule == kRuleTypical) {
+    TORCH_CHECK(typical_eps.has_value() && typical_delta.has_value(),
+                "fastverify_cuda: verify='typical' needs typical_eps and typical_delta");
+    check_vector(*typical_eps, "typical_eps", at::kFloat, c.B, target_logits);
+    check_vector(*typical_delta, "typical_delta", at::kFloat, c.B, target_logits);
+    eps = typical_eps->contiguous();
+    delta = typical_delta->contiguous();
+  }
 
   const cudaStream_t stream = as_stream(cuda_stream);
   const auto i32 = target_logits.options().dtype(at::kInt);
@@ -1087,15 +1288,27 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
 
   dispatch_float(target_logits.scalar_type(), "target_logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const RowStats rs = row_stats_pass<T>(target_logits, c, 1, chunk, stream);
+    const RowStats rs = row_stats_pass<T>(target_logits, c, 1, chunk, stream, rule == kRuleTypical);
+    const auto f32 = target_logits.options().dtype(at::kFloat);
     at::Tensor wbuf;
-    if (draft_probs.has_value()) wbuf = at::empty({c.B, c.NC}, target_logits.options().dtype(at::kFloat));
+    if (draft_probs.has_value() || rule == kRuleTypical) wbuf = at::empty({c.B, c.NC}, f32);
+    at::Tensor wres;
+    if (rule == kRuleBlock && draft_probs.has_value()) wres = at::empty({c.R, c.NC}, f32);
     ChainArgs<T> a;
     fill_finalize_args<T>(a, target_logits, draft_probs, c, rs, wbuf, out, num, chunk);
     a.draft = Ids{drafts.data_ptr(), drafts.scalar_type() == at::kLong};
     a.R = c.R;
     a.N = N;
     a.max_draft_len = static_cast<int>(max_draft_len);
+    a.rule = static_cast<int>(rule);
+    a.B = static_cast<int>(c.B);
+    a.wres = wres.defined() ? wres.data_ptr<float>() : nullptr;
+    a.eps = eps.defined() ? eps.data_ptr<float>() : nullptr;
+    a.delta = delta.defined() ? delta.data_ptr<float>() : nullptr;
+    if (wres.defined()) {
+      const dim3 grid(static_cast<unsigned>(c.R), static_cast<unsigned>(std::min(c.NC, 65535)));
+      launch_kernel("block_residual_kernel", block_residual_kernel<T>, grid, dim3(kFinThreads), stream, a);
+    }
     launch_kernel("chain_finalize_kernel", chain_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
                   dim3(kFinThreads), stream, a);
   });

@@ -20,7 +20,7 @@ TORCH_LIBRARY_FRAGMENT(FASTVERIFY_CUDA_NAMESPACE, m) {
   m.def(
       "rejection_sample(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, Tensor? draft_probs, "
       "Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor seed, Tensor positions, int max_draft_len, "
-      "int chunk_size, int cuda_stream) -> (Tensor, Tensor)");
+      "int rule, Tensor? typical_eps, Tensor? typical_delta, int chunk_size, int cuda_stream) -> (Tensor, Tensor)");
   m.def(
       "tree_rejection_sample(Tensor target_logits, Tensor tree_tokens, Tensor parents, Tensor cu_num_nodes, "
       "Tensor? draft_probs, Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor seed, Tensor positions, "

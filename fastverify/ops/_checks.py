@@ -131,32 +131,50 @@ def check_ids_in_vocab(ids: torch.Tensor, name: str, vocab: int) -> None:
 
 
 def check_tree(parents: torch.Tensor, cu_num_nodes: torch.Tensor, *, tokens: torch.Tensor | None = None,
-               max_depth: int | None = None, max_nodes: int | None = None) -> None:
+               max_depth: int | None = None, max_nodes: int | None = None, duplicate_leaves: bool = False,
+               equal_depth_leaves: bool = False) -> None:
     """Each request's parents form a tree rooted at its node 0 (parent -1) whose every
-    parent precedes its child; where given: siblings carry distinct tokens, depth <=
-    max_depth, nodes per tree <= max_nodes."""
+    parent precedes its child; where given: siblings carry distinct tokens (with
+    ``duplicate_leaves``, leaves may repeat a sibling leaf's token: a draft path drawn
+    twice), depth <= max_depth, nodes per tree <= max_nodes, every leaf at one depth
+    (``equal_depth_leaves``: n paths of depth d)."""
     par, cu = parents.tolist(), cu_num_nodes.tolist()
     tok = tokens.tolist() if tokens is not None else None
     for b in range(len(cu) - 1):
-        n0, n1 = cu[b], cu[b + 1]
-        if max_nodes is not None and n1 - n0 > max_nodes:
-            raise ValueError(f"request {b} has {n1 - n0} nodes (cu_num_nodes) but max_nodes is {max_nodes}")
-        if par[n0] != -1:
-            raise ValueError(f"parents[{n0}] = {par[n0]}: node 0 of request {b} is its root and must have parent -1")
-        depth = [0] * (n1 - n0)
-        seen: set[tuple[int, int]] = set()
-        for j in range(1, n1 - n0):
-            p = par[n0 + j]
-            if not 0 <= p < j:
-                raise ValueError(
-                    f"parents[{n0 + j}] = {p}: node {j} of request {b} needs a parent in [0, {j}) "
-                    "(tree-local index of an earlier node); parents do not form a tree")
-            if tok is not None:
-                if (p, tok[n0 + j]) in seen:
-                    raise ValueError(
-                        f"tree_tokens[{n0 + j}] = {tok[n0 + j]} repeats a sibling's token under node {p} of request "
-                        f"{b}; children of a node must carry distinct tokens")
-                seen.add((p, tok[n0 + j]))
-            depth[j] = depth[p] + 1
-            if max_depth is not None and depth[j] > max_depth:
-                raise ValueError(f"node {j} of request {b} is at depth {depth[j]} > max_depth = {max_depth}")
+        _check_one_tree(b, par, tok, cu[b], cu[b + 1], max_depth, max_nodes, duplicate_leaves, equal_depth_leaves)
+
+
+def _check_one_tree(b, par, tok, n0, n1, max_depth, max_nodes, duplicate_leaves, equal_depth_leaves) -> None:
+    """check_tree for request b, nodes n0 .. n1 - 1."""
+    if max_nodes is not None and n1 - n0 > max_nodes:
+        raise ValueError(f"request {b} has {n1 - n0} nodes (cu_num_nodes) but max_nodes is {max_nodes}")
+    if par[n0] != -1:
+        raise ValueError(f"parents[{n0}] = {par[n0]}: node 0 of request {b} is its root and must have parent -1")
+    depth = [0] * (n1 - n0)
+    first_with: dict[tuple[int, int], int] = {}
+    repeats = []
+    for j in range(1, n1 - n0):
+        p = par[n0 + j]
+        if not 0 <= p < j:
+            raise ValueError(
+                f"parents[{n0 + j}] = {p}: node {j} of request {b} needs a parent in [0, {j}) "
+                "(tree-local index of an earlier node); parents do not form a tree")
+        if tok is not None:
+            if (p, tok[n0 + j]) in first_with:
+                repeats.append((j, first_with[(p, tok[n0 + j])]))
+            first_with.setdefault((p, tok[n0 + j]), j)
+        depth[j] = depth[p] + 1
+        if max_depth is not None and depth[j] > max_depth:
+            raise ValueError(f"node {j} of request {b} is at depth {depth[j]} > max_depth = {max_depth}")
+    has_child = set(par[n0 + 1:n1])
+    for j, first in repeats:
+        if not (duplicate_leaves and j not in has_child and first not in has_child):
+            raise ValueError(
+                f"tree_tokens[{n0 + j}] = {tok[n0 + j]} repeats a sibling's token under node {par[n0 + j]} of "
+                f"request {b}; children of a node must carry distinct tokens"
+                + (" (only leaves may repeat: a path drawn twice)" if duplicate_leaves else ""))
+    if equal_depth_leaves:
+        leaf_depths = {depth[j] for j in range(n1 - n0) if j not in has_child}
+        if len(leaf_depths) > 1:
+            raise ValueError(f"the leaves of request {b} are at depths {sorted(leaf_depths)}: multi-path block "
+                             "verification takes n draft paths of one depth (every leaf at the same depth)")

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import default_chunk
+from .._layout import CHAIN_RULES, default_chunk
 from .common import request_of_row
 from .philox import uniform_pair
 
@@ -249,9 +249,11 @@ def _filter_threshold_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, topk_ptr, t
 
 @triton.jit
 def _chunk_stats_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, thr_ptr, stats_ptr, amax_ptr, B, R, V, NC,
-                        ROW_EXTRA: tl.constexpr, HAS_THR: tl.constexpr, CHUNK: tl.constexpr):
+                        ROW_EXTRA: tl.constexpr, HAS_THR: tl.constexpr, ENTROPY: tl.constexpr,
+                        CHUNK: tl.constexpr):
     """Per (row, chunk c): m_c = max z, s_c = Σ exp(z - m_c) over kept tokens, and the
-    first argmax of the raw logits (greedy ignores temperature and filters)."""
+    first argmax of the raw logits (greedy ignores temperature and filters); with ENTROPY
+    also e_c = Σ exp(z - m_c)·(z - m_c), from which the row's entropy follows (_entropy)."""
     row = tl.program_id(0)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -264,37 +266,38 @@ def _chunk_stats_kernel(logits_ptr, stride_l, cu_ptr, temp_ptr, thr_ptr, stats_p
     if HAS_THR:
         z = tl.where(l >= tl.load(thr_ptr + row), z, float("-inf"))
     m = tl.max(z, 0)
-    s = tl.sum(tl.where(z > float("-inf"), tl.exp(z - m), 0.0), 0)
+    e = tl.where(z > float("-inf"), tl.exp(z - m), 0.0)
+    s = tl.sum(e, 0)
     i = row.to(tl.int64) * NC + c
     tl.store(stats_ptr + i, m)
     tl.store(stats_ptr + R * NC + i, s)
     tl.store(stats_ptr + 2 * R * NC + i, a_v)
     tl.store(amax_ptr + i, c * CHUNK + a_i.to(tl.int32))
+    if ENTROPY:
+        tl.store(stats_ptr + 3 * R * NC + i, tl.sum(tl.where(z > float("-inf"), e * (z - m), 0.0), 0))
 
 
 @triton.jit
-def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_ptr, temp_ptr, seed_ptr, pos_ptr,
-                           thr_ptr, stats_ptr, amax_ptr, out_ptr, num_ptr, R, N, V, NC, max_draft_len,
-                           HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, CHUNK: tl.constexpr,
-                           NC_P2: tl.constexpr, W_P2: tl.constexpr):
-    """One request. All K+1 rows are tested at once (their loads in flight together):
-    accept_j for every draft, n = the first rejected j (or K), then the token of row n."""
-    b = tl.program_id(0)
-    W = max_draft_len + 1
+def _chain_request(cu_ptr, b, R, N, max_draft_len):
+    """(first draft, first row, K) of request b. Unchecked prefix sums must not move a read
+    outside [0, N) drafts or [0, R) rows: such a request gets K = 0 at row 0."""
     start = tl.load(cu_ptr + b)
     row0 = start + b
-    # Unchecked prefix sums must not move a read outside [0, N) drafts or [0, R) rows.
     ok = (start >= 0) & (start <= N) & (row0 < R)
     K = tl.load(cu_ptr + b + 1) - start
     K = tl.minimum(tl.minimum(K, max_draft_len), tl.minimum(N - start, R - 1 - row0))
     K = tl.where(ok, tl.maximum(K, 0), 0)
-    row0 = tl.where(ok, row0, 0)
-    start = tl.where(ok, start, 0)
-    t, random = _temperature(temp_ptr, b)
-    seed = tl.load(seed_ptr + b)
-    pos = tl.load(pos_ptr + b)
+    return tl.where(ok, start, 0), tl.where(ok, row0, 0), K
 
-    # rows j = 0..K of the request: merged stats [W_P2] and chunk masses [W_P2, NC_P2]
+
+@triton.jit
+def _chain_rows(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, thr_ptr, stats_ptr, amax_ptr, start, row0, K,
+                R, V, NC, t, HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, ENTROPY: tl.constexpr,
+                NC_P2: tl.constexpr, W_P2: tl.constexpr):
+    """The K + 1 rows of a request at once (their loads in flight together), indexed by
+    j = 0..W_P2-1: merged stats M, S, chunk masses w [W_P2, NC_P2], argmax g, threshold,
+    entropy H (ENTROPY; else 0), and of each draft row its draft x_{j+1} (-1 if invalid),
+    P_j(x_{j+1}) and Q_j(x_{j+1}) (1: a point mass)."""
     j = tl.arange(0, W_P2)
     has_row = j <= K
     rows = row0 + tl.where(has_row, j, 0)
@@ -306,15 +309,20 @@ def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_
     a = tl.load(stats_ptr + 2 * R * NC + idx, mask=cm, other=float("-inf"))
     ai = tl.load(amax_ptr + idx, mask=cm, other=0)
     M = tl.max(m, 1)
-    w = tl.where(m > float("-inf"), s * tl.exp(m - M[:, None]), 0.0)
+    scale = tl.where(m > float("-inf"), tl.exp(m - M[:, None]), 0.0)
+    w = s * scale
     S = tl.sum(w, 1)
     g = tl.sum(tl.where(c[None, :] == tl.argmax(a, 1)[:, None], ai, 0), 1)
+    H = tl.zeros([W_P2], tl.float32)
+    if ENTROPY:
+        # H = log S - (1/S) Σ_c e^{m_c - M} (e_c + (m_c - M) s_c): -Σ p log p from the chunk sums
+        e = tl.load(stats_ptr + 3 * R * NC + idx, mask=cm, other=0.0)
+        T = tl.sum(tl.where(m > float("-inf"), scale * (e + (m - M[:, None]) * s), 0.0), 1)
+        H = tl.where(S > 0, tl.log(S) - T / S, 0.0)
     if HAS_THR:
         thr = tl.load(thr_ptr + rows, mask=has_row, other=float("-inf"))
     else:
         thr = tl.full([W_P2], float("-inf"), tl.float32)
-
-    # acceptance of every draft: u_j · q_j(x_j) < p_j(x_j)  (greedy: x_j == argmax_j)
     is_draft = j < K
     x = tl.load(draft_ptr + start + j, mask=is_draft, other=-1)
     valid = is_draft & (x >= 0) & (x < V)
@@ -323,14 +331,104 @@ def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_
     lx = _load_logits(l_rows, xi, valid)
     zx = _scale(lx, t)
     px = tl.where(valid & (zx > float("-inf")) & (lx >= thr) & (S > 0), tl.exp(zx - M) / S, 0.0)
-    u, _rows_u1 = uniform_pair(seed, pos + j, j * 0)
     if HAS_Q:
         qx = tl.load(q_ptr + (start + j).to(tl.int64) * stride_q + xi, mask=valid, other=0.0).to(tl.float32)
-        accept = u * qx < px
     else:
-        accept = u < px
-    accept = valid & tl.where(random, accept, xi == g)
-    n_acc = tl.min(tl.where(is_draft & ~accept, j, K), 0)
+        qx = tl.full([W_P2], 1.0, tl.float32)
+    return j, rows, M, S, w, g, thr, H, xi, valid, px, qx
+
+
+@triton.jit
+def _block_ratios(px, qx, j, W_P2: tl.constexpr):
+    """p [W_P2]: p_0 = 1, p_i = min(p_{i-1} · px_{i-1} / qx_{i-1}, 1) (0 where the target gives
+    the draft no mass; 1 where the drafter gave it none), the torch spec's block_ratio."""
+    p = tl.where(j == 0, 1.0, 0.0)
+    prev = tl.full([], 1.0, tl.float32)
+    for i in tl.static_range(1, W_P2):
+        a = tl.sum(tl.where(j == i - 1, px, 0.0), 0)
+        b = tl.sum(tl.where(j == i - 1, qx, 0.0), 0)
+        num = prev * a
+        prev = tl.where((num >= b) & (num > 0), 1.0, tl.where(b > 0, num / tl.where(b > 0, b, 1.0), 0.0))
+        p = tl.where(j == i, prev, p)
+    return p
+
+
+@triton.jit
+def _block_residual_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_ptr, temp_ptr, thr_ptr, stats_ptr,
+                           amax_ptr, wres_ptr, B, R, N, V, NC, max_draft_len,
+                           HAS_THR: tl.constexpr, CHUNK: tl.constexpr, NC_P2: tl.constexpr, W_P2: tl.constexpr):
+    """Block rule, one program per (row, chunk c) of a draft row j: the residual mass
+    Σ_{x in c} max(p_j P_j(x) − Q_j(x), 0) into wres[row, c] (0 for bonus rows and greedy
+    requests). Z_j is the row's sum; the residual sample reads it back."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = request_of_row(cu_ptr, row, B, 1)
+    start, row0, K = _chain_request(cu_ptr, b, R, N, max_draft_len)
+    t, random = _temperature(temp_ptr, b)
+    j_row = row - row0
+    mass = tl.zeros([], tl.float32)
+    if random & (j_row >= 0) & (j_row < K):
+        j, rows, M, S, w, g, thr, H, xi, valid, px, qx = _chain_rows(
+            logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, thr_ptr, stats_ptr, amax_ptr, start, row0, K, R, V, NC,
+            t, True, HAS_THR, False, NC_P2, W_P2)
+        pick = j == j_row
+        p = tl.sum(tl.where(pick, _block_ratios(px, qx, j, W_P2), 0.0), 0)
+        offs, P = _chunk_probs(logits_ptr + row.to(tl.int64) * stride_l, c, V, t,
+                               tl.max(tl.where(pick, thr, float("-inf")), 0), tl.sum(tl.where(pick, M, 0.0), 0),
+                               tl.sum(tl.where(pick, S, 0.0), 0), HAS_THR, CHUNK)
+        q = tl.load(q_ptr + (start + j_row).to(tl.int64) * stride_q + offs, mask=offs < V, other=0.0).to(tl.float32)
+        mass = tl.sum(tl.maximum(p * P - q, 0.0), 0)
+    tl.store(wres_ptr + row.to(tl.int64) * NC + c, mass)
+
+
+@triton.jit
+def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_ptr, temp_ptr, seed_ptr, pos_ptr,
+                           thr_ptr, stats_ptr, amax_ptr, wres_ptr, eps_ptr, delta_ptr, out_ptr, num_ptr,
+                           R, N, V, NC, max_draft_len,
+                           RULE: tl.constexpr, HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, CHUNK: tl.constexpr,
+                           NC_P2: tl.constexpr, W_P2: tl.constexpr):
+    """One request. All K+1 rows are tested at once: the accepted length τ of the rule
+    (RULE 0 token, 1 block, 2 typical), then the token of row τ."""
+    b = tl.program_id(0)
+    W = max_draft_len + 1
+    start, row0, K = _chain_request(cu_ptr, b, R, N, max_draft_len)
+    t, random = _temperature(temp_ptr, b)
+    seed = tl.load(seed_ptr + b)
+    pos = tl.load(pos_ptr + b)
+    j, rows, M, S, w, g, thr, H, xi, valid, px, qx = _chain_rows(
+        logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, thr_ptr, stats_ptr, amax_ptr, start, row0, K, R, V, NC, t,
+        HAS_Q, HAS_THR, RULE == 2, NC_P2, W_P2)
+    is_draft = j < K
+    u, _rows_u1 = uniform_pair(seed, pos + j, j * 0)   # the token rule's u_j = the block rule's η_{j+1}
+    greedy_hit = valid & (xi == g)
+    scale = 1.0                                         # block: p_τ scales the residual
+    if RULE == 1:
+        p = _block_ratios(px, qx, j, W_P2)
+        if HAS_Q:
+            c = tl.arange(0, NC_P2)
+            Z = tl.sum(tl.load(wres_ptr + rows.to(tl.int64)[:, None] * NC + c[None, :],
+                               mask=is_draft[:, None] & (c[None, :] < NC), other=0.0), 1)
+        else:
+            Z = p * (1 - px)                            # Q_j a point mass at x_{j+1}
+        den = Z + 1 - p
+        h = tl.where(j == K, p, tl.where(den > 0, Z / tl.where(den > 0, den, 1.0), 1.0))
+        # column j holds h_j; η_i (i = j) sits at column j - 1: shift η right by one
+        eta = tl.sum(tl.where(j[:, None] - 1 == j[None, :], u[None, :], 0.0), 1)
+        acc = (j >= 1) & (j <= K) & (eta < h)
+        n_acc = tl.max(tl.where(acc, j, 0), 0)
+        if not random:
+            n_acc = tl.min(tl.where(is_draft & ~greedy_hit, j, K), 0)
+        scale = tl.sum(tl.where(j == n_acc, p, 0.0), 0)
+    else:
+        if RULE == 2:
+            thr_t = tl.minimum(tl.load(eps_ptr + b), tl.load(delta_ptr + b) * tl.exp(-H))
+            accept = px > thr_t
+        elif HAS_Q:
+            accept = u * qx < px
+        else:
+            accept = u < px
+        accept = valid & tl.where(random, accept, greedy_hit)
+        n_acc = tl.min(tl.where(is_draft & ~accept, j, K), 0)
 
     # the emitted token at row n_acc: recovered (n_acc < K) or bonus
     pick = j == n_acc
@@ -346,18 +444,54 @@ def _chain_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, draft_ptr, cu_
     if random:
         _u0, u_s = uniform_pair(seed, pos + n_acc, 0)
         token = tl.full([], -1, tl.int32)
-        if HAS_Q:
+        if RULE == 2:
+            cut = tl.sum(tl.where(pick, thr_t, 0.0), 0)
+            token = _sample_typical(l_row, V, NC, t, thr_n, M_n, S_n, cut, u_s, g_n, HAS_THR, CHUNK, NC_P2)
+        elif HAS_Q:
             if excl >= 0:
-                # residual max(p - q, 0): one pass for chunk masses, one chunk to place u
+                # residual max(a·p - q, 0) (a = p_τ for block, 1 for token): chunk masses
+                # (block: written by _block_residual_kernel), then one chunk to place u
                 q_row = q_ptr + (start + n_acc).to(tl.int64) * stride_q
-                wr = _residual_masses(l_row, q_row, V, NC, t, thr_n, M_n, S_n, q_row, 0, 1.0, HAS_THR, CHUNK, NC_P2)
-                token = _sample_residual(l_row, q_row, wr, u_s, V, t, thr_n, M_n, S_n, q_row, 0, 1.0,
-                                         HAS_THR, CHUNK, NC_P2)
+                if RULE == 1:
+                    cn = tl.arange(0, NC_P2)
+                    wr = tl.load(wres_ptr + row.to(tl.int64) * NC + cn, mask=cn < NC, other=0.0)
+                else:
+                    wr = _residual_masses(l_row, q_row, V, NC, t, thr_n, M_n, S_n, q_row, 0, 1.0, HAS_THR, CHUNK,
+                                          NC_P2)
+                token = _sample_scaled_residual(l_row, q_row, wr, u_s, V, t, thr_n, M_n, S_n, scale, HAS_THR,
+                                                CHUNK, NC_P2)
         if token < 0:
             token = _sample_p(l_row, V, t, thr_n, M_n, w_n, excl, u_s, g_n, HAS_THR, CHUNK, NC_P2)
     out = tl.where(j < n_acc, xi, tl.where(pick, token, -1))
     tl.store(out_ptr + b * W + j, out, mask=j < W)
     tl.store(num_ptr + b, n_acc)
+
+
+@triton.jit
+def _sample_scaled_residual(l_row, q_row, w, u, V, t, thr, M, S, a, HAS_THR: tl.constexpr, CHUNK: tl.constexpr,
+                            NC_P2: tl.constexpr):
+    """Token ~ max(a·p - q, 0) given its chunk masses w; -1 if w has no mass."""
+    c, rest = _inverse_cdf(w, u * tl.sum(w, 0), NC_P2)
+    offs, p = _chunk_probs(l_row, c, V, t, thr, M, S, HAS_THR, CHUNK)
+    q = tl.load(q_row + offs, mask=(offs >= 0) & (offs < V), other=0.0).to(tl.float32)
+    i, _ = _inverse_cdf(tl.maximum(a * p - q, 0.0), rest, CHUNK)
+    return tl.where((c >= 0) & (i >= 0), c * CHUNK + i, -1)
+
+
+@triton.jit
+def _sample_typical(l_row, V, NC, t, thr, M, S, cut, u, g, HAS_THR: tl.constexpr, CHUNK: tl.constexpr,
+                    NC_P2: tl.constexpr):
+    """Token ~ p truncated to p >= cut (Medusa's next token): one pass for the chunk masses,
+    one chunk to place u; the argmax if nothing is left (cannot happen: max p >= e^{-H} > cut)."""
+    cid = tl.arange(0, NC_P2)
+    wc = tl.zeros([NC_P2], tl.float32)
+    for c in range(0, NC):
+        _, p = _chunk_probs(l_row, c, V, t, thr, M, S, HAS_THR, CHUNK)
+        wc = tl.where(cid == c, tl.sum(tl.where(p >= cut, p, 0.0), 0), wc)
+    c, rest = _inverse_cdf(wc, u * tl.sum(wc, 0), NC_P2)
+    offs, p = _chunk_probs(l_row, c, V, t, thr, M, S, HAS_THR, CHUNK)
+    i, _ = _inverse_cdf(tl.where(p >= cut, p, 0.0), rest, CHUNK)
+    return tl.where((c >= 0) & (i >= 0), c * CHUNK + i, g)
 
 
 @triton.jit
@@ -475,11 +609,278 @@ def _tree_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, tok_ptr, par_pt
     tl.store(num_ptr + b, depth)
 
 
+# ---------------------------------------------------------------------------- multi-path block verification
+
+
+@triton.jit
+def _ancestor(par_ptr, n0, node, up, max_depth):
+    """Tree-local ancestor ``up`` levels above ``node`` (scalars or vectors). Parents that
+    are no tree (unchecked input) end the walk at the root: reads stay inside the tree."""
+    cur = node
+    for k in range(0, max_depth):
+        live = (cur > 0) & (cur * 0 + k < up)     # (k < up) shaped like cur: the interpreter wants one mask dtype
+        p = tl.load(par_ptr + n0 + cur, mask=live, other=0).to(tl.int32)
+        cur = tl.where(live, tl.where((p >= 0) & (p < cur), p, 0), cur)
+    return cur
+
+
+@triton.jit
+def _node_depth(par_ptr, n0, node, max_depth):
+    """Depth of tree-local ``node`` (scalar or vector), walking up to the root."""
+    cur = node
+    d = tl.zeros_like(node)
+    for _ in range(0, max_depth):
+        live = cur > 0
+        p = tl.load(par_ptr + n0 + cur, mask=live, other=0).to(tl.int32)
+        cur = tl.where(live & (p >= 0) & (p < cur), p, 0)
+        d += live.to(node.dtype)
+    return d
+
+
+@triton.jit
+def _tree_height(par_ptr, n0, n, max_depth, NODE_BLOCK: tl.constexpr):
+    """The deepest node's depth: every path's leaf sits there."""
+    h = tl.zeros([], tl.int32)
+    for s in range(0, n, NODE_BLOCK):
+        j = s + tl.arange(0, NODE_BLOCK)
+        d = _node_depth(par_ptr, n0, tl.where(j < n, j, 0), max_depth)
+        h = tl.maximum(h, tl.max(tl.where(j < n, d, 0), 0))
+    return h
+
+
+@triton.jit
+def _next_path(par_ptr, n0, n, last, v, dv, height, max_depth, NODE_BLOCK: tl.constexpr):
+    """The first path (leaf, tree-local) after leaf ``last`` that runs through node v at
+    depth dv, or -1."""
+    best = n
+    if dv < height:
+        for s in range(last + 1, n, NODE_BLOCK):
+            j = s + tl.arange(0, NODE_BLOCK)
+            m = j < n
+            jj = tl.where(m, j, 0)
+            hit = m & (_node_depth(par_ptr, n0, jj, max_depth) == height) & \
+                (_ancestor(par_ptr, n0, jj, height - dv, max_depth) == v)
+            best = tl.minimum(best, tl.min(tl.where(hit, j, n), 0))
+    return tl.where(best < n, best, -1)
+
+
+@triton.jit
+def _removed(offs, par_ptr, tok_ptr, q_ptr, stride_q, n0, u, du, lj, height, V, max_depth, WOR: tl.constexpr):
+    """(rem at offs, total): paths drawn without replacement — the Q-mass below node u
+    (depth du) of every path before path lj that runs through u, at its token after u.
+    Zero for i.i.d. paths."""
+    rem = tl.zeros(offs.shape, tl.float32)
+    tot = tl.zeros([], tl.float32)
+    if WOR:
+        for k in range(1, lj):
+            l = u * 0 + k                                        # a tensor, as u (the loop index may be an int)
+            if _node_depth(par_ptr, n0, l, max_depth) == height:
+                cur = l
+                m = tl.full([], 1.0, tl.float32)
+                for _ in range(0, height - du - 1):           # from the leaf up to depth du + 1
+                    p = _ancestor(par_ptr, n0, cur, 1, max_depth)
+                    x = tl.load(tok_ptr + n0 + cur)
+                    xv = (x >= 0) & (x < V)
+                    m = m * tl.load(q_ptr + (n0 + p).to(tl.int64) * stride_q + tl.where(xv, x, 0), mask=xv,
+                                    other=0.0).to(tl.float32)
+                    cur = p
+                if _ancestor(par_ptr, n0, cur, 1, max_depth) == u:
+                    x = tl.load(tok_ptr + n0 + cur)
+                    xv = (x >= 0) & (x < V)
+                    m = m * tl.load(q_ptr + (n0 + u).to(tl.int64) * stride_q + tl.where(xv, x, 0), mask=xv,
+                                    other=0.0).to(tl.float32)
+                    rem += tl.where(offs == x, m, 0.0)
+                    tot += m
+    return rem, tot
+
+
+@triton.jit
+def _draft_at(q_row, offs, mask, par_ptr, tok_ptr, q_ptr, stride_q, n0, u, du, lj, height, V, max_depth,
+              WOR: tl.constexpr):
+    """D at offs: the law path lj's token after node u was drawn from — Q(u), without
+    replacement minus the earlier paths' mass below u, renormalized."""
+    q = tl.load(q_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if WOR:
+        rem, tot = _removed(offs, par_ptr, tok_ptr, q_ptr, stride_q, n0, u, du, lj, height, V, max_depth, WOR)
+        left = 1.0 - tot
+        q = tl.where(left > 0, (q - rem) / tl.where(left > 0, left, 1.0), 0.0)
+    return q
+
+
+@triton.jit
+def _multi_path_kernel(logits_ptr, stride_l, q_ptr, stride_q, tok_ptr, par_ptr, cu_ptr, temp_ptr, seed_ptr, pos_ptr,
+                       thr_ptr, stats_ptr, amax_ptr, rbuf_ptr, wbuf_ptr, acc_ptr, out_ptr, num_ptr,
+                       B, T, V, NC, max_depth,
+                       WOR: tl.constexpr, HAS_THR: tl.constexpr, CHUNK: tl.constexpr, NC_P2: tl.constexpr,
+                       D_P2: tl.constexpr, NODE_BLOCK: tl.constexpr):
+    """One request, greedy multi-path block verification (the torch spec's
+    _multi_path_block_torch): block verification along one path per attempt; the residual
+    target R at the current node lives in rbuf[buf, b] (unnormalized, mass rho; chunk masses
+    in wbuf[buf, b]), or is the node's own P (r_is_p). Greedy requests walk the argmax."""
+    b = tl.program_id(0)
+    D = max_depth + 1
+    cols = tl.arange(0, D_P2)
+    tl.store(acc_ptr + b * D + cols, -1, mask=cols < D)
+    tl.store(out_ptr + b * D + cols, -1, mask=cols < D)
+    n0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - n0
+    ok = (n0 >= 0) & (n >= 1) & (n0 + n <= T)
+    n0 = tl.where(ok, n0, 0)
+    n = tl.where(ok, n, 0)
+    t, random = _temperature(temp_ptr, b)
+    seed = tl.load(seed_ptr + b)
+    pos = tl.load(pos_ptr + b)
+    thr = tl.full([], float("-inf"), tl.float32)
+    cid = tl.arange(0, NC_P2)
+
+    v = tl.zeros([], tl.int32)          # current node (tree-local) and its depth
+    dv = tl.zeros([], tl.int32)
+    y = tl.zeros([], tl.int32)
+    if ok & random:
+        height = _tree_height(par_ptr, n0, n, max_depth, NODE_BLOCK)
+        last = tl.zeros([], tl.int32)   # leaf of the last path used: later ones come after it
+        r_is_p = tl.full([], 1, tl.int32)
+        rho = tl.full([], 1.0, tl.float32)
+        buf = tl.zeros([], tl.int32)
+        attempt = tl.zeros([], tl.int32)
+        state = tl.zeros([], tl.int32)  # 0 verifying, 1 a whole path accepted, 2 no path left through v
+        for _ in range(0, n):
+            if state == 0:
+                j = _next_path(par_ptr, n0, n, last, v, dv, height, max_depth, NODE_BLOCK)
+                if j < 0:
+                    state = 2
+                else:
+                    last = j
+                    L = height - dv
+                    p = tl.full([], 1.0, tl.float32)
+                    tau = tl.zeros([], tl.int32)
+                    p_tau = tl.full([], 1.0, tl.float32)
+                    u_tau = v
+                    u_prev = v
+                    for i in range(1, L + 1):
+                        u_i = _ancestor(par_ptr, n0, j, L - i, max_depth)
+                        x = tl.load(tok_ptr + n0 + u_i)
+                        xv = (x >= 0) & (x < V)
+                        xi = tl.where(xv, x, 0).to(tl.int32)
+                        row_prev = n0 + u_prev
+                        # T_{i-1}(x_i): R at v for i = 1, else the target row of u_{i-1}
+                        if HAS_THR:
+                            thr = tl.load(thr_ptr + row_prev)
+                        M, S, _w, _g = _row_stats(stats_ptr, amax_ptr, row_prev, T, NC, NC_P2)
+                        Tx = _prob_at(logits_ptr + row_prev.to(tl.int64) * stride_l, xi, t, thr, M, S, HAS_THR)
+                        if (i == 1) & (r_is_p == 0):
+                            Tx = tl.load(rbuf_ptr + (buf * B + b).to(tl.int64) * V + xi) / rho
+                        Dx = _draft_at(q_ptr + row_prev.to(tl.int64) * stride_q, xi, xv, par_ptr, tok_ptr, q_ptr,
+                                       stride_q, n0, u_prev, dv + i - 1, j, height, V, max_depth, WOR)
+                        Tx = tl.where(xv, Tx, 0.0)
+                        num = p * Tx
+                        p = tl.where((num >= Dx) & (num > 0), 1.0, tl.where(Dx > 0, num / tl.where(Dx > 0, Dx, 1.0),
+                                                                             0.0))
+                        h = p
+                        if i < L:
+                            # Z_i = Σ_x max(p_i P(u_i)(x) − D(u_i)(x), 0): one pass over u_i's row
+                            row_i = n0 + u_i
+                            if HAS_THR:
+                                thr = tl.load(thr_ptr + row_i)
+                            Mi, Si, _wi, _gi = _row_stats(stats_ptr, amax_ptr, row_i, T, NC, NC_P2)
+                            Z = tl.zeros([], tl.float32)
+                            for c in range(0, NC):
+                                offs, P = _chunk_probs(logits_ptr + row_i.to(tl.int64) * stride_l, c, V, t, thr,
+                                                       Mi, Si, HAS_THR, CHUNK)
+                                Dv = _draft_at(q_ptr + row_i.to(tl.int64) * stride_q, offs, offs < V, par_ptr,
+                                               tok_ptr, q_ptr, stride_q, n0, u_i, dv + i, j, height, V, max_depth,
+                                               WOR)
+                                Z += tl.sum(tl.where(offs < V, tl.maximum(p * P - Dv, 0.0), 0.0), 0)
+                            den = Z + 1 - p
+                            h = tl.where(den > 0, Z / tl.where(den > 0, den, 1.0), 1.0)
+                        eta, _u1 = uniform_pair(seed, pos + dv + i - 1, attempt)
+                        if eta < h:
+                            tau = i
+                            p_tau = p
+                            u_tau = u_i
+                        u_prev = u_i
+                    attempt += 1
+                    if tau == L:
+                        state = 1
+                        v = u_tau
+                        dv = height
+                    else:
+                        # R at u_tau: max(p_tau T_tau − D(u_tau), 0), T_tau = R (tau = 0) or P(u_tau)
+                        row_u = n0 + u_tau
+                        if HAS_THR:
+                            thr = tl.load(thr_ptr + row_u)
+                        Mu, Su, _wu, _gu = _row_stats(stats_ptr, amax_ptr, row_u, T, NC, NC_P2)
+                        src = rbuf_ptr + (buf * B + b).to(tl.int64) * V
+                        dst = rbuf_ptr + ((1 - buf) * B + b).to(tl.int64) * V
+                        wdst = wbuf_ptr + ((1 - buf) * B + b).to(tl.int64) * NC
+                        mass = tl.zeros([], tl.float32)
+                        for c in range(0, NC):
+                            offs, P = _chunk_probs(logits_ptr + row_u.to(tl.int64) * stride_l, c, V, t, thr, Mu, Su,
+                                                   HAS_THR, CHUNK)
+                            if (tau == 0) & (r_is_p == 0):
+                                P = tl.load(src + offs, mask=offs < V, other=0.0) / rho
+                            Dv = _draft_at(q_ptr + row_u.to(tl.int64) * stride_q, offs, offs < V, par_ptr, tok_ptr,
+                                           q_ptr, stride_q, n0, u_tau, dv + tau, j, height, V, max_depth, WOR)
+                            r = tl.where(offs < V, tl.maximum(p_tau * P - Dv, 0.0), 0.0)
+                            tl.store(dst + offs, r, mask=offs < V)
+                            rc = tl.sum(r, 0)
+                            tl.store(wdst + c, rc)
+                            mass += rc
+                        tl.debug_barrier()
+                        if mass > 0:
+                            buf = 1 - buf
+                            rho = mass
+                            r_is_p = 0
+                        elif tau > 0:
+                            r_is_p = 1        # R = P(u_tau): the torch spec's fallback
+                        v = u_tau
+                        dv = dv + tau
+        # the emitted token: y ~ P(leaf) after a whole path, else y ~ R at v
+        row = n0 + v
+        if HAS_THR:
+            thr = tl.load(thr_ptr + row)
+        M, S, w, g = _row_stats(stats_ptr, amax_ptr, row, T, NC, NC_P2)
+        _, u_s = uniform_pair(seed, pos + dv, 0)
+        if (state == 1) | (r_is_p == 1):
+            y = _sample_p(logits_ptr + row.to(tl.int64) * stride_l, V, t, thr, M, w, -1, u_s, g, HAS_THR, CHUNK,
+                          NC_P2)
+        else:
+            wr = tl.load(wbuf_ptr + (buf * B + b).to(tl.int64) * NC + cid, mask=cid < NC, other=0.0)
+            c, rest = _inverse_cdf(wr, u_s * tl.sum(wr, 0), NC_P2)
+            offs = c * CHUNK + tl.arange(0, CHUNK)
+            vals = tl.load(rbuf_ptr + (buf * B + b).to(tl.int64) * V + offs, mask=(offs >= 0) & (offs < V), other=0.0)
+            i, _ = _inverse_cdf(vals, rest, CHUNK)
+            y = tl.where((c >= 0) & (i >= 0), c * CHUNK + i, g)
+    elif ok:
+        # greedy: move to the first child carrying the argmax while there is one
+        walking = tl.full([], 1, tl.int32)
+        for _ in range(0, max_depth + 1):
+            if walking == 1:
+                row = n0 + v
+                M, S, w, g = _row_stats(stats_ptr, amax_ptr, row, T, NC, NC_P2)
+                y = g
+                nxt = _find_child(tok_ptr, par_ptr, n0, n, v, g, NODE_BLOCK)
+                if (nxt >= 0) & (dv < max_depth):
+                    v = nxt
+                    dv += 1
+                else:
+                    walking = 0
+    if ok:
+        # the accepted path: root .. v, its tokens after the root, then y
+        anc = _ancestor(par_ptr, n0, v + cols * 0, dv - cols, max_depth)
+        tl.store(acc_ptr + b * D + cols, anc, mask=cols <= dv)
+        tok = tl.load(tok_ptr + n0 + anc, mask=cols <= dv, other=-1)
+        tl.store(out_ptr + b * D + cols - 1, tok.to(tl.int32), mask=(cols >= 1) & (cols <= dv))
+        tl.store(out_ptr + b * D + dv, y)
+    tl.store(num_ptr + b, dv)
+
+
 # ---------------------------------------------------------------------------- launchers
 
 
-def _row_stats_pass(target_logits, cu, extra, temperature, top_k, top_p, chunk):
-    """Launch kernels 1 (if filtering) and 2 for all rows; returns (thr, stats, amax, NC)."""
+def _row_stats_pass(target_logits, cu, extra, temperature, top_k, top_p, chunk, entropy=False):
+    """Launch kernels 1 (if filtering) and 2 for all rows; returns (thr, stats, amax, NC).
+    stats is [3, R, NC] (m, s, max logit), [4, R, NC] with the entropy sums."""
     R, V = target_logits.shape
     B = cu.numel() - 1
     NC = triton.cdiv(V, chunk)
@@ -492,38 +893,65 @@ def _row_stats_pass(target_logits, cu, extra, temperature, top_k, top_p, chunk):
             top_k if top_k is not None else temperature, top_p if top_p is not None else temperature, thr, B, V,
             ROW_EXTRA=extra, HAS_TOPK=top_k is not None, HAS_TOPP=top_p is not None,
             BLOCK=min(1024, triton.next_power_of_2(V)), num_warps=8)
-    stats = torch.empty((3, R, NC), dtype=torch.float32, device=dev)
+    stats = torch.empty((4 if entropy else 3, R, NC), dtype=torch.float32, device=dev)
     amax = torch.empty((R, NC), dtype=torch.int32, device=dev)
     _chunk_stats_kernel[(R, NC)](
         target_logits, target_logits.stride(0), cu, temperature, thr if thr is not None else temperature,
         stats, amax, B, R, V, NC,
-        ROW_EXTRA=extra, HAS_THR=thr is not None, CHUNK=chunk, num_warps=8 if chunk >= 2048 else 4)
+        ROW_EXTRA=extra, HAS_THR=thr is not None, ENTROPY=entropy, CHUNK=chunk, num_warps=8 if chunk >= 2048 else 4)
     return thr, stats, amax, NC
 
 
 def rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, temperature, top_k, top_p, seed,
-                     positions, max_draft_len, *, chunk_size=None):
+                     positions, max_draft_len, verify="token", typical_eps=None, typical_delta=None, *,
+                     chunk_size=None):
     """Triton backend of :func:`fastverify.rejection_sample` (arguments as there;
-    unchecked — call through the op). ``chunk_size`` overrides the chunk width."""
+    unchecked — call through the op, which fills in typical's ε, δ). ``chunk_size``
+    overrides the chunk width.
+
+    Launches: [threshold,] chunk stats, [block with draft_probs: residual masses,] finalize.
+    Reads of each logits row: one full pass (stats), plus single elements and one chunk;
+    the token rule's rejected row and typical's sampled row one more pass; the block rule
+    one more pass of every draft row (its residual masses) and none at sampling. Each
+    draft-probs row: single elements, plus one pass (token: the rejected row; block: every
+    row) and one chunk."""
     R, V = target_logits.shape
     B = cu_num_draft.numel() - 1
+    N = draft_tokens.numel()
+    rule = CHAIN_RULES[verify]
     chunk = chunk_size or default_chunk(V)
-    thr, stats, amax, NC = _row_stats_pass(target_logits, cu_num_draft, 1, temperature, top_k, top_p, chunk)
-    out = torch.empty((B, max_draft_len + 1), dtype=torch.int32, device=target_logits.device)
-    num = torch.empty(B, dtype=torch.int32, device=target_logits.device)
+    thr, stats, amax, NC = _row_stats_pass(target_logits, cu_num_draft, 1, temperature, top_k, top_p, chunk,
+                                           entropy=rule == 2)
+    dev = target_logits.device
+    out = torch.empty((B, max_draft_len + 1), dtype=torch.int32, device=dev)
+    num = torch.empty(B, dtype=torch.int32, device=dev)
     q = draft_probs if draft_probs is not None else target_logits
+    thr_arg = thr if thr is not None else temperature
+    NC_P2, W_P2 = triton.next_power_of_2(NC), triton.next_power_of_2(max_draft_len + 1)
+    wres = stats
+    if rule == 1 and draft_probs is not None:
+        wres = torch.empty((R, NC), dtype=torch.float32, device=dev)
+        _block_residual_kernel[(R, NC)](
+            target_logits, target_logits.stride(0), q, q.stride(0), draft_tokens, cu_num_draft, temperature, thr_arg,
+            stats, amax, wres, B, R, N, V, NC, max_draft_len,
+            HAS_THR=thr is not None, CHUNK=chunk, NC_P2=NC_P2, W_P2=W_P2, num_warps=4)
     _chain_finalize_kernel[(B,)](
         target_logits, target_logits.stride(0), q, q.stride(0), draft_tokens, cu_num_draft, temperature, seed,
-        positions, thr if thr is not None else temperature, stats, amax, out, num, R, draft_tokens.numel(), V, NC,
-        max_draft_len,
-        HAS_Q=draft_probs is not None, HAS_THR=thr is not None, CHUNK=chunk,
-        NC_P2=triton.next_power_of_2(NC), W_P2=triton.next_power_of_2(max_draft_len + 1), num_warps=4)
+        positions, thr_arg, stats, amax, wres, typical_eps if rule == 2 else temperature,
+        typical_delta if rule == 2 else temperature, out, num, R, N, V, NC, max_draft_len,
+        RULE=rule, HAS_Q=draft_probs is not None, HAS_THR=thr is not None, CHUNK=chunk, NC_P2=NC_P2, W_P2=W_P2,
+        num_warps=4)
     return out, num
 
 
 def tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p,
-                          seed, positions, max_depth, *, chunk_size=None):
-    """Triton backend of :func:`fastverify.tree_rejection_sample` (unchecked)."""
+                          seed, positions, max_depth, verify="specinfer", *, chunk_size=None):
+    """Triton backend of :func:`fastverify.tree_rejection_sample` (unchecked).
+
+    Multi-path block rules: chunk stats, then one program per request that walks its
+    paths; each block-verification attempt reads single elements of its path's rows and
+    one pass over each inner node's logits and draft-probs rows (Z), plus one pass over
+    the row it stops at (the residual, written to a [2, B, V] fp32 scratch)."""
     T, V = target_logits.shape
     B = cu_num_nodes.numel() - 1
     dev = target_logits.device
@@ -533,6 +961,16 @@ def tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, dra
     accepted = torch.empty((B, D), dtype=torch.int32, device=dev)
     out = torch.empty((B, D), dtype=torch.int32, device=dev)
     num = torch.empty(B, dtype=torch.int32, device=dev)
+    if verify in ("block", "block_wor"):
+        rbuf = torch.empty((2, B, V), dtype=torch.float32, device=dev)
+        wbuf = torch.empty((2, B, NC), dtype=torch.float32, device=dev)
+        _multi_path_kernel[(B,)](
+            target_logits, target_logits.stride(0), draft_probs, draft_probs.stride(0), tree_tokens, parents,
+            cu_num_nodes, temperature, seed, positions, thr if thr is not None else temperature, stats, amax, rbuf,
+            wbuf, accepted, out, num, B, T, V, NC, max_depth,
+            WOR=verify == "block_wor", HAS_THR=thr is not None, CHUNK=chunk, NC_P2=triton.next_power_of_2(NC),
+            D_P2=triton.next_power_of_2(D), NODE_BLOCK=64, num_warps=4)
+        return accepted, out, num
     ws = torch.empty((T + 1, 2), dtype=torch.float32, device=dev) if draft_probs is not None else stats
     q = draft_probs if draft_probs is not None else target_logits
     _tree_finalize_kernel[(B,)](
