@@ -34,7 +34,7 @@ import types
 
 import torch
 
-from ._layout import CHAIN_RULES, default_chunk, mask_words
+from ._layout import CHAIN_RULES, TREE_RULES, default_chunk, mask_words
 
 LIB_NAME = "fastverify_cuda"
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -172,11 +172,12 @@ class Kernels:
             chunk_size or default_chunk(target_logits.shape[1]), _stream(target_logits))
 
     def tree_rejection_sample(self, target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature,
-                              top_k, top_p, seed, positions, max_depth, *, chunk_size=None):
+                              top_k, top_p, seed, positions, max_depth, verify="specinfer", *, chunk_size=None):
         """CUDA backend of :func:`fastverify.tree_rejection_sample`."""
         return self.ops().tree_rejection_sample(
             target_logits, tree_tokens, parents, cu_num_nodes, draft_probs, temperature, top_k, top_p, seed,
-            positions, max_depth, chunk_size or default_chunk(target_logits.shape[1]), _stream(target_logits))
+            positions, max_depth, TREE_RULES[verify], chunk_size or default_chunk(target_logits.shape[1]),
+            _stream(target_logits))
 
     def build_tree(self, parents, cu_num_nodes, prefix_lens, max_nodes):
         """CUDA backend of :func:`fastverify.build_tree`: one thread per node."""

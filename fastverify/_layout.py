@@ -10,6 +10,7 @@ imports nothing of fastverify, so ops/ → triton/ | _cuda stays one-way.
 WORD = 64               # bits per tree_mask word
 # rule codes of rejection_sample's kernels (verify= of the op)
 CHAIN_RULES = {"token": 0, "block": 1, "typical": 2}
+TREE_RULES = {"specinfer": 0, "block": 1, "block_wor": 2}
 MAX_CHUNK = 4096        # widest vocabulary chunk of the rejection kernels
 
 

@@ -22,12 +22,13 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     int64_t rule, const std::optional<at::Tensor>& typical_eps, const std::optional<at::Tensor>& typical_delta,
     int64_t chunk_size, int64_t cuda_stream);
 
+// rule: 0 specinfer, 1 multi-path block (i.i.d. paths), 2 multi-path block (paths without replacement)
 // -> (accepted_nodes [B, max_depth + 1], output_tokens [B, max_depth + 1], num_accepted [B]), all int32
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
     const at::Tensor& target_logits, const at::Tensor& tree_tokens, const at::Tensor& parents,
     const at::Tensor& cu_num_nodes, const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& positions, int64_t max_depth, int64_t chunk_size, int64_t cuda_stream);
+    const at::Tensor& positions, int64_t max_depth, int64_t rule, int64_t chunk_size, int64_t cuda_stream);
 
 // parents [T] int32/int64, cu_num_nodes [B + 1] int32, prefix_lens [B] int32/int64
 // -> (tree_mask [T, num_words] int64, positions [T] int64, depth [T] int32)

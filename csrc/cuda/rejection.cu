@@ -719,6 +719,10 @@ __device__ __forceinline__ float block_ratio(float prev, float px, float qx) {
 constexpr int kRuleToken = 0;
 constexpr int kRuleBlock = 1;
 constexpr int kRuleTypical = 2;
+// ... and of the tree op (fastverify._layout.TREE_RULES).
+constexpr int kTreeSpecInfer = 0;
+constexpr int kTreeBlock = 1;
+constexpr int kTreeBlockWor = 2;
 
 template <typename T>
 struct ChainArgs {
@@ -958,7 +962,7 @@ struct TreeArgs {
   const float* stats;
   const int32_t* amax;
   float* ws;    // [T + 1, 2] (sigma, rho) of each rejected child, per visit (with draft_probs)
-  float* wbuf;  // [B, NC] residual chunk masses (with draft_probs)
+  float* wbuf;  // [B, NC] residual chunk masses (with draft_probs); multi-path: [2, B, NC]
   int32_t* acc;
   int32_t* out;
   int32_t* num;
@@ -967,6 +971,11 @@ struct TreeArgs {
   int NC;
   int chunk;
   int max_depth;
+  // multi-path block verification
+  bool wor;      // paths drawn without replacement
+  int B;
+  float* rbuf;   // [2, B, V] the residual target R, unnormalized
+  float* rm;     // [T, 2] (token, mass) of the earlier paths through a node, per request rows n0 ..
 };
 
 // Tree-local index of node's child carrying token y, or -1 (_find_child).
@@ -1093,6 +1102,288 @@ __global__ void __launch_bounds__(kFinThreads) tree_finalize_kernel(const TreeAr
     }
   }
   if (threadIdx.x == 0) a.num[b] = depth;
+}
+
+// ------------------------------------------------------------- kernel 3: multi-path block verification
+
+// Tree-local ancestor `up` levels above node; parents that are no tree (unchecked input)
+// end the walk at the root, so reads stay inside the tree (_ancestor).
+__device__ int ancestor(Ids par, int64_t n0, int node, int up) {
+  int cur = node;
+  for (int k = 0; k < up && cur > 0; ++k) {
+    const int64_t p = par[n0 + cur];
+    cur = (p >= 0 && p < cur) ? static_cast<int>(p) : 0;
+  }
+  return cur;
+}
+
+// Depth of tree-local node (_node_depth).
+__device__ int node_depth(Ids par, int64_t n0, int node, int max_depth) {
+  int cur = node;
+  int d = 0;
+  for (int k = 0; k < max_depth && cur > 0; ++k) {
+    const int64_t p = par[n0 + cur];
+    cur = (p >= 0 && p < cur) ? static_cast<int>(p) : 0;
+    ++d;
+  }
+  return d;
+}
+
+// The first path (leaf, tree-local) after leaf `last` through node v at depth dv, or -1
+// (_next_path); every leaf sits at depth `height`.
+__device__ int next_path(Ids par, int64_t n0, int64_t n, int last, int v, int dv, int height, int max_depth,
+                         FinSmem& sm) {
+  int best = INT_MAX;
+  if (dv < height) {
+    for (int64_t j = last + 1 + static_cast<int64_t>(threadIdx.x); j < n; j += kFinThreads) {
+      const int jj = static_cast<int>(j);
+      if (node_depth(par, n0, jj, max_depth) == height && ancestor(par, n0, jj, height - dv) == v) {
+        best = min(best, jj);
+      }
+    }
+  }
+  best = block_min(best, sm);
+  return best < n ? best : -1;
+}
+
+// The draft law of path lj at node u (depth du): Q(u), and for paths drawn without
+// replacement, minus the Q-mass below u of every earlier path through u, renormalized.
+// Thread 0 lists those paths' (token after u, mass) in rm; every thread then reads them.
+struct DraftRow {
+  QRow q;
+  const float* rm;
+  int count;
+  float left;  // 1 - the removed mass
+  __device__ __forceinline__ float operator()(int64_t x) const {
+    float rem = 0.f;
+    for (int k = 0; k < count; ++k) {
+      if (static_cast<int64_t>(rm[2 * k]) == x) rem += rm[2 * k + 1];
+    }
+    const float qx = q[x];
+    if (count == 0) return qx;
+    return left > 0.f ? (qx - rem) / left : 0.f;
+  }
+};
+
+template <typename T>
+__device__ DraftRow draft_row(const TreeArgs<T>& a, int64_t n0, int u, int du, int lj, int height, float* rm,
+                              FinSmem& sm) {
+  DraftRow d{a.q.row(n0 + u), rm, 0, 1.f};
+  if (!a.wor) return d;
+  if (threadIdx.x == 0) {
+    int count = 0;
+    float tot = 0.f;
+    for (int l = 1; l < lj; ++l) {
+      if (node_depth(a.par, n0, l, a.max_depth) != height) continue;
+      int cur = l;
+      float m = 1.f;
+      for (int k = 0; k < height - du - 1; ++k) {  // from the leaf up to depth du + 1
+        const int p = ancestor(a.par, n0, cur, 1);
+        const int64_t x = a.tok[n0 + cur];
+        m *= (x >= 0 && x < a.V) ? a.q.row(n0 + p)[x] : 0.f;
+        cur = p;
+      }
+      if (ancestor(a.par, n0, cur, 1) != u) continue;
+      const int64_t x = a.tok[n0 + cur];
+      m *= (x >= 0 && x < a.V) ? a.q.row(n0 + u)[x] : 0.f;
+      rm[2 * count] = static_cast<float>(x);
+      rm[2 * count + 1] = m;
+      tot += m;
+      ++count;
+    }
+    sm.i = count;
+    sm.f = tot;
+  }
+  __syncthreads();
+  d.count = sm.i;
+  d.left = 1.f - sm.f;
+  __syncthreads();  // sm.i / sm.f are reused
+  return d;
+}
+
+// One request, greedy multi-path block verification (_multi_path_kernel; the torch spec is
+// _multi_path_block_torch): block verification along one path per attempt; the residual
+// target R at the current node lives in rbuf[buf, b] (unnormalized, mass rho; chunk masses
+// in wbuf[buf, b]), or is the node's own P (r_is_p). Greedy requests walk the argmax.
+template <typename T>
+__global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<T> a) {
+  __shared__ FinSmem sm;
+  const int b = blockIdx.x;
+  const int64_t D = static_cast<int64_t>(a.max_depth) + 1;
+  int32_t* acc = a.acc + b * D;
+  int32_t* out = a.out + b * D;
+  for (int64_t col = threadIdx.x; col < D; col += kFinThreads) {
+    acc[col] = -1;
+    out[col] = -1;
+  }
+  __syncthreads();
+  int64_t n0 = a.cu[b];
+  int64_t n = static_cast<int64_t>(a.cu[b + 1]) - n0;
+  const bool ok = n0 >= 0 && n >= 1 && n0 + n <= a.num_rows;
+  n0 = ok ? n0 : 0;
+  n = ok ? n : 0;
+  float t = a.temp[b];
+  const bool random = t > 0.f;
+  t = random ? t : 1.f;
+  const int64_t seed = a.seed[b];
+  const int64_t pos = a.pos[b];
+  const int64_t V = a.V;
+  float* rm = a.rm + 2 * n0;
+  auto row_of = [&](int node) {
+    return load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, n0 + node, a.num_rows, a.V, a.NC, a.chunk, t, sm);
+  };
+  auto rbuf = [&](int which) { return a.rbuf + (static_cast<int64_t>(which) * a.B + b) * V; };
+  auto wbuf = [&](int which) { return a.wbuf + (static_cast<int64_t>(which) * a.B + b) * a.NC; };
+
+  int v = 0;  // current node (tree-local) and its depth
+  int dv = 0;
+  int y = 0;
+  if (ok && random) {
+    int height = 0;
+    for (int64_t j = threadIdx.x; j < n; j += kFinThreads) {
+      height = max(height, node_depth(a.par, n0, static_cast<int>(j), a.max_depth));
+    }
+    height = block_max(height, sm);
+    int last = 0;  // leaf of the last path used: later ones come after it
+    bool r_is_p = true;
+    float rho = 1.f;
+    int buf = 0;
+    int attempt = 0;
+    int state = 0;  // 0 verifying, 1 a whole path accepted, 2 no path left through v
+    for (int64_t it = 0; it < n && state == 0; ++it) {
+      const int j = next_path(a.par, n0, n, last, v, dv, height, a.max_depth, sm);
+      if (j < 0) {
+        state = 2;
+        break;
+      }
+      last = j;
+      const int L = height - dv;
+      float p = 1.f;
+      int tau = 0;
+      float p_tau = 1.f;
+      int u_tau = v;
+      int u_prev = v;
+      for (int i = 1; i <= L; ++i) {
+        const int u_i = ancestor(a.par, n0, j, L - i);
+        const int64_t x = a.tok[n0 + u_i];
+        const bool xv = x >= 0 && x < V;
+        const int xi = xv ? static_cast<int>(x) : 0;
+        // T_{i-1}(x_i): R at v for i = 1, else the target row of u_{i-1}
+        const Row<T> r_prev = row_of(u_prev);
+        float Tx = r_prev.prob_at(xi, r_prev.S);
+        if (i == 1 && !r_is_p) Tx = rbuf(buf)[xi] / rho;
+        const DraftRow dr = draft_row(a, n0, u_prev, dv + i - 1, j, height, rm, sm);
+        Tx = xv ? Tx : 0.f;
+        const float Dx = xv ? dr(xi) : 0.f;
+        p = block_ratio(p, Tx, Dx);
+        float h = p;
+        if (i < L) {
+          // Z_i = sum_x max(p_i P(u_i)(x) - D(u_i)(x), 0): one pass over u_i's row
+          const Row<T> ri = row_of(u_i);
+          const DraftRow di = draft_row(a, n0, u_i, dv + i, j, height, rm, sm);
+          float z = 0.f;
+          for (int64_t off = threadIdx.x; off < V; off += kFinThreads) {
+            z += fmaxf(p * ri.chunk_prob(off, ri.S) - di(off), 0.f);
+          }
+          const float Z = block_sum(z, sm);
+          const float den = Z + 1.f - p;
+          h = den > 0.f ? Z / den : 1.f;
+        }
+        if (uniform_pair(seed, pos + dv + i - 1, static_cast<uint32_t>(attempt)).x < h) {
+          tau = i;
+          p_tau = p;
+          u_tau = u_i;
+        }
+        u_prev = u_i;
+      }
+      ++attempt;
+      if (tau == L) {
+        state = 1;
+        v = u_tau;
+        dv = height;
+        break;
+      }
+      // R at u_tau: max(p_tau T_tau - D(u_tau), 0), T_tau = R (tau = 0) or P(u_tau)
+      const Row<T> ru = row_of(u_tau);
+      const DraftRow du = draft_row(a, n0, u_tau, dv + tau, j, height, rm, sm);
+      const float* src = rbuf(buf);
+      float* dst = rbuf(1 - buf);
+      float* wdst = wbuf(1 - buf);
+      const bool from_r = tau == 0 && !r_is_p;
+      const int lane = threadIdx.x % kWarp;
+      const int warp = threadIdx.x / kWarp;
+      for (int c = warp; c < a.NC; c += kFinWarps) {
+        const int64_t first = static_cast<int64_t>(c) * a.chunk;
+        float acc_c = 0.f;
+        for (int e = lane; e < a.chunk; e += kWarp) {
+          const int64_t off = first + e;
+          if (off >= V) continue;
+          const float P = from_r ? src[off] / rho : ru.chunk_prob(off, ru.S);
+          const float rv = fmaxf(p_tau * P - du(off), 0.f);
+          dst[off] = rv;
+          acc_c += rv;
+        }
+#pragma unroll
+        for (int o = kWarp / 2; o > 0; o /= 2) acc_c += __shfl_xor_sync(kFullMask, acc_c, o);
+        if (lane == 0) wdst[c] = acc_c;
+      }
+      __syncthreads();
+      float mass = 0.f;
+      for (int c = threadIdx.x; c < a.NC; c += kFinThreads) mass += wdst[c];
+      mass = block_sum(mass, sm);
+      if (mass > 0.f) {
+        buf = 1 - buf;
+        rho = mass;
+        r_is_p = false;
+      } else if (tau > 0) {
+        r_is_p = true;  // R = P(u_tau): the torch spec's fallback
+      }
+      v = u_tau;
+      dv += tau;
+    }
+    // the emitted token: y ~ P(leaf) after a whole path, else y ~ R at v
+    const Row<T> r = row_of(v);
+    const float u_s = uniform_pair(seed, pos + dv, 0u).y;
+    if (state == 1 || r_is_p) {
+      y = sample_p(r, -1, u_s, sm);
+    } else {
+      const float* w = wbuf(buf);
+      const float* rv = rbuf(buf);
+      float tot = 0.f;
+      for (int c = threadIdx.x; c < a.NC; c += kFinThreads) tot += w[c];
+      tot = block_sum(tot, sm);
+      const Pick pc = block_inverse_cdf(a.NC, u_s * tot, [&](int c) { return w[c]; }, sm);
+      y = r.g;
+      if (pc.i >= 0) {
+        const int64_t first = static_cast<int64_t>(pc.i) * a.chunk;
+        const Pick pt = block_inverse_cdf(
+            a.chunk, pc.rest, [&](int e) { return first + e < V ? rv[first + e] : 0.f; }, sm);
+        if (pt.i >= 0) y = static_cast<int>(first + pt.i);
+      }
+    }
+  } else if (ok) {
+    // greedy: move to the first child carrying the argmax while there is one
+    for (int step = 0; step <= a.max_depth; ++step) {
+      const Row<T> r = row_of(v);
+      y = r.g;
+      const int nxt = find_child(a.tok, a.par, n0, n, v, y, sm);
+      if (nxt < 0 || dv >= a.max_depth) break;
+      v = nxt;
+      ++dv;
+    }
+  }
+  if (threadIdx.x == 0) {
+    if (ok) {
+      // the accepted path: root .. v, its tokens after the root, then y
+      for (int d = 0; d <= dv; ++d) {
+        const int anc = ancestor(a.par, n0, v, dv - d);
+        acc[d] = anc;
+        if (d >= 1) out[d - 1] = static_cast<int32_t>(a.tok[n0 + anc]);
+      }
+      out[dv] = y;
+    }
+    a.num[b] = dv;
+  }
 }
 
 // ------------------------------------------------------------------------------ launchers
@@ -1319,7 +1610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
     const at::Tensor& target_logits, const at::Tensor& tree_tokens, const at::Tensor& parents,
     const at::Tensor& cu_num_nodes, const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, const at::Tensor& seed,
-    const at::Tensor& positions, int64_t max_depth, int64_t chunk_size, int64_t cuda_stream) {
+    const at::Tensor& positions, int64_t max_depth, int64_t rule, int64_t chunk_size, int64_t cuda_stream) {
   TORCH_CHECK(target_logits.device().type() == kKernelDevice, "fastverify_cuda: target_logits must be a ",
               kKernelDevice, " tensor, got one on ", target_logits.device());
   const c10::DeviceGuard guard(target_logits.device());
@@ -1333,6 +1624,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
   TORCH_CHECK(max_depth >= 0 && max_depth < (int64_t{1} << 30), "fastverify_cuda: max_depth out of range: ",
               max_depth);
   if (draft_probs.has_value()) check_probs(*draft_probs, T_rows, c.V, target_logits);
+  TORCH_CHECK(rule >= kTreeSpecInfer && rule <= kTreeBlockWor, "fastverify_cuda: unknown tree verification rule ",
+              rule);
+  const bool multi_path = rule != kTreeSpecInfer;
+  TORCH_CHECK(!multi_path || draft_probs.has_value(),
+              "fastverify_cuda: multi-path block verification needs draft_probs");
   const at::Tensor tok = tree_tokens.contiguous();
   const at::Tensor par = parents.contiguous();
 
@@ -1354,6 +1650,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
       ws = at::empty({T_rows + 1, 2}, f32);
       wbuf = at::empty({c.B, c.NC}, f32);
     }
+    at::Tensor rbuf, rm;
+    if (multi_path) {
+      const auto f32 = target_logits.options().dtype(at::kFloat);
+      wbuf = at::empty({2, c.B, c.NC}, f32);
+      rbuf = at::empty({2, c.B, c.V}, f32);
+      rm = at::empty({T_rows, 2}, f32);
+    }
     TreeArgs<T> a;
     fill_finalize_args<T>(a, target_logits, draft_probs, c, rs, wbuf, out, num, chunk);
     a.tok = Ids{tok.data_ptr(), tok.scalar_type() == at::kLong};
@@ -1362,8 +1665,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
     a.acc = accepted.data_ptr<int32_t>();
     a.num_rows = T_rows;
     a.max_depth = static_cast<int>(max_depth);
-    launch_kernel("tree_finalize_kernel", tree_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
-                  dim3(kFinThreads), stream, a);
+    a.wor = rule == kTreeBlockWor;
+    a.B = static_cast<int>(c.B);
+    a.rbuf = rbuf.defined() ? rbuf.data_ptr<float>() : nullptr;
+    a.rm = rm.defined() ? rm.data_ptr<float>() : nullptr;
+    if (multi_path) {
+      launch_kernel("multi_path_kernel", multi_path_kernel<T>, dim3(static_cast<unsigned>(c.B)), dim3(kFinThreads),
+                    stream, a);
+    } else {
+      launch_kernel("tree_finalize_kernel", tree_finalize_kernel<T>, dim3(static_cast<unsigned>(c.B)),
+                    dim3(kFinThreads), stream, a);
+    }
   });
   return {accepted, out, num};
 }

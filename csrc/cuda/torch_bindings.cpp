@@ -24,7 +24,7 @@ TORCH_LIBRARY_FRAGMENT(FASTVERIFY_CUDA_NAMESPACE, m) {
   m.def(
       "tree_rejection_sample(Tensor target_logits, Tensor tree_tokens, Tensor parents, Tensor cu_num_nodes, "
       "Tensor? draft_probs, Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor seed, Tensor positions, "
-      "int max_depth, int chunk_size, int cuda_stream) -> (Tensor, Tensor, Tensor)");
+      "int max_depth, int rule, int chunk_size, int cuda_stream) -> (Tensor, Tensor, Tensor)");
   m.def(
       "build_tree(Tensor parents, Tensor cu_num_nodes, Tensor prefix_lens, int num_words, int cuda_stream) "
       "-> (Tensor, Tensor, Tensor)");

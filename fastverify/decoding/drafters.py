@@ -28,6 +28,8 @@ import torch
 
 from .. import ops
 from ..models import Step, chain_parents, cu_from_counts
+from ..ops import philox
+from ..ops.sampling import inverse_cdf
 
 
 @dataclass
@@ -260,6 +262,153 @@ class ModelDrafter:
             tokens.append([tok[r][n] for n in keep])
             parents.append([new_index[par[r][n]] for n in keep])
         return Draft(tokens, parents)
+
+    def paths(self, run, reqs: list[int], n: int, depth: int, *, without_replacement: bool,
+              repeat_leaves: bool = False) -> Draft:
+        """n draft paths of ``depth`` tokens per request, as the trie multi-path verification
+        reads (:func:`fastverify.tree_rejection_sample` with ``verify="block"`` /
+        ``"block_wor"``): leaves in the order the paths were drawn, ``probs`` a row per node
+        (root first) holding the law its children were drawn from (zeros at the leaves).
+
+        - i.i.d. (``without_replacement=False``): path p draws its next token from q at its
+          node with the uniform of counter (seed, position, path_stream(p)); paths through one
+          node share its drafter forward. ``repeat_leaves`` keeps a path drawn twice as a
+          repeated leaf (the i.i.d. block rule counts it); else it is merged (SpecInfer's
+          recursive rejection reads the children as de-duplicated i.i.d. draws).
+        - without replacement: Gumbel-top-n over whole paths by stochastic beam search (Kool
+          et al. 2019): each beam's children get Gumbel-perturbed path log-probabilities
+          conditioned on their maximum being the beam's own; the n best survive; the final
+          order (by perturbed score) is the order of sampling without replacement.
+        Greedy requests (temperature 0) take the n most likely paths (beam search)."""
+        dev = self.model.device
+        weight, token_map = self._head()
+        h = self._catch_up(reqs)
+        B = len(reqs)
+        idx = torch.tensor(reqs, device=dev)
+        prefix = torch.tensor([self.length[b] - 1 for b in reqs], device=dev)   # roots sit at prefix
+        temperature, seed = run.temperature[idx], run.seed[idx]
+        greedy = (temperature == 0).tolist()
+        first = [len(run.tokens[b]) for b in reqs]                              # position of the first draft
+        V = run.model.config.vocab_size
+        tok = [[run.tokens[b][-1]] for b in reqs]                              # the pool: root is node 0
+        par = [[-1] for _ in reqs]
+        q_of: list[dict[int, torch.Tensor]] = [{} for _ in reqs]               # node -> the law of its children
+        frontier = [[0] for _ in reqs]
+        at = [[0] * n for _ in reqs]                                           # i.i.d.: the node of each path
+        beams = [[(0, 0.0, 0.0)] for _ in reqs]                                # (node, log q of path, score)
+        for level in range(depth):
+            rows = [r for r in range(B) for _ in frontier[r]]
+            t = temperature[torch.tensor(rows, device=dev)][:, None]
+            logits = h.float() @ weight.float().t()                             # [F, V_sub]
+            q_sub = torch.softmax(logits / torch.where(t > 0, t, 1.0), -1)
+            q = q_sub if token_map is None else q_sub.new_zeros(len(rows), V).index_copy_(1, token_map, q_sub)
+            i = 0
+            for r in range(B):
+                for node in frontier[r]:
+                    q_of[r][node] = q[i]
+                    i += 1
+            pos = [first[r] + level for r in range(B)]
+            new_frontier = []
+            i = 0
+            for r in range(B):
+                qr = q[i:i + len(frontier[r])]
+                i += len(frontier[r])
+                last = level + 1 == depth
+                if without_replacement or greedy[r]:
+                    beams[r] = self._beam_step(beams[r], qr, frontier[r], int(seed[r]), pos[r], n, greedy[r])
+                    kids = [self._child(tok[r], par[r], node, x, False) for node, x in
+                            ((b_[0], b_[3]) for b_ in beams[r])]
+                    beams[r] = [(k, lp, g) for k, (_, lp, g, _) in zip(kids, beams[r])]
+                    new_frontier.append(kids)
+                else:
+                    u = philox.uniform(seed[r], pos[r], 0, stream=philox.path_stream(torch.arange(n, device=dev)))
+                    row_of = {node: k for k, node in enumerate(frontier[r])}
+                    x = inverse_cdf(qr[[row_of[a] for a in at[r]]], u, qr[[row_of[a] for a in at[r]]].argmax(1))
+                    at[r] = [self._child(tok[r], par[r], a, int(xi), last and repeat_leaves)
+                             for a, xi in zip(at[r], x.tolist())]
+                    new_frontier.append(list(dict.fromkeys(at[r])))
+            frontier = new_frontier
+            if level + 1 == depth:
+                break
+            counts = [len(t_) for t_ in tok]
+            cu = cu_from_counts(counts, dev)
+            parents = torch.tensor([p_ for ps in par for p_ in ps], device=dev)
+            rows_t = torch.tensor([int(cu[r]) + node for r in range(B) for node in frontier[r]], device=dev)
+            tokens = torch.tensor([tok[r][node] for r in range(B) for node in frontier[r]], device=dev)
+            step = Step.build(self.cache, idx, parents, cu, prefix, rows=rows_t)
+            h = self.model.hidden(tokens, step, self.cache)
+        # the paths, in draw order (without replacement: by decreasing perturbed score)
+        tokens_out, parents_out, probs = [], [], []
+        for r in range(B):
+            leaves = [b_[0] for b_ in beams[r]] if (without_replacement or greedy[r]) else at[r]
+            paths = [self._path(par[r], leaf) for leaf in leaves]
+            t_r, p_r, rows_r = [], [], [q_of[r][0]]
+            index = {(): 0}
+            for nodes in paths:
+                node_out = 0
+                for d, node in enumerate(nodes):
+                    key = tuple(tok[r][x] for x in nodes[:d + 1])
+                    is_leaf = d == len(nodes) - 1
+                    if key in index and not (repeat_leaves and is_leaf and not without_replacement):
+                        node_out = index[key]
+                        continue
+                    t_r.append(tok[r][node])
+                    p_r.append(node_out)
+                    node_out = len(t_r)
+                    index.setdefault(key, node_out)
+                    rows_r.append(q_of[r][node] if node in q_of[r] and not is_leaf else q.new_zeros(V))
+            tokens_out.append(t_r)
+            parents_out.append(p_r)
+            probs += rows_r
+        return Draft(tokens_out, parents_out, torch.stack(probs))
+
+    @staticmethod
+    def _child(tok: list[int], par: list[int], node: int, x: int, repeat: bool) -> int:
+        """The pool node of token x under ``node``, added if new (always, with ``repeat``)."""
+        if not repeat:
+            for j in range(node + 1, len(tok)):
+                if par[j] == node and tok[j] == x:
+                    return j
+        tok.append(x)
+        par.append(node)
+        return len(tok) - 1
+
+    @staticmethod
+    def _path(par: list[int], leaf: int) -> list[int]:
+        """Pool nodes from the root's child to ``leaf``."""
+        out = []
+        while leaf != 0:
+            out.append(leaf)
+            leaf = par[leaf]
+        return out[::-1]
+
+    @staticmethod
+    def _beam_step(beams, q, frontier, seed: int, position: int, n: int, greedy: bool):
+        """One level of stochastic beam search: [(parent node, log q of path, perturbed
+        score, token)] of the n best children (plain beam search when greedy)."""
+        node_row = {node: k for k, node in enumerate(frontier)}
+        V = q.shape[1]
+        ids = torch.arange(V, device=q.device)
+        cand_lp, cand_g, cand_parent = [], [], []
+        for node, lp, g in beams:
+            logq = torch.log(q[node_row[node]].double())
+            phi = lp + logq                                                     # [V]
+            if greedy:
+                score = phi
+            else:
+                G = phi + philox.gumbel(seed, position, ids, philox.path_stream(node))
+                Z = G.max()
+                # G conditioned on max = g (Kool et al. 2019, appendix B, the stable form)
+                v = g - G + torch.log(-torch.expm1((G - Z).clamp(max=0)))
+                score = g - v.clamp(min=0) - torch.log1p(torch.exp(-v.abs()))
+                score = torch.where(torch.isfinite(phi), score, float("-inf"))
+            cand_lp.append(phi)
+            cand_g.append(score)
+            cand_parent.append(node)
+        lp = torch.stack(cand_lp)                                               # [beams, V]
+        sc = torch.stack(cand_g)
+        top = sc.flatten().topk(min(n, int(torch.isfinite(sc).sum()))).indices.tolist()
+        return [(cand_parent[k // V], float(lp.flatten()[k]), float(sc.flatten()[k]), k % V) for k in top]
 
     def commit(self, run, reqs: list[int]) -> None:
         """After verification: the cache stays valid for the committed tokens it computed

@@ -63,6 +63,14 @@ shapes. Host-side checks (shapes, dtypes, devices, the host lists) always run an
 ``ValueError`` naming vLLM's argument; value checks (ids in range, ``cu_num_draft_tokens``
 consistent with ``num_draft_tokens``) run where fastverify's value checks run.
 
+- Block verification: the verification rule of vLLM's speculative config
+  (``SpeculativeConfig.verify_method``, "standard" or "block": vLLM PR 40819 for V1, merged
+  as block verification in Model Runner V2) maps to the op's ``verify="token"`` /
+  ``"block"`` (``RejectionSampler`` reads it from ``spec_config``; ``rejection_sample``
+  takes it as the keyword ``verify_method``). Drafts without ``draft_probs`` are verified
+  by block verification's point-mass limit (whose accepted length has the token rule's
+  law) where vLLM falls back to the standard rule: the same output distribution.
+
 Not mapped: vLLM's FLy and synthetic rejection modes, logits processors (penalties, bad
 words, allowed-token masks, min-p, logit bias, min-tokens, thinking budget) and logprobs.
 ``RejectionSampler`` hands such batches to ``fallback`` (vLLM's own sampler, when installed
@@ -207,7 +215,20 @@ def _seeds(sm, num_draft_tokens, B: int, dev, skip_empty: bool) -> torch.Tensor:
     return seed
 
 
-def _verify(rows, draft, cu, draft_probs, temperature, top_k, top_p, seed, max_spec_len, prefix: str):
+# vLLM's SpeculativeConfig.verify_method -> fastverify's verify=
+VERIFY_METHODS = {"standard": "token", "block": "block"}
+
+
+def _rule(verify_method, name: str) -> str:
+    if verify_method is None:
+        return "token"
+    if verify_method not in VERIFY_METHODS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, VERIFY_METHODS))}, got {verify_method!r}")
+    return VERIFY_METHODS[verify_method]
+
+
+def _verify(rows, draft, cu, draft_probs, temperature, top_k, top_p, seed, max_spec_len, prefix: str,
+            verify: str = "token"):
     """fastverify.rejection_sample on the op layout ``rows [N + B, V]``, with placeholder
     drafts made safe where value checks run and the op's errors in vLLM's names."""
     if draft.numel() and _backend.value_checks_enabled(rows):
@@ -228,7 +249,7 @@ def _verify(rows, draft, cu, draft_probs, temperature, top_k, top_p, seed, max_s
     try:
         return fastverify.rejection_sample(rows, draft, cu, draft_probs=draft_probs, temperature=temperature,
                                            top_k=top_k, top_p=top_p, seed=seed, positions=0,
-                                           max_draft_len=max_spec_len)
+                                           max_draft_len=max_spec_len, verify=verify)
     except ValueError as e:
         names = {k: (prefix + v if k in ("draft_tokens", "cu_num_draft") else v) for k, v in _NAMES.items()}
         raise ValueError(_NAME_RE.sub(lambda m: names[m.group(1)], str(e))) from e
@@ -246,6 +267,8 @@ def rejection_sample(
     target_logits: torch.Tensor,                # [N, V], processed by vLLM
     bonus_token_ids: torch.Tensor,              # [B, 1]
     sampling_metadata,
+    *,
+    verify_method: str = "standard",
 ) -> torch.Tensor:
     """vLLM 0.33's ``rejection_sample``: verify every request's drafts in one call.
 
@@ -265,6 +288,8 @@ def rejection_sample(
         sampling_metadata: read by attribute: ``all_greedy``, ``all_random``,
             ``temperature [B]`` (0 = greedy; None when all greedy), ``generators`` (request
             index -> ``torch.Generator``). ``top_k`` / ``top_p`` are already in the logits.
+        verify_method: vLLM's ``SpeculativeConfig.verify_method``: ``"standard"`` (the
+            token-wise rule) or ``"block"`` (block verification).
 
     Returns:
         ``[B, max_spec_len + 1]`` int32: accepted drafts, the recovered or bonus token, then -1.
@@ -282,6 +307,7 @@ def rejection_sample(
     """
     if not isinstance(target_logits, torch.Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
+    rule = _rule(verify_method, "verify_method")
     dev = target_logits.device
     _check_tensor(target_logits, "target_logits", ndim=2, dtypes=_FLOATS)
     V = target_logits.shape[1]
@@ -320,7 +346,8 @@ def rejection_sample(
         # the logits are already divided by the temperature: 1 for random requests, 0 greedy
         temperature = 1.0 if sm.all_random else (sm.temperature != GREEDY_TEMPERATURE).to(torch.float32)
         seed = _seeds(sm, num_draft_tokens, B, dev, skip_empty=True)
-    out, n_acc = _verify(rows, draft_token_ids, cu, draft_probs, temperature, None, None, seed, max_spec_len, "")
+    out, n_acc = _verify(rows, draft_token_ids, cu, draft_probs, temperature, None, None, seed, max_spec_len, "",
+                         rule)
     cols = torch.arange(W, device=dev)
     all_accepted = (n_acc == k)[:, None] & (cols == k[:, None])            # [B, W]
     return torch.where(all_accepted, bonus, out)
@@ -367,7 +394,8 @@ class RejectionSampler(nn.Module):
 
     Args:
         sampler: vLLM's ``Sampler`` (kept for the fallback; not called).
-        spec_config: vLLM's ``SpeculativeConfig`` or None; its ``rejection_sample_method``
+        spec_config: vLLM's ``SpeculativeConfig`` or None; its ``verify_method``
+            ("standard" / "block") picks the op's rule; its ``rejection_sample_method``
             "fly" / "synthetic" is not mapped (handed to ``fallback``).
         device: unused (vLLM's signature).
         fallback: a module with the same ``forward`` (vLLM's own ``RejectionSampler``) for
@@ -388,6 +416,7 @@ class RejectionSampler(nn.Module):
         self.fallback = fallback
         method = getattr(spec_config, "rejection_sample_method", None) if spec_config is not None else None
         self.unmapped_method = method if method in ("fly", "synthetic") else None
+        self.verify = _rule(getattr(spec_config, "verify_method", None), "spec_config.verify_method")
         if self.unmapped_method is not None and fallback is None:
             raise NotImplementedError(f"fastverify's RejectionSampler does not implement vLLM's "
                                       f"rejection_sample_method={method!r}; pass fallback=vLLM's RejectionSampler")
@@ -413,7 +442,8 @@ class RejectionSampler(nn.Module):
                 return self.fallback(metadata, draft_probs, logits, sampling_metadata)
             raise NotImplementedError(f"fastverify's RejectionSampler does not map {why}; construct it with "
                                       "fallback=vLLM's RejectionSampler (register() does)")
-        return _output_cls(sampled_token_ids=_forward_tokens(metadata, draft_probs, logits, sampling_metadata),
+        return _output_cls(sampled_token_ids=_forward_tokens(metadata, draft_probs, logits, sampling_metadata,
+                                                             self.verify),
                            logprobs_tensors=None)
 
     @staticmethod
@@ -440,7 +470,7 @@ class RejectionSampler(nn.Module):
         return [row[m].tolist() for row, m in zip(x, valid)], lists
 
 
-def _forward_tokens(metadata, draft_probs, logits, sm) -> torch.Tensor:
+def _forward_tokens(metadata, draft_probs, logits, sm, verify: str = "token") -> torch.Tensor:
     for attr in ("draft_token_ids", "num_draft_tokens", "max_spec_len", "cu_num_draft_tokens",
                  "target_logits_indices", "bonus_logits_indices"):
         if not hasattr(metadata, attr):
@@ -487,7 +517,7 @@ def _forward_tokens(metadata, draft_probs, logits, sm) -> torch.Tensor:
     # the op samples every request's bonus token: seeded requests draw even without drafts
     seed = 0 if sm.all_greedy else _seeds(sm, metadata.num_draft_tokens, B, dev, skip_empty=False)
     out, _ = _verify(rows, metadata.draft_token_ids, cu, draft_probs, temperature, top_k, top_p, seed,
-                     metadata.max_spec_len, "metadata.")
+                     metadata.max_spec_len, "metadata.", verify)
     return out
 
 

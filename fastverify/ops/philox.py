@@ -35,6 +35,8 @@ ACCEPT_LANE = 0
 SAMPLE_LANE = 1
 # counter word c3 of the LM-head draft draws (the verification ops use 0)
 LM_HEAD_STREAM = 1
+# ... and, in its low byte, of the multi-path drafters' draws (the path or tree node above it)
+PATH_STREAM = 2
 
 
 def _mulhilo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,19 +78,28 @@ def to_uniform(x):
     return (x >> 8) * (2.0**-24)
 
 
-def uniform(seed, position, lane: int, attempt=0):
-    """The ``lane``-th uniform keyed by (seed, position, attempt), in [0, 1)."""
-    out = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, attempt, 0)
+def uniform(seed, position, lane: int, attempt=0, stream=0):
+    """The ``lane``-th uniform keyed by (seed, position, attempt), in [0, 1); ``stream`` (c3)
+    is 0 for the verification ops, ``path_stream(p)`` for a multi-path drafter's path p."""
+    out = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, attempt, stream)
     return to_uniform(out[lane])
 
 
-def gumbel(seed, position, index) -> torch.Tensor:
+def gumbel(seed, position, index, stream: int = LM_HEAD_STREAM) -> torch.Tensor:
     """Gumbel noise of subset row ``index`` for the LM-head draw at ``(seed, position)``
     (tensors, broadcast; float64):
 
-        o = Philox4x32-10(key = seed, counter = (position lo, position hi, index, LM_HEAD_STREAM))
+        o = Philox4x32-10(key = seed, counter = (position lo, position hi, index, stream))
         u = ((o0 >> 8) + 0.5) · 2^-24  in (0, 1),   g = -log(-log u)
-    """
-    o0 = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, index, LM_HEAD_STREAM)[0]
+
+    ``stream`` (c3) is LM_HEAD_STREAM for the LM-head draws, ``path_stream(node)`` for the
+    multi-path drafters' (every node of a draft tree its own)."""
+    o0 = philox4x32(seed, position & MASK32, (position >> 32) & MASK32, index, stream)[0]
     u = ((o0 >> 8).to(torch.float64) + 0.5) * 2.0**-24
     return -torch.log(-torch.log(u))
+
+
+def path_stream(node):
+    """Counter word c3 of the draws a multi-path drafter makes at tree node (or path)
+    ``node``: PATH_STREAM in the low byte, so no other draw of fastverify shares a counter."""
+    return PATH_STREAM + 256 * node

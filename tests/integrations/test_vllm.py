@@ -680,6 +680,78 @@ def test_forward_equals_rejection_sample(backend, greedy):
     assert torch.equal(fw, rs)
 
 
+# ----------------------------------------------------------------------------- block verification (verify_method)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("greedy", [True, False])
+def test_block_verify_method_is_the_ops_block_rule(backend, greedy):
+    """spec_config.verify_method = "block" (vLLM PR 40819's knob) runs the op's block rule:
+    forward and rejection_sample agree with each other as for the standard rule, and differ
+    from it on random requests with draft probabilities."""
+    dev = BACKEND_DEVICES[backend]
+    V = 48
+    num = [3, 0, 2] if backend == "triton" else [3, 1, 0, 2, 3, 2]
+    B, N = len(num), sum(num)
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(N, V, generator=g) * 2
+    drafts = torch.where(torch.rand(N, generator=g) < 0.6, raw.argmax(1), torch.randint(0, V, (N,), generator=g))
+    dp = F.softmax(torch.randn(N, V, generator=g), -1)
+    p = SimpleNamespace(num=num, drafts=drafts, logits=raw, bonus_logits=torch.randn(B, V, generator=g) * 2)
+    temp = torch.zeros(B) if greedy else torch.linspace(0.6, 1.4, B)
+    req = torch.repeat_interleave(torch.arange(B), torch.tensor(num))
+
+    def sm():
+        return sampling_metadata(greedy, temperature=temp.to(dev),
+                                 generators={i: torch.Generator(device=dev).manual_seed(30 + i) for i in range(B)})
+
+    md = spec_decode_metadata_from(p, dev)
+    block = SimpleNamespace(verify_method="block", rejection_sample_method="standard")
+    with fastverify.use_backend(backend):
+        fw = RejectionSampler(spec_config=block)(md, dp.to(dev), layout_with_bonus(p).to(dev), sm()).sampled_token_ids
+        bonus = fw.cpu().gather(1, torch.tensor(num)[:, None])
+        processed = raw if greedy else raw / temp[req][:, None]
+        rs = rejection_sample(md.draft_token_ids, md.num_draft_tokens, md.max_spec_len, md.cu_num_draft_tokens,
+                              dp.to(dev), processed.to(dev), bonus.to(dev), sm(), verify_method="block")
+        # the same draws through fastverify's op with verify="block" (the seeds each generator gives)
+        seed = torch.stack([torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64,
+                                          generator=torch.Generator(device=dev).manual_seed(30 + i), device=dev)[0]
+                            for i in range(B)])
+        op_out, _ = fastverify.rejection_sample(
+            layout_with_bonus(p).to(dev), md.draft_token_ids, fv._exclusive(md.cu_num_draft_tokens),
+            draft_probs=dp.to(dev), temperature=temp.to(dev), seed=seed, positions=0,
+            max_draft_len=md.max_spec_len, verify="block")
+    assert torch.equal(fw.cpu(), rs.cpu())
+    assert torch.equal(fw.cpu(), op_out.cpu())
+
+
+@pytest.mark.parametrize("backend", SMALL)
+def test_block_verify_method_goodness_of_fit(backend):
+    """rejection_sample(verify_method="block") on vLLM-processed logits: the first emitted
+    token follows the processed target law."""
+    n = 4000 if backend == "torch" else 600
+    V, K, T = 12, 3, 0.7
+    g = torch.Generator().manual_seed(17)
+    raw = torch.randn(V, generator=g) * 1.5
+    law = np.array(naive.target_probs(raw.tolist(), T, 0, 1.0))
+    q = F.softmax(raw / T + torch.randn(V, generator=g), -1)
+    drafts = torch.multinomial(q.expand(n, -1), K, replacement=True, generator=g).flatten()
+    dev = BACKEND_DEVICES[backend]
+    sm = sampling_metadata(False, temperature=torch.full((n,), T, device=dev))
+    with fastverify.use_backend(backend):
+        out = rejection_sample(drafts.to(dev), [K] * n, K, torch.arange(1, n + 1, dtype=torch.int32, device=dev) * K,
+                               per_row(q, n * K).to(dev), per_row(raw / T, n * K).to(dev),
+                               torch.zeros(n, 1, dtype=torch.int64, device=dev), sm, verify_method="block")
+    assert_law(first_token_counts(out, V), law, f"first token ({backend}, block)")
+
+
+def test_unknown_verify_method_is_named():
+    with pytest.raises(ValueError, match="spec_config.verify_method must be one of 'standard', 'block'"):
+        RejectionSampler(spec_config=SimpleNamespace(verify_method="tree"))
+    with pytest.raises(ValueError, match="verify_method must be one of"):
+        rejection_sample(**_rs_args(), verify_method="typical")
+
+
 # ----------------------------------------------------------------------------- no host synchronisation
 
 _HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
