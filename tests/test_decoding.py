@@ -93,6 +93,69 @@ def test_speculative_greedy_equals_autoregressive(model_pair, method, drafter):
     assert all(a <= (3 if method == "chain" else 11) for acc in spec.stats.accepted for a in acc)
 
 
+PATH_RULES = ["specinfer", "block", "block_wor"]
+
+
+@pytest.mark.parametrize("drafter", ["layerskip", "model"])
+@pytest.mark.parametrize("verify", PATH_RULES)
+def test_multi_path_greedy_equals_autoregressive(model_pair, drafter, verify):
+    """n paths of depth d (beam search for greedy requests), verified by every tree rule."""
+    _, model = model_pair
+    base = generate(model, PROMPTS, max_new_tokens=24, stop_at_eos=False)
+    spec = generate(model, PROMPTS, method="tree", drafter=drafter_of(drafter, model), tree_paths=3, tree_depth=3,
+                    verify=verify, max_new_tokens=24, stop_at_eos=False)
+    assert spec.tokens == base.tokens
+    assert all(a <= 3 for acc in spec.stats.accepted for a in acc)
+
+
+@pytest.mark.parametrize("verify", ["token", "block", "typical"])
+def test_chain_rules_greedy_equal_autoregressive(model_pair, verify):
+    """At temperature 0 every chain rule accepts the drafts equal to the argmax."""
+    _, model = model_pair
+    base = generate(model, PROMPTS, max_new_tokens=16, stop_at_eos=False)
+    spec = generate(model, PROMPTS, method="chain", drafter="layerskip", verify=verify, num_draft=3,
+                    max_new_tokens=16, stop_at_eos=False)
+    assert spec.tokens == base.tokens
+
+
+def test_multi_path_drafts_are_the_paths_drawn():
+    """ModelDrafter.paths: n paths of depth d per request, every leaf at depth d, leaves in
+    draw order; draft probabilities on every inner node (a distribution), zeros at leaves;
+    i.i.d. repeats kept as repeated leaves only when asked; without replacement: n distinct
+    paths."""
+    from fastverify.decoding.generate import Run
+    _, model = tiny("llama", vocab=16, layers=2, sharpen=0.7, seed=5)
+    for wor, repeat in ((False, True), (False, False), (True, False)):
+        run = Run(model, [[1, 2, 3], [4, 5]], max_new_tokens=8, temperature=[1.0, 1.0], top_k=0, top_p=1.0,
+                  seed=[7, 8], stop_ids=(), headroom=40)
+        drafter = layerskip(model, [0])
+        drafter.start(run)
+        d = drafter.paths(run, [0, 1], 4, 3, without_replacement=wor, repeat_leaves=repeat)
+        offset = 0
+        for toks, pars in zip(d.tokens, d.parents):
+            nodes = len(toks) + 1
+            depth = [0] * nodes
+            for j, p in enumerate(pars, 1):
+                depth[j] = depth[p] + 1
+            leaves = [j for j in range(nodes) if j not in pars]
+            assert {depth[j] for j in leaves} == {3}
+            assert len(leaves) == 4 if (wor or repeat) else 1 <= len(leaves) <= 4
+            rows = d.probs[offset:offset + nodes]
+            inner = [j for j in range(nodes) if j in pars]
+            assert torch.allclose(rows[inner].sum(1), torch.ones(len(inner)), atol=1e-4)
+            assert (rows[leaves] == 0).all()
+            paths = set()
+            for leaf in leaves:
+                path, j = [], leaf
+                while j:
+                    path.append(toks[j - 1])
+                    j = pars[j - 1]
+                paths.add(tuple(path))
+            if wor:
+                assert len(paths) == 4
+            offset += nodes
+
+
 def test_layerskip_drafts_get_accepted():
     """A drafter sharing most of the target's computation must actually be accepted:
     otherwise the greedy-equality tests would pass with a drafter that never helps."""
@@ -139,16 +202,23 @@ def exact_pair_law(model, prompt, temperature, top_k, top_p):
     return p1[:, None] * p2
 
 
+RULE_RUNS = [("chain", "layerskip", False, dict(verify="token")), ("chain", "model", True, dict(verify="block")),
+             ("tree", "layerskip", False, dict(tree_paths=3, verify="specinfer")),
+             ("tree", "layerskip", False, dict(tree_paths=3, verify="block")),
+             ("tree", "model", True, dict(tree_paths=2, verify="block_wor"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method,drafter,filters", [("ar", None, False), ("ar", None, True)] +
-                         [(m, d, False) for m, d in METHODS] + [("chain", "model", True), ("tree", "layerskip", True)])
-def test_sampling_follows_the_target_law(small, method, drafter, filters):
+@pytest.mark.parametrize("method,drafter,filters,extra", [("ar", None, False, {}), ("ar", None, True, {})] +
+                         [(m, d, False, {}) for m, d in METHODS] + [("chain", "model", True, {}),
+                                                                    ("tree", "layerskip", True, {})] + RULE_RUNS)
+def test_sampling_follows_the_target_law(small, method, drafter, filters, extra):
     prompt = [1, 2, 1, 2, 1]
     temperature, top_k, top_p = (0.9, 5, 0.9) if filters else (1.0, 0, 1.0)
     law = exact_pair_law(small, prompt, temperature, top_k, top_p)
     r = generate(small, [prompt] * SAMPLES, method=method, drafter=drafter_of(drafter, small, V_SMALL), max_new_tokens=2,
                  stop_at_eos=False, temperature=temperature, top_k=top_k, top_p=top_p,
-                 seed=list(range(SAMPLES)), num_draft=2, tree_depth=2, tree_topk=3, tree_nodes=8)
+                 seed=list(range(SAMPLES)), num_draft=2, tree_depth=2, tree_topk=3, tree_nodes=8, **extra)
     pairs = np.zeros((V_SMALL, V_SMALL))
     for t in r.tokens:
         pairs[t[0], t[1]] += 1
@@ -178,6 +248,27 @@ def test_sampling_law_test_catches_a_wrong_draft_distribution(small):
         pairs[t[0], t[1]] += 1
     with pytest.raises(AssertionError, match="chi-squared"):
         assert_law(pairs, law, "lying drafter")
+
+
+@pytest.mark.slow
+def test_block_verification_needs_fresh_draws_every_step(small, monkeypatch):
+    """Negative control: block verification decides with the draws at every draft position,
+    also past the tokens it accepts. Keyed by sequence position (as the token rule can be),
+    the next step reuses those draws and the loop is no longer lossless; generate() keys
+    them by a per-request draw counter instead (test_sampling_follows_the_target_law)."""
+    gen_module = importlib.import_module("fastverify.decoding.generate")
+    monkeypatch.setattr(gen_module.Run, "draw_positions", lambda run, reqs: torch.tensor(
+        [len(run.tokens[b]) for b in reqs], dtype=torch.int64))
+    prompt = [1, 2, 1, 2, 1]
+    law = exact_pair_law(small, prompt, 1.0, 0, 1.0)
+    r = generate(small, [prompt] * SAMPLES, method="chain", drafter=drafter_of("model+frspec", small, V_SMALL),
+                 max_new_tokens=2, stop_at_eos=False, temperature=1.0, seed=list(range(SAMPLES)), num_draft=2,
+                 verify="block")
+    pairs = np.zeros((V_SMALL, V_SMALL))
+    for t in r.tokens:
+        pairs[t[0], t[1]] += 1
+    with pytest.raises(AssertionError, match="chi-squared"):
+        assert_law(pairs, law, "block verification keyed by sequence position")
 
 
 def test_sampling_is_batch_invariant(small):
@@ -217,6 +308,18 @@ def test_bad_input_fails_before_work(small):
         generate(small, [[1]], method="selfspec", kv_budgett=3)
     with pytest.raises(ValueError, match="frspec_vocab needs frspec_ranking"):
         generate(small, [[1]], method="chain", drafter="layerskip", frspec_vocab=8)
+    with pytest.raises(ValueError, match="verify must be one of 'token', 'block', 'typical'"):
+        generate(small, [[1]], method="chain", drafter="layerskip", verify="specinfer")
+    with pytest.raises(ValueError, match="verify must be one of 'specinfer', 'block', 'block_wor'"):
+        generate(small, [[1]], method="tree", drafter="layerskip", tree_paths=2, verify="typical")
+    with pytest.raises(ValueError, match="pass tree_paths=n"):
+        generate(small, [[1]], method="tree", drafter="layerskip", verify="block")
+    with pytest.raises(ValueError, match="tree_paths needs a model drafter"):
+        generate(small, [[1]], method="tree", drafter="ngram", tree_paths=2)
+    with pytest.raises(ValueError, match="tree_paths applies to method='tree'"):
+        generate(small, [[1]], method="chain", drafter="layerskip", tree_paths=2)
+    with pytest.raises(ValueError, match=r"tree_paths must be an int in \[1, 16\]"):
+        generate(small, [[1]], method="tree", drafter="layerskip", tree_paths=0)
 
 
 def test_chunked_prefill_gives_the_same_tokens(monkeypatch):

@@ -185,16 +185,17 @@ class ModelDrafter:
 
     def chain(self, run, reqs: list[int], k: int) -> Draft:
         """Draft d_1 .. d_k ~ q by Gumbel-max inside ``lm_head_sample``, keyed by (seed,
-        position of d_i) on a stream of its own, so draws never depend on the batch."""
+        draw position of d_i) on a stream of its own, so draws never depend on the batch."""
         dev = self.model.device
         idx = torch.tensor(reqs, device=dev)
         temperature, seed = run.temperature[idx], run.seed[idx]
         weight, token_map = self._head()
         h = self._catch_up(reqs)
         first = torch.tensor([len(run.tokens[b]) for b in reqs], device=dev)   # position of d_1 (the root's + 1)
+        draws = run.draw_positions(reqs)                                   # keys of the draws (generate.py)
         drafts, hiddens = [], []
         for i in range(k):
-            x, _, _ = ops.lm_head_sample(h, weight, temperature=temperature, seed=seed, positions=first + i,
+            x, _, _ = ops.lm_head_sample(h, weight, temperature=temperature, seed=seed, positions=draws + i,
                                          token_map=token_map)
             drafts.append(x)
             hiddens.append(h)
@@ -288,7 +289,7 @@ class ModelDrafter:
         prefix = torch.tensor([self.length[b] - 1 for b in reqs], device=dev)   # roots sit at prefix
         temperature, seed = run.temperature[idx], run.seed[idx]
         greedy = (temperature == 0).tolist()
-        first = [len(run.tokens[b]) for b in reqs]                              # position of the first draft
+        first = run.draw_positions(reqs).tolist()                              # draw position of the first draft
         V = run.model.config.vocab_size
         tok = [[run.tokens[b][-1]] for b in reqs]                              # the pool: root is node 0
         par = [[-1] for _ in reqs]

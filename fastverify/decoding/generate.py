@@ -12,6 +12,12 @@ where this step starts:
    by (seed, position), so a request's output does not depend on the batch it runs in;
 4. commit: append the tokens; the cache keeps root + accepted drafts (trees: moved into
    place by ``compact_kv``) and the last emitted token becomes the next root.
+
+Randomness: the drafter's and the verifier's draws are keyed by (seed, draw position), a
+per-request counter that advances past every position a step drew at (its drafts plus
+one) — not by the sequence position. Block verification decides with draws at every
+draft position, including those past the tokens it accepts; keyed by sequence position,
+the next step would reuse them at the same positions and no longer be lossless.
 """
 
 from __future__ import annotations
@@ -105,10 +111,16 @@ class Run:
         if not bool(((self.top_p > 0) & (self.top_p <= 1)).all()):
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p.tolist()}")
         self.seed_base = int(self.seed[0])
+        # the next unused draw position of each request (see the module docstring)
+        self.draws = [0] * B
         self.filter_k = bool((self.top_k > 0).any())
         self.filter_p = bool((self.top_p < 1).any())
         self.stats = GenerationStats(accepted=[[] for _ in range(B)])
         self.draft_length: DraftLength | None = None  # set for free (n-gram) chain drafts
+
+    def draw_positions(self, reqs: list[int]) -> torch.Tensor:
+        """[len(reqs)] int64: the draw position of each request's first draft this step."""
+        return torch.tensor([self.draws[b] for b in reqs], dtype=torch.int64, device=self.model.device)
 
     def running(self) -> list[int]:
         return [b for b in range(len(self.tokens)) if not self.done[b]]
@@ -215,9 +227,10 @@ class DraftLength:
         self.seconds[tokens] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
 
-def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool) -> list[list[int]]:
-    """One target forward over root + draft of each running request, then sampling.
-    Returns the tokens each request emits (1 + accepted)."""
+def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool, rule: Rule | None = None) -> list[list[int]]:
+    """One target forward over root + draft of each running request, then sampling by the
+    verification ``rule`` (default: the op's). Returns the tokens each request emits (1 + accepted)."""
+    rule = rule or Rule()
     model, dev = run.model, run.model.device
     stats = run.stats
     roots = [run.tokens[b][-1] for b in reqs]
@@ -235,22 +248,25 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool) -> list[lis
     stats.verify_s += t1 - t0
     verify_seconds = t1 - t0
 
-    positions = prefix.long() + 1                                     # position of the first new token
+    positions = run.draw_positions(reqs)                             # keys the draws (module docstring)
     max_len = max(counts) - 1
+    depth = _depths(draft.parents)
     if tree:
-        depth = _depths(draft.parents)
         accepted_nodes, out, num = ops.tree_rejection_sample(
-            logits, tokens, parents, cu, positions=positions, max_depth=max(depth), **run.sampling(reqs))
+            logits, tokens, parents, cu, draft_probs=draft.probs, positions=positions, max_depth=max(depth),
+            verify=rule.tree, **run.sampling(reqs))
         run.cache.compact(idx, prefix, accepted_nodes, num)
     else:
         out, num = ops.rejection_sample(
             logits, tokens[_draft_rows(counts, dev)], cu_from_counts([c - 1 for c in counts], dev),
-            draft_probs=draft.probs, positions=positions, max_draft_len=max_len, **run.sampling(reqs))
+            draft_probs=draft.probs, positions=positions, max_draft_len=max_len, **rule.chain_kwargs(),
+            **run.sampling(reqs))
     out, num = out.tolist(), num.tolist()
     stats.sample_s += time.perf_counter() - t1
     emitted = []
     for i, b in enumerate(reqs):
         run.cache_len[b] += 1 + num[i]                                # root + accepted drafts
+        run.draws[b] += depth[i] + 1                                  # every position this step drew at
         stats.accepted[b].append(num[i])
         emitted.append(out[i][:num[i] + 1])
     stats.steps += 1
@@ -279,7 +295,62 @@ def _depths(parents: list[list[int]]) -> list[int]:
 
 # generate()'s drafter options beyond its own keyword arguments, with their defaults
 OPTIONS = dict(draft_layers=None, ngram_max=3, ngram_min=1, ngram_branches=4, frspec_vocab=None, frspec_ranking=None,
-               kv_policy="topk", kv_budget=256, kv_chunk=16, kv_sink=1, kv_recent=1, kv_refresh=8)
+               kv_policy="topk", kv_budget=256, kv_chunk=16, kv_sink=1, kv_recent=1, kv_refresh=8,
+               typical_eps=ops.TYPICAL_EPS, typical_delta=ops.TYPICAL_DELTA)
+
+# generate()'s default verification rules (verify=None), chosen from the measurements in
+# docs/decoding.md (perf/verify_rules_e2e.py): block verification accepts at least as many
+# tokens as the token rule (more at temperature > 0) for a small extra cost; multi-path
+# drafts default to paths drawn without replacement.
+DEFAULT_CHAIN_RULE = "block"
+DEFAULT_PATHS_RULE = "block_wor"
+
+
+@dataclass
+class Rule:
+    """The verification rule of a run: ``chain`` for rejection_sample, ``tree`` for
+    tree_rejection_sample (typical's ε, δ with it)."""
+
+    chain: str = "token"
+    tree: str = "specinfer"
+    typical_eps: float = ops.TYPICAL_EPS
+    typical_delta: float = ops.TYPICAL_DELTA
+
+    def chain_kwargs(self) -> dict:
+        kw = dict(verify=self.chain)
+        if self.chain == "typical":
+            kw.update(typical_eps=self.typical_eps, typical_delta=self.typical_delta)
+        return kw
+
+    @property
+    def lossy(self) -> bool:
+        return self.chain in ops.LOSSY_RULES
+
+
+def resolve_rule(method: str, verify: str | None, tree_paths: int | None, draft_obj, eps: float,
+                 delta: float) -> Rule:
+    """The Rule of generate()'s arguments, with errors that name them."""
+    if method == "tree":
+        if tree_paths is None:
+            if verify not in (None, "specinfer"):
+                raise ValueError(f"verify={verify!r} on trees verifies multi-path drafts: pass tree_paths=n (n paths "
+                                 "of tree_depth tokens with their draft probabilities); the default trees (EAGLE-style "
+                                 "top-k expansion, n-gram tries) carry none and are verified by 'specinfer'")
+            return Rule(tree="specinfer")
+        if verify is None:
+            verify = DEFAULT_PATHS_RULE
+        if verify not in ops.TREE_RULES:
+            raise ValueError(f"verify must be one of {', '.join(map(repr, ops.TREE_RULES))} for method='tree', "
+                             f"got {verify!r}")
+        return Rule(tree=verify)
+    if verify is None:
+        verify = DEFAULT_CHAIN_RULE
+    if verify not in ops.CHAIN_RULES:
+        raise ValueError(f"verify must be one of {', '.join(map(repr, ops.CHAIN_RULES))} for method={method!r}, "
+                         f"got {verify!r}")
+    if tree_paths is not None:
+        raise ValueError(f"tree_paths applies to method='tree', not method={method!r}")
+    return Rule(chain=verify, typical_eps=eps, typical_delta=delta)
 
 
 def make_drafter(model, drafter, **options):
@@ -343,8 +414,9 @@ def encode_prompts(model, prompts, chat: bool = True) -> list[list[int]]:
 @torch.no_grad()
 def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens: int = 64, temperature=0.0,
              top_k=0, top_p=1.0, seed=0, chat: bool = True, num_draft: int | None = None, tree_depth: int = 5,
-             tree_topk: int = 4, tree_nodes: int = 32, stop_at_eos: bool = True, on_tokens=None,
-             page_size: int = 16, adaptive: bool = True, **options) -> GenerationResult:
+             tree_topk: int = 4, tree_nodes: int = 32, tree_paths: int | None = None, verify: str | None = None,
+             stop_at_eos: bool = True, on_tokens=None, page_size: int = 16, adaptive: bool = True,
+             **options) -> GenerationResult:
     """Generate continuations of ``prompts`` with ``model``, batched and lossless.
 
     Args:
@@ -366,6 +438,15 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
         on_tokens: ``callback(request, new_ids)`` after every step (streaming).
         adaptive: n-gram chains draft up to ``num_draft`` tokens, as many as pay for
             their verification (:class:`DraftLength`); False always drafts ``num_draft``.
+        tree_paths: with ``method="tree"`` and a model drafter, draft ``tree_paths`` paths of
+            ``tree_depth`` tokens (with their draft probabilities) instead of a top-k tree:
+            drawn without replacement (Gumbel-top-n) for ``verify="block_wor"``, i.i.d. for
+            "block" and "specinfer" (see :meth:`ModelDrafter.paths`).
+        verify: the verification rule. Chains: "token", "block" or "typical" (Medusa's typical
+            acceptance: **lossy**, with options ``typical_eps`` / ``typical_delta``); default
+            ``DEFAULT_CHAIN_RULE``. Trees: "specinfer" (the default for top-k / n-gram trees),
+            "block" or "block_wor" (multi-path block verification of ``tree_paths`` paths;
+            default ``DEFAULT_PATHS_RULE``). Every rule but "typical" emits the target's law.
 
     Returns:
         :class:`GenerationResult` with ``.tokens`` (new ids per prompt), ``.texts`` and ``.stats``.
@@ -389,12 +470,21 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
                                     head=ranked_head(model, model, **o))
     else:
         draft_obj = make_drafter(model, drafter, **options) if method != "ar" else None
+    o = {**OPTIONS, **options}
+    rule = resolve_rule(method, verify, tree_paths, draft_obj, o["typical_eps"], o["typical_delta"])
+    if tree_paths is not None:
+        if isinstance(tree_paths, bool) or not isinstance(tree_paths, int) or not 1 <= tree_paths <= 16:
+            raise ValueError(f"tree_paths must be an int in [1, 16], got {tree_paths!r}")
+        if not isinstance(draft_obj, ModelDrafter):
+            raise ValueError("tree_paths needs a model drafter (layerskip, selfspec or a model): multi-path "
+                             "verification weighs each path by the drafter's probabilities, which n-gram drafts lack")
     if num_draft is None:
         num_draft = 10 if isinstance(draft_obj, NgramDrafter) else 4
     if tree and not 1 <= tree_nodes <= 256:
         raise ValueError(f"tree_nodes must be in [1, 256], got {tree_nodes}")
     headroom = (1 + (num_draft if method in ("chain", "selfspec") else 0)
-                + (tree_depth * tree_topk * tree_topk + tree_nodes if tree else 0))
+                + (tree_depth * tree_topk * tree_topk + tree_nodes if tree else 0)
+                + (tree_depth * tree_paths if tree_paths else 0))
     stop_ids = set(model.config.eos_ids) if stop_at_eos else set()
     t_start = time.perf_counter()
     run = Run(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -413,13 +503,16 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
         t0 = time.perf_counter()
         if method == "ar":
             draft = Draft([[] for _ in reqs], [[] for _ in reqs])
+        elif tree and tree_paths:
+            draft = draft_obj.paths(run, reqs, tree_paths, tree_depth, without_replacement=rule.tree == "block_wor",
+                                    repeat_leaves=rule.tree == "block")
         elif tree:
             draft = draft_obj.tree(run, reqs, tree_depth, tree_topk, tree_nodes)
         else:
             k = run.draft_length.choose(len(reqs)) if run.draft_length is not None else num_draft
             draft = draft_obj.chain(run, reqs, k) if k else Draft([[] for _ in reqs], [[] for _ in reqs])
         stats.draft_s += time.perf_counter() - t0
-        emitted = verify_step(run, reqs, draft, tree)
+        emitted = verify_step(run, reqs, draft, tree, rule)
         for b, new in zip(reqs, emitted):
             kept = run.emit(b, new)
             stats.new_tokens += len(kept)
