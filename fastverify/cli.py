@@ -4,7 +4,7 @@
                      [--backends torch,triton,cuda] [--no-baselines] [--out DIR]
     fastverify generate [--model smollm2|FOLDER|FILE.gguf] --prompt TEXT [--prompt ...] [--method ar|chain|tree|selfspec]
                         [--drafter layerskip|ngram|MODEL] [--temperature T] [--max-new-tokens N] ...
-    fastverify compare [--model ...] [--max-new-tokens N] [--methods ...] [--no-hf] [--out DIR]
+    fastverify compare [--model ...] [--max-new-tokens N] [--methods ...] [--temperature T] [--no-hf] [--out DIR]
     fastverify info
 
 Each subcommand is a ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
@@ -163,6 +163,16 @@ def _add_decoding_args(p) -> None:
     p.add_argument("--tree-depth", type=int, default=None, help="tree: levels of the draft tree (default 5)")
     p.add_argument("--tree-topk", type=int, default=None, help="tree: children per expanded node (default 4)")
     p.add_argument("--tree-nodes", type=int, default=None, help="tree: node budget, root included (default 32)")
+    p.add_argument("--tree-paths", type=int, default=None, metavar="N",
+                   help="tree with a model drafter: N draft paths of --tree-depth tokens with their draft probabilities "
+                        "(drawn without replacement for --verify block_wor, i.i.d. otherwise) instead of a top-k tree")
+    p.add_argument("--verify", default=None, choices=("token", "block", "typical", "specinfer", "block_wor"),
+                   help="verification rule. Chains: token, block (block verification; the default) or typical "
+                        "(Medusa's typical acceptance: LOSSY). Trees: specinfer (default for top-k / n-gram trees), "
+                        "block or block_wor (multi-path block verification of --tree-paths drafts; default "
+                        "block_wor)")
+    p.add_argument("--typical-eps", type=float, default=None, help="typical: epsilon (default 0.09)")
+    p.add_argument("--typical-delta", type=float, default=None, help="typical: delta (default 0.3)")
     p.add_argument("--draft-layers", type=_layer_list, default=None,
                    help="layerskip: layers the drafter runs, e.g. 0-9,11-29 (default: all but every third layer of "
                         "the middle half)")
@@ -194,8 +204,8 @@ def _layer_list(text: str) -> list[int]:
 def _decoding_options(args, model=None) -> dict:
     """generate()'s options from the flags; ``--frspec-vocab`` resolves its ranking here
     (a saved one, or the model's cached default ranking from ``--frspec-source``)."""
-    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "draft_layers", "frspec_vocab", "kv_budget",
-             "kv_policy", "kv_chunk", "kv_refresh")
+    names = ("num_draft", "tree_depth", "tree_topk", "tree_nodes", "tree_paths", "verify", "typical_eps",
+             "typical_delta", "draft_layers", "frspec_vocab", "kv_budget", "kv_policy", "kv_chunk", "kv_refresh")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if options.get("frspec_vocab") and model is not None:
         from . import frspec
@@ -275,6 +285,11 @@ def _cmd_generate(args) -> int:
         what += f" over a {args.kv_budget or 256}-token {args.kv_policy or 'topk'} KV budget"
     if args.method != "ar" and args.frspec_vocab:
         what += f" over the {args.frspec_vocab} most frequent tokens"
+    if args.method == "tree" and args.tree_paths:
+        what += f" ({args.tree_paths} paths of {args.tree_depth or 5} tokens)"
+    if args.method != "ar" and args.verify:
+        what += f", verified by the {args.verify} rule" + (" (LOSSY: typical acceptance does not keep the target's "
+                                                          "distribution)" if args.verify == "typical" else "")
     _log(f"generating up to {args.max_new_tokens} tokens for {n} prompt(s), {what}, temperature {args.temperature}\n")
     r = generate(model, args.prompt, method=args.method, drafter=drafter, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -306,7 +321,7 @@ def _cmd_generate(args) -> int:
 def _add_compare(sub) -> None:
     from . import compare
 
-    labels = [m[0] for m in compare.METHODS]
+    labels = [m[0] for m in compare.METHODS + compare.RULE_METHODS]
     p = sub.add_parser("compare", help="every decoding method vs transformers' generate (and llama.cpp) on the same "
                                        "prompts",
                        description="Run each decoding method (greedy, batch 1), Hugging Face transformers' generate "
@@ -321,6 +336,11 @@ def _add_compare(sub) -> None:
                    help="only ar, chain/ngram (the best n-gram method), transformers' generate and prompt lookup "
                         "(and llama.cpp's two runs when installed)")
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy, every run checked token for token against ar (default). > 0: sampled runs of every "
+                        "verification rule (chains: token, block, typical; multi-path trees: specinfer, block, "
+                        "block_wor) beside sampled ar, transformers and llama.cpp; typical is marked LOSSY")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
     p.add_argument("--methods", type=_csv(str, labels), default=None, help=",".join(labels))
     p.add_argument("--hf", type=_csv(str, compare.HF_METHODS), default=None, help=",".join(compare.HF_METHODS))
     p.add_argument("--no-hf", action="store_true", help="skip transformers' runs")
@@ -339,8 +359,13 @@ def _cmd_compare(args) -> int:
     from . import bench, compare
 
     model = _load_model(args)
-    chosen = args.methods or (compare.QUICK_METHODS if args.quick else [m[0] for m in compare.METHODS])
-    methods = [m for m in compare.METHODS if m[0] in chosen]
+    sampled = args.temperature > 0
+    catalog = compare.RULE_METHODS if sampled else compare.METHODS
+    default = (compare.QUICK_RULE_METHODS if sampled else compare.QUICK_METHODS) if args.quick else \
+        [m[0] for m in catalog]
+    chosen = args.methods or default
+    known = {m[0]: m for m in compare.METHODS + compare.RULE_METHODS}
+    methods = [known[label] for label in dict.fromkeys(chosen)]
     if methods[0][0] != "ar":
         methods = [compare.METHODS[0]] + methods  # the baseline every check refers to
     hf = [] if args.no_hf else (args.hf or (compare.QUICK_HF_METHODS if args.quick else compare.HF_METHODS))
@@ -348,19 +373,21 @@ def _cmd_compare(args) -> int:
     llama = [] if why_no_llama else compare.LLAMA_CPP_METHODS
     prompts = {k: compare.PROMPTS[k] for k in args.prompts}
     device = bench.device_name(model.device)
+    how = f"temperature {args.temperature}, seed {args.seed}" if sampled else "greedy"
     _log(f"compare on {device}: {len(methods)} fastverify methods + {len(hf)} transformers + {len(llama)} llama.cpp "
-         f"runs x {len(prompts)} prompts, greedy, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
+         f"runs x {len(prompts)} prompts, {how}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
          + (f"\nllama.cpp: {why_no_llama}" if why_no_llama else ""))
     report = compare.run(model, prompts=prompts, methods=methods, hf_methods=hf, llama_methods=llama,
-                         max_new_tokens=args.max_new_tokens, options=_decoding_options(args, model))
+                         max_new_tokens=args.max_new_tokens, options=_decoding_options(args, model),
+                         temperature=args.temperature, seed=args.seed)
     if why_no_llama:
         report["notes"] = [f"llama.cpp rows: not run — {why_no_llama}."]
     report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {device}"
     report["header"] = (f"# {report['title']}\n\ncommand: `{args.command}`  \nversions: "
                         + ", ".join(f"{k} {v}" for k, v in bench.versions().items())
                         + f"  \ngit: {bench.git_revision()}  \nmachine: {device}; "
-                          f"greedy, batch 1, up to {args.max_new_tokens} new tokens per prompt\n\n")
-    slug = bench.core.device_slug(model.device)
+                          f"{how}, batch 1, up to {args.max_new_tokens} new tokens per prompt\n\n")
+    slug = bench.core.device_slug(model.device) + (f"-t{args.temperature:g}" if sampled else "")
     stem = args.name or (f"compare-quick-{slug}" if args.quick else f"compare-{slug}")
     paths = compare.write_report(report, os.path.join(args.out or default_results_dir(), stem))
     print()

@@ -7,7 +7,10 @@ prompt at a time, with the same number of threads.
 Greedy runs are checked token for token against fastverify's autoregressive baseline;
 a divergence is accepted only where the baseline's top-2 logits at the diverging
 position differ by less than ``tie_tolerance`` (a floating-point near-tie), and every
-divergence is reported.
+divergence is reported. At a sampling temperature (``temperature > 0``) the rows are the
+verification rules (RULE_METHODS) on sampled runs: their tokens differ from the baseline's
+by the draws, so the table states each rule's output law instead — the target's (every
+lossless rule, proven in tests/test_verify_rules.py) or LOSSY (typical acceptance).
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ METHODS = [
     ("chain/layerskip", "chain", "layerskip"),
     ("tree/layerskip", "tree", "layerskip"),
 ]
+# At a sampling temperature: the verification rules on the layer-skip drafter's drafts
+# (chains of 4; 3 paths of 4 tokens) beside ar and n-gram chains.
+RULE_METHODS = [
+    ("ar", "ar", None),
+    ("chain/ngram", "chain", "ngram"),
+    ("chain/layerskip token", "chain", "layerskip", dict(verify="token")),
+    ("chain/layerskip block", "chain", "layerskip", dict(verify="block")),
+    ("chain/layerskip typical", "chain", "layerskip", dict(verify="typical")),
+    ("paths/layerskip specinfer", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="specinfer")),
+    ("paths/layerskip block", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="block")),
+    ("paths/layerskip block_wor", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="block_wor")),
+]
+QUICK_RULE_METHODS = ["ar", "chain/layerskip token", "chain/layerskip block", "paths/layerskip block_wor"]
 HF_METHODS = ["hf", "hf/prompt-lookup", "hf/early-exit"]
 LLAMA_CPP_METHODS = ["llama.cpp", "llama.cpp/prompt-lookup"]
 # --quick: the baseline, the best n-gram method on CPU, and the references' plain and prompt-lookup runs
@@ -111,10 +127,18 @@ def hf_twin(model):
     return hf.to(model.device).eval()
 
 
-def _hf_generate(hf, ids: list[int], kind: str, max_new_tokens: int, eos: list[int], early_exit: int):
+def lossy(label: str) -> bool:
+    """Whether a row's rule does not keep the target's distribution (typical acceptance)."""
+    return label.endswith("typical")
+
+
+def _hf_generate(hf, ids: list[int], kind: str, max_new_tokens: int, eos: list[int], early_exit: int,
+                 temperature: float = 0.0):
     x = torch.tensor([ids], device=hf.device)
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
-              pad_token_id=eos[0] if eos else 0, attention_mask=torch.ones_like(x))
+    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+              pad_token_id=eos[0] if eos else 0, attention_mask=torch.ones_like(x), **sample)
     if kind == "hf/prompt-lookup":
         kw["prompt_lookup_num_tokens"] = 10
     elif kind == "hf/early-exit":
@@ -147,12 +171,15 @@ def llama_cpp_model(model, threads: int, prompt_lookup: bool):
                            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None)
 
 
-def _llama_cpp_generate(llm, ids: list[int], max_new_tokens: int, eos: list[int]):
-    """Greedy tokens and seconds of llama.cpp on the prompt ids (prefill included)."""
+def _llama_cpp_generate(llm, ids: list[int], max_new_tokens: int, eos: list[int], temperature: float = 0.0):
+    """Tokens (greedy, or sampled at ``temperature``) and seconds of llama.cpp on the prompt
+    ids (prefill included)."""
     llm.reset()
     out = []
     t0 = time.perf_counter()
-    for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+    top_k = 1 if temperature == 0 else 0
+    for tok in llm.generate(ids, top_k=top_k, top_p=1.0, min_p=0.0, temp=temperature, repeat_penalty=1.0,
+                            reset=True):
         if tok in eos:
             break
         out.append(int(tok))
@@ -175,9 +202,9 @@ def first_divergence(model, prompt: list[int], base: list[int], other: list[int]
 
 def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_methods=None, llama_methods=None,
         max_new_tokens: int = 64, tie_tolerance: float = 1e-3, options: dict | None = None,
-        progress_bar: bool = True) -> dict:
-    """Run every method on every prompt (greedy, batch 1), streaming a line per run under a
-    progress bar; returns the report dict."""
+        progress_bar: bool = True, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Run every method on every prompt (greedy, or sampled at ``temperature``; batch 1),
+    streaming a line per run under a progress bar; returns the report dict."""
     prompts = prompts or PROMPTS
     methods = methods if methods is not None else METHODS
     hf_methods = hf_methods if hf_methods is not None else HF_METHODS
@@ -199,7 +226,7 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
         row = rows.setdefault(label, Row(label))
         for name, prompt in ids.items():
             r = generate(model, [prompt], method=method, drafter=drafter, max_new_tokens=max_new_tokens,
-                         **{**options, **(extra[0] if extra else {})})
+                         temperature=temperature, seed=seed, **{**options, **(extra[0] if extra else {})})
             s = r.stats
             row.tokens += s.new_tokens
             row.seconds += s.seconds
@@ -208,7 +235,8 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
             row.accepted += sum(s.accepted[0])
             for k in ("draft_s", "verify_s", "sample_s", "prefill_s"):
                 setattr(row, k, getattr(row, k) + getattr(s, k))
-            _check(model, row, name, prompt, base, r.tokens[0], tie_tolerance)
+            if temperature == 0:
+                _check(model, row, name, prompt, base, r.tokens[0], tie_tolerance)
             progress(label, name, s.new_tokens, s.seconds)
     if hf_methods:
         hf = hf_twin(model)
@@ -218,29 +246,32 @@ def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_method
             for kind in hf_methods:
                 row = rows.setdefault(kind, Row(kind))
                 for name, prompt in ids.items():
-                    out, seconds = _hf_generate(hf, prompt, kind, max_new_tokens, eos, early_exit)
+                    out, seconds = _hf_generate(hf, prompt, kind, max_new_tokens, eos, early_exit, temperature)
                     row.tokens += len(out)
                     row.seconds += seconds
                     row.per_prompt[name] = [len(out), seconds]
-                    _check(model, row, name, prompt, base, out, tie_tolerance)
+                    if temperature == 0:
+                        _check(model, row, name, prompt, base, out, tie_tolerance)
                     progress(kind, name, len(out), seconds)
     for kind in llama_methods:
         llm = llama_cpp_model(model, torch.get_num_threads(), prompt_lookup=kind.endswith("prompt-lookup"))
         _llama_cpp_generate(llm, ids[next(iter(ids))], 4, eos)                # warm up
         row = rows.setdefault(kind, Row(kind))
         for name, prompt in ids.items():
-            out, seconds = _llama_cpp_generate(llm, prompt, max_new_tokens, eos)
+            out, seconds = _llama_cpp_generate(llm, prompt, max_new_tokens, eos, temperature)
             row.tokens += len(out)
             row.seconds += seconds
             row.per_prompt[name] = [len(out), seconds]
-            _check(model, row, name, prompt, base, out, tie_tolerance)
+            if temperature == 0:
+                _check(model, row, name, prompt, base, out, tie_tolerance)
             progress(kind, name, len(out), seconds)
         del llm
     bar.close()
     return {"rows": [dict(asdict(r), tokens_per_s=r.tokens_per_s, tokens_per_step=r.tokens_per_step)
                      for r in rows.values()],
             "prompts": {k: len(v) for k, v in ids.items()}, "max_new_tokens": max_new_tokens,
-            "tie_tolerance": tie_tolerance, "threads": torch.get_num_threads(), "dtype": str(model.dtype)}
+            "tie_tolerance": tie_tolerance, "threads": torch.get_num_threads(), "dtype": str(model.dtype),
+            "temperature": temperature, "seed": seed}
 
 
 def _check(model, row: Row, name: str, prompt, base: dict, tokens: list[int], tol: float) -> None:
@@ -259,8 +290,9 @@ def _check(model, row: Row, name: str, prompt, base: dict, tokens: list[int], to
 
 def winner(report: dict) -> str:
     """One line: the fastest run, and the fastest fastverify method against the fastest
-    reference (transformers, llama.cpp) of the same report."""
-    rows = [r for r in report["rows"] if r["tokens_per_s"] and (r["label"].startswith("llama.cpp") or not r["divergences"])]
+    reference (transformers, llama.cpp) of the same report. Lossy rows never win."""
+    rows = [r for r in report["rows"] if r["tokens_per_s"] and not lossy(r["label"])
+            and (r["label"].startswith("llama.cpp") or not r["divergences"])]
     if not rows:
         return "winner: none (no run finished)"
     best = max(rows, key=lambda r: r["tokens_per_s"])
@@ -279,9 +311,10 @@ def render_markdown(report: dict) -> str:
     hf = next((r for r in rows if r["label"] == "hf"), None)
     ar = rows[0]
     n = len(report["prompts"])
+    sampled = report.get("temperature", 0) > 0
     lines = [
         "| method | tokens/s | tokens per target forward | vs transformers generate | vs fastverify ar "
-        "| draft / verify / sample share | same tokens as ar |",
+        "| draft / verify / sample share | " + ("output law |" if sampled else "same tokens as ar |"),
         "|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
@@ -298,6 +331,9 @@ def render_markdown(report: dict) -> str:
             same += " (its own quantized weights: not expected to match)"
         elif r["divergences"]:
             same += f" — {len(r['divergences'])} DIVERGED"
+        if sampled:
+            same = ("LOSSY (typical acceptance)" if lossy(r["label"]) else
+                    "its own sampler" if r["label"].startswith(REFERENCE_PREFIXES) else "the target's (lossless)")
         lines.append(f"| {r['label']} | {tps:.1f} | {tau} | {vs_hf} | {vs_ar} | {shares} | {same} |")
     names = list(report["prompts"])
     lines += ["", "tokens/s per prompt:", "", "| method | " + " | ".join(names) + " |",
@@ -332,7 +368,8 @@ def write_report(report: dict, path_stem: str) -> list[str]:
     ax.barh(labels[::-1], [r["tokens_per_s"] for r in rows][::-1],
             color=["tab:gray" if lab.startswith("hf") else "tab:orange" if lab.startswith("llama.cpp") else "tab:blue"
                    for lab in labels][::-1])
-    ax.set_xlabel("tokens/s (greedy, batch 1)")
+    t = report.get("temperature", 0)
+    ax.set_xlabel(f"tokens/s ({f'temperature {t:g}' if t else 'greedy'}, batch 1)")
     ax.set_title(report.get("title", "fastverify compare"), fontsize=9)
     fig.tight_layout()
     tmp = path_stem + ".png.tmp"

@@ -14,7 +14,9 @@ import gpu_check  # noqa: E402
 
 FAMILIES = ("rejection", "tree_attention", "lm_head", "sparse_kv")
 BACKENDS = ("torch", "triton", "cuda")
-OPS = {"rejection": {"rejection_sample", "tree_rejection_sample"}, "tree_attention": {"tree_attention"},
+OPS = {"rejection": {"rejection_sample", "tree_rejection_sample", "rejection_sample verify=block",
+                     "rejection_sample verify=typical", "tree_rejection_sample verify=block_wor"},
+       "tree_attention": {"tree_attention"},
        "lm_head": {"lm_head_topk", "lm_head_sample"}, "sparse_kv": {"sparse_kv_attention", "select_kv_chunks"}}
 
 

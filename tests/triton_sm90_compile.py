@@ -36,17 +36,35 @@ def variants():
             "logits_ptr": f"*{logit_t}", "stride_l": "i32", "cu_ptr": "*i32", "temp_ptr": "*fp32",
             "topk_ptr": "*i32", "topp_ptr": "*fp32", "thr_ptr": "*fp32", "B": "i32", "V": "i32",
         }, {"ROW_EXTRA": 1, "HAS_TOPK": True, "HAS_TOPP": True, "BLOCK": 1024}, 8
-        yield "chunk_stats", logit_t, ids_t, rj._chunk_stats_kernel, {
-            "logits_ptr": f"*{logit_t}", "stride_l": "i32", "cu_ptr": "*i32", "temp_ptr": "*fp32", "thr_ptr": "*fp32",
-            "stats_ptr": "*fp32", "amax_ptr": "*i32", "B": "i32", "R": "i32", "V": "i32", "NC": "i32",
-        }, {"ROW_EXTRA": 1, "HAS_THR": True, "CHUNK": 4096}, 8
-        for has_q, has_thr in itertools.product((False, True), repeat=2):
-            yield f"chain_finalize q={has_q} thr={has_thr}", logit_t, ids_t, rj._chain_finalize_kernel, {
+        for entropy in (False, True):
+            yield f"chunk_stats entropy={entropy}", logit_t, ids_t, rj._chunk_stats_kernel, {
+                "logits_ptr": f"*{logit_t}", "stride_l": "i32", "cu_ptr": "*i32", "temp_ptr": "*fp32",
+                "thr_ptr": "*fp32", "stats_ptr": "*fp32", "amax_ptr": "*i32", "B": "i32", "R": "i32", "V": "i32",
+                "NC": "i32",
+            }, {"ROW_EXTRA": 1, "HAS_THR": True, "ENTROPY": entropy, "CHUNK": 4096}, 8
+        yield "block_residual", logit_t, ids_t, rj._block_residual_kernel, {
+            "logits_ptr": f"*{logit_t}", "stride_l": "i32", "q_ptr": f"*{logit_t}", "stride_q": "i32",
+            "draft_ptr": f"*{ids_t}", "cu_ptr": "*i32", "temp_ptr": "*fp32", "thr_ptr": "*fp32", "stats_ptr": "*fp32",
+            "amax_ptr": "*i32", "wres_ptr": "*fp32", "B": "i32", "R": "i32", "N": "i32", "V": "i32", "NC": "i32",
+            "max_draft_len": "i32",
+        }, {"HAS_THR": True, "CHUNK": 4096, "NC_P2": 64, "W_P2": 8}, 4
+        for has_q, has_thr, rule in itertools.product((False, True), (False, True), (0, 1, 2)):
+            yield f"chain_finalize q={has_q} thr={has_thr} rule={rule}", logit_t, ids_t, rj._chain_finalize_kernel, {
                 "logits_ptr": f"*{logit_t}", "stride_l": "i32", "q_ptr": f"*{logit_t}", "stride_q": "i32",
                 "draft_ptr": f"*{ids_t}", "cu_ptr": "*i32", "temp_ptr": "*fp32", "seed_ptr": "*i64", "pos_ptr": "*i64",
-                "thr_ptr": "*fp32", "stats_ptr": "*fp32", "amax_ptr": "*i32", "out_ptr": "*i32", "num_ptr": "*i32",
-                "R": "i32", "N": "i32", "V": "i32", "NC": "i32", "max_draft_len": "i32",
-            }, {"HAS_Q": has_q, "HAS_THR": has_thr, "CHUNK": 4096, "NC_P2": 64, "W_P2": 8}, 4
+                "thr_ptr": "*fp32", "stats_ptr": "*fp32", "amax_ptr": "*i32", "wres_ptr": "*fp32", "eps_ptr": "*fp32",
+                "delta_ptr": "*fp32", "out_ptr": "*i32", "num_ptr": "*i32", "R": "i32", "N": "i32", "V": "i32",
+                "NC": "i32", "max_draft_len": "i32",
+            }, {"RULE": rule, "HAS_Q": has_q, "HAS_THR": has_thr, "CHUNK": 4096, "NC_P2": 64, "W_P2": 8}, 4
+        for wor, has_thr in itertools.product((False, True), repeat=2):
+            yield f"multi_path wor={wor} thr={has_thr}", logit_t, ids_t, rj._multi_path_kernel, {
+                "logits_ptr": f"*{logit_t}", "stride_l": "i32", "q_ptr": f"*{logit_t}", "stride_q": "i32",
+                "tok_ptr": f"*{ids_t}", "par_ptr": f"*{ids_t}", "cu_ptr": "*i32", "temp_ptr": "*fp32",
+                "seed_ptr": "*i64", "pos_ptr": "*i64", "thr_ptr": "*fp32", "stats_ptr": "*fp32", "amax_ptr": "*i32",
+                "rbuf_ptr": "*fp32", "wbuf_ptr": "*fp32", "acc_ptr": "*i32", "out_ptr": "*i32", "num_ptr": "*i32",
+                "B": "i32", "T": "i32", "V": "i32", "NC": "i32", "max_depth": "i32",
+            }, {"WOR": wor, "HAS_THR": has_thr, "CHUNK": 4096, "NC_P2": 64, "D_P2": 8, "NODE_BLOCK": 64}, 4
+        for has_q, has_thr in itertools.product((False, True), repeat=2):
             yield f"tree_finalize q={has_q} thr={has_thr}", logit_t, ids_t, rj._tree_finalize_kernel, {
                 "logits_ptr": f"*{logit_t}", "stride_l": "i32", "q_ptr": f"*{logit_t}", "stride_q": "i32",
                 "tok_ptr": f"*{ids_t}", "par_ptr": f"*{ids_t}", "cu_ptr": "*i32", "temp_ptr": "*fp32", "seed_ptr": "*i64",

@@ -1624,8 +1624,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_rejection_sample_cuda(
   TORCH_CHECK(max_depth >= 0 && max_depth < (int64_t{1} << 30), "fastverify_cuda: max_depth out of range: ",
               max_depth);
   if (draft_probs.has_value()) check_probs(*draft_probs, T_rows, c.V, target_logits);
-  TORCH_CHECK(rule >= kTreeSpecInfer && rule <= kTreeBlockWor, "fastverify_cuda: unknown tree verification rule ",
-              rule);
+  TORCH_CHECK(rule == kTreeSpecInfer || rule == kTreeBlock || rule == kTreeBlockWor,
+              "fastverify_cuda: unknown tree verification rule ", rule);
   const bool multi_path = rule != kTreeSpecInfer;
   TORCH_CHECK(!multi_path || draft_probs.has_value(),
               "fastverify_cuda: multi-path block verification needs draft_probs");

@@ -22,6 +22,13 @@ Baselines, measured in the same run:
 * ``compiled`` — ``torch.compile`` (default mode) of the same function.
 
 Bytes (the bound): every target logits row read once, ``rows · V · bytes_per_logit``.
+
+The verification rules (``verify=``) are timed on the same shapes with draft
+probabilities (fp32 softmax of the logits plus noise; drafts drawn from them):
+``rejection_sample`` with ``verify="block"`` and ``"typical"`` beside the token rule on
+the same inputs (baseline ``token``), and ``tree_rejection_sample`` with ``"block_wor"``
+over n = 3 disjoint paths of depth K beside ``specinfer`` (recursive rejection) on the same
+tree (baseline ``specinfer``). Their bound adds every draft-probs row read once.
 """
 
 from __future__ import annotations
@@ -110,6 +117,47 @@ def tree_inputs(B: int, K: int, V: int, dtype: str, device, seed: int = 0) -> di
     eager = dict(logits=target, temperature=temperature, tree_start=start, row_req=row_req, child_idx=child_idx,
                  child_tok=child_tok, max_depth=K)
     return dict(op=op, eager=eager)
+
+
+def with_draft_probs(x: dict, rows: torch.Tensor, seed: int = 1) -> dict:
+    """x's op arguments plus draft_probs: for each of ``rows`` (the logits rows whose
+    drafts it gives) a softmax of the row + N(0, 1) noise, fp32."""
+    logits = x["op"]["args"][0]
+    gen = generator(logits.device, seed)
+    noisy = logits.float()[rows] + torch.randn(len(rows), logits.shape[1], generator=gen, device=logits.device)
+    return dict(args=x["op"]["args"], kwargs=dict(x["op"]["kwargs"], draft_probs=torch.softmax(noisy, -1)))
+
+
+def chain_rule_inputs(B: int, K: int, V: int, dtype: str, device, seed: int = 0) -> dict:
+    x = chain_inputs(B, K, V, dtype, device, seed)
+    return dict(op=with_draft_probs(x, x["eager"]["draft_rows"]))
+
+
+def paths_inputs(B: int, K: int, V: int, dtype: str, device, seed: int = 0, n: int = 3) -> dict:
+    """B tries of n disjoint paths of depth K (node 0 the root, path p the nodes 1 + pK ..
+    (p + 1)K, the first path's tokens chosen like chain drafts), with draft probabilities."""
+    gen = generator(device, seed)
+    T = 1 + n * K
+    logits, top = peaked_logits(B * T, V, gen, device)
+    parents = [-1] + [0 if d == 0 else 1 + p * K + d - 1 for p in range(n) for d in range(K)]
+    start = torch.arange(B, device=device) * T
+    first_rows = start[:, None] + torch.cat([torch.zeros(1, dtype=torch.long, device=device),
+                                             torch.arange(1, K, device=device)])[None]             # root, then path 0
+    first = torch.where(torch.rand(B, K, generator=gen, device=device) < DRAFT_MATCH, top[first_rows],
+                        torch.randint(0, V, (B, K), generator=gen, device=device))
+    # the other paths: distinct first tokens (siblings under the root), then random tokens
+    heads = (first[:, :1] + 1 + torch.arange(n - 1, device=device)[None]) % V                  # [B, n - 1]
+    others = torch.cat([heads[..., None], torch.randint(0, V, (B, n - 1, K - 1), generator=gen, device=device)], 2)
+    tokens = torch.cat([torch.randint(0, V, (B, 1), generator=gen, device=device), first,
+                        others.reshape(B, -1)], 1).reshape(-1)
+    temperature = torch.ones(B, device=device)
+    x = dict(op=dict(args=(logits.to(DTYPES[dtype]), tokens,
+                           torch.tensor(parents, dtype=torch.int32, device=device).repeat(B),
+                           (torch.arange(B + 1, device=device) * T).to(torch.int32)),
+                     kwargs=dict(temperature=temperature, seed=torch.arange(B, device=device) + 1000 * seed,
+                                 positions=torch.randint(0, 4096, (B,), generator=gen, device=device),
+                                 max_depth=K)))
+    return dict(op=with_draft_probs(x, torch.arange(B * T, device=device)))
 
 
 # =========================================================================== baselines
@@ -215,4 +263,30 @@ def cases(size: str, device) -> list[Case]:
             out.append(Case(FAMILY, op, shape, rows * V * DTYPES[dt].itemsize,
                             lambda build=build, B=B, K=K, V=V, dt=dt: build(B, K, V, dt, device),
                             impls, check=same_draws, targets=targets if op == "rejection_sample" else {}))
+        out += rule_cases(B, K, V, dt, device)
+    return out
+
+
+def rule_cases(B: int, K: int, V: int, dt: str, device) -> list[Case]:
+    """The verification rules beside the default rule of each op, on the same inputs."""
+    shape = dict(B=B, K=K, V=V, dtype=dt)
+    out = []
+    chain_bytes = B * (K + 1) * V * DTYPES[dt].itemsize + B * K * V * 4
+    paths_rows = B * (1 + 3 * K)
+    for op, rule, base, build, nbytes in (
+            ("rejection_sample", "block", "token", chain_rule_inputs, chain_bytes),
+            ("rejection_sample", "typical", "token", chain_rule_inputs, chain_bytes),
+            ("tree_rejection_sample", "block_wor", "specinfer", paths_inputs,
+             paths_rows * V * (DTYPES[dt].itemsize + 4))):
+        run_op = getattr(fastverify, op)
+
+        def call(x, rule, run_op=run_op):
+            return run_op(*x["op"]["args"], **x["op"]["kwargs"], verify=rule)
+
+        impls = kernel_impls(lambda x, rule=rule, call=call: call(x, rule))
+        impls.append(Impl(base, lambda x, base=base, call=call: (lambda: call(x, base)), kind="baseline",
+                          checked=False))
+        out.append(Case(FAMILY, f"{op} verify={rule}", shape, nbytes,
+                        lambda build=build, B=B, K=K, V=V, dt=dt: build(B, K, V, dt, device), impls,
+                        check=same_draws))
     return out
