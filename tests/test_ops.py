@@ -112,6 +112,37 @@ def test_torch_compile_fullgraph(backend):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_with_verification_rules(backend):
+    """verify= (a str of the schema) and typical's tensors go through the fake kernels: every
+    rule compiles with fullgraph=True and gives the eager tokens."""
+    dev = BACKEND_DEVICES[backend]
+    p = chain_problem(B=3, V=40, max_k=3, q=True, seed=7).to(dev)
+    t = multi_path_problem(B=3, V=30, n=2, depth=2, wor=True, seed=7).to(dev)
+
+    def chain(logits, drafts, cu, q, temperature, seed, positions, eps, delta):
+        block = torch.ops.fastverify.rejection_sample(logits, drafts, cu, draft_probs=q, temperature=temperature,
+                                                      seed=seed, positions=positions, max_draft_len=3, verify="block")
+        typical = torch.ops.fastverify.rejection_sample(logits, drafts, cu, temperature=temperature, seed=seed,
+                                                        positions=positions, max_draft_len=3, verify="typical",
+                                                        typical_eps=eps, typical_delta=delta)
+        return (*block, *typical)
+
+    def tree(logits, tokens, parents, cu, q, temperature, seed, positions):
+        return torch.ops.fastverify.tree_rejection_sample(
+            logits, tokens, parents, cu, draft_probs=q, temperature=temperature, seed=seed, positions=positions,
+            max_depth=2, verify="block_wor")
+
+    eps, delta = torch.full((3,), 0.09, device=dev), torch.full((3,), 0.3, device=dev)
+    with fastverify.use_backend(backend):
+        args = (p.logits, p.drafts, p.cu, p.draft_probs, p.temperature, p.seed, p.positions, eps, delta)
+        assert all(torch.equal(a, b) for a, b in zip(torch.compile(chain, fullgraph=True, backend="aot_eager")(*args),
+                                                    chain(*args)))
+        targs = (t.logits, t.drafts, t.parents, t.cu, t.draft_probs, t.temperature, t.seed, t.positions)
+        assert all(torch.equal(a, b) for a, b in zip(torch.compile(tree, fullgraph=True, backend="aot_eager")(*targs),
+                                                    tree(*targs)))
+
+
 def test_backend_selection(monkeypatch):
     assert fastverify.get_backend("cpu") == "torch"
     assert fastverify.get_backend("cuda") in ("triton", "cuda")

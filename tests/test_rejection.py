@@ -761,6 +761,17 @@ CHAIN_CASES = {
     "seed_dtype": (lambda p: dict(seed=p.seed.int()), "seed must be int64"),
     "positions_negative": (lambda p: dict(positions=torch.tensor([0, -1, 2])), "positions must be >= 0"),
     "positions_shape": (lambda p: dict(positions=torch.zeros(2, dtype=torch.long)), "positions must have shape"),
+    "verify_unknown": (lambda p: dict(verify="blockwise"),
+                       "verify must be one of 'token', 'block', 'typical' for rejection_sample, got 'blockwise'"),
+    "verify_tree_rule": (lambda p: dict(verify="specinfer"), "verify must be one of 'token', 'block', 'typical'"),
+    "typical_eps_with_token": (lambda p: dict(typical_eps=torch.full((3,), 0.1)),
+                               "typical_eps applies to verify='typical' only"),
+    "typical_eps_range": (lambda p: dict(verify="typical", typical_eps=torch.tensor([0.1, 1.5, 0.1])),
+                          r"typical_eps must be in \[0, 1\]"),
+    "typical_delta_shape": (lambda p: dict(verify="typical", typical_delta=torch.ones(2)),
+                            "typical_delta must have shape"),
+    "typical_delta_dtype": (lambda p: dict(verify="typical", typical_delta=torch.ones(3, dtype=torch.float64)),
+                            "typical_delta must be float32"),
 }
 
 
@@ -786,6 +797,15 @@ TREE_CASES = {
     "logits_rows": (lambda p: dict(target_logits=p.logits[:-1]), "target_logits must have shape"),
     "draft_probs_rows": (lambda p: dict(draft_probs=p.draft_probs[:-1]), "draft_probs must have shape"),
     "top_p": (lambda p: dict(top_p=torch.tensor([0.5, 2.0, 1.0])), r"top_p must be in \(0, 1\]"),
+    "verify_unknown": (lambda p: dict(verify="token"),
+                       "verify must be one of 'specinfer', 'block', 'block_wor' for tree_rejection_sample"),
+    "block_without_draft_probs": (lambda p: dict(verify="block", draft_probs=None), "verify='block' needs draft_probs"),
+    # request 1 (nodes 3..7): root ─┬─ 1 ─┬─ 3        leaves at depths 1 and 2
+    #                               └─ 2   └─ 4
+    "block_wor_ragged_leaves": (lambda p: dict(verify="block_wor", parents=torch.tensor([-1, 0, 1, -1, 0, 0, 1, 1,
+                                                                                         -1, 0, 1, 2]),
+                                               tree_tokens=torch.tensor([5, 1, 2, 7, 1, 2, 3, 4, 0, 1, 2, 3])),
+                                "the leaves of request 1 are at depths \\[1, 2\\]: multi-path block verification"),
 }
 
 
@@ -799,6 +819,25 @@ def test_bad_input_names_the_argument(op, case, chain, tree):
     build, msg = BAD_INPUT[op, case]
     with pytest.raises((ValueError, TypeError), match=msg):
         call_op(p, **build(p))
+
+
+def test_multi_path_rules_take_repeated_leaves_only_from_iid_paths():
+    """A path drawn twice (i.i.d.) is a repeated leaf: accepted under verify="block", refused
+    under "block_wor" and "specinfer"; repeated inner siblings are refused under every rule."""
+    #   root ─ 4 ─┬─ 1          two identical paths (4, 1) and one (4, 2)
+    #             ├─ 1
+    #             └─ 2
+    p = replace(tree_problem(B=1, V=20, sizes=[5], q=True, seed=0), parents=torch.tensor([-1, 0, 1, 1, 1]),
+                drafts=torch.tensor([9, 4, 1, 1, 2]), max_draft_len=2)
+    call_op(p, verify="block")
+    for rule in ("block_wor", "specinfer"):
+        with pytest.raises(ValueError, match="repeats a sibling's token"):
+            call_op(p, verify=rule)
+    #   root ─┬─ 4 ─ 1          the prefix (4) not merged: two inner siblings carry 4
+    #         └─ 4 ─ 2
+    q = replace(p, parents=torch.tensor([-1, 0, 1, 0, 3]), drafts=torch.tensor([9, 4, 1, 4, 2]))
+    with pytest.raises(ValueError, match="only leaves may repeat"):
+        call_op(q, verify="block")
 
 
 def test_sibling_tokens_must_be_distinct():

@@ -28,7 +28,7 @@ import naive
 from conftest import BACKENDS, BACKEND_DEVICES, backend_params
 from law import assert_law
 from problems import Tree, chain_problem, multi_path_problem, path_trie
-from test_rejection import assert_same, reference, run
+from test_rejection import GPU, GPU_BACKENDS, assert_same, capture_graph, reference, refill, run
 
 import fastverify
 
@@ -432,3 +432,55 @@ def test_single_path_tree_is_the_chain_rule():
     out_c, num_c = fastverify.rejection_sample(ch_logits, ch_drafts, cu, draft_probs=ch_q, max_draft_len=3,
                                                verify="block", **toy.sampling(400, "cpu"))
     assert torch.equal(out_c, out_t) and torch.equal(num_c, num_t)
+
+
+# ----------------------------------------------------------------------------- GPU only: graphs and compile
+
+GRAPH_RULE_CASES = {
+    "chain_block_bf16": lambda: replace_rule(chain_problem(B=8, V=3000, max_k=4, q=True, filters=True, seed=31,
+                                                           dtype=torch.bfloat16), "block"),
+    "chain_block_point_mass": lambda: replace_rule(chain_problem(B=8, V=3000, max_k=4, seed=32), "block"),
+    "chain_typical": lambda: replace_rule(chain_problem(B=8, V=3000, max_k=4, filters=True, seed=33), "typical"),
+    "paths_block": lambda: multi_path_problem(B=6, V=3000, n=3, depth=3, wor=False, filters=True, seed=34),
+    "paths_block_wor": lambda: multi_path_problem(B=6, V=3000, n=3, depth=3, wor=True, seed=35),
+}
+
+
+def replace_rule(p, rule: str):
+    p.verify = rule
+    if rule == "typical":
+        p.typical_eps = torch.full((p.B,), 0.09)
+        p.typical_delta = torch.full((p.B,), 0.3)
+    return p
+
+
+def public(p):
+    if isinstance(p, Tree):
+        return fastverify.tree_rejection_sample(p.logits, p.drafts, p.parents, p.cu, max_depth=p.max_draft_len,
+                                                **p.kwargs())
+    return fastverify.rejection_sample(p.logits, p.drafts, p.cu, max_draft_len=p.max_draft_len, **p.kwargs())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,case", [(b, c) for b in GPU_BACKENDS for c in GRAPH_RULE_CASES])
+def test_rules_replay_in_cuda_graphs(backend, case):
+    p = GRAPH_RULE_CASES[case]().to(GPU)
+    with fastverify.use_backend(backend):
+        graph, outs = capture_graph(lambda: public(p))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same(outs, public(p), "replay vs eager")
+        refill(p, 7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same(outs, public(p), "replay vs eager after new inputs")
+        assert_same(tuple(t.cpu() for t in outs), run(p.to("cpu"), "torch"), "replay vs the torch spec on CPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,case", [(b, c) for b in GPU_BACKENDS for c in GRAPH_RULE_CASES])
+def test_rules_compile_fullgraph_on_cuda_tensors(backend, case):
+    p = GRAPH_RULE_CASES[case]().to(GPU)
+    with fastverify.use_backend(backend):
+        got = torch.compile(lambda: public(p), fullgraph=True)()
+        assert_same(got, public(p), "torch.compile vs eager")
