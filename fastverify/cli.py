@@ -170,7 +170,7 @@ def _add_decoding_args(p) -> None:
                    help="verification rule. Chains: token, block (block verification; the default) or typical "
                         "(Medusa's typical acceptance: LOSSY). Trees: specinfer (default for top-k / n-gram trees), "
                         "block or block_wor (multi-path block verification of --tree-paths drafts; default "
-                        "block_wor)")
+                        "block)")
     p.add_argument("--typical-eps", type=float, default=None, help="typical: epsilon (default 0.09)")
     p.add_argument("--typical-delta", type=float, default=None, help="typical: delta (default 0.3)")
     p.add_argument("--draft-layers", type=_layer_list, default=None,
