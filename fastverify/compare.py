@@ -78,7 +78,7 @@ RULE_METHODS = [
     ("paths/layerskip block", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="block")),
     ("paths/layerskip block_wor", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="block_wor")),
 ]
-QUICK_RULE_METHODS = ["ar", "chain/layerskip token", "chain/layerskip block", "paths/layerskip block_wor"]
+QUICK_RULE_METHODS = ["ar", "chain/layerskip token", "chain/layerskip block", "paths/layerskip block"]
 HF_METHODS = ["hf", "hf/prompt-lookup", "hf/early-exit"]
 LLAMA_CPP_METHODS = ["llama.cpp", "llama.cpp/prompt-lookup"]
 # --quick: the baseline, the best n-gram method on CPU, and the references' plain and prompt-lookup runs
