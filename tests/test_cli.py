@@ -49,6 +49,31 @@ def test_compare_checks_methods_and_writes_reports(tmp_path, capsys):
     assert list(tmp_path.glob("compare-*.png")) and list(tmp_path.glob("compare-*.md"))
 
 
+@needs_smollm2
+def test_generate_with_a_verification_rule(capsys):
+    assert cli.main(["generate", "--prompt", "Tell me a story.", "--method", "tree", "--tree-paths", "2",
+                     "--tree-depth", "2", "--verify", "block_wor", "--temperature", "0.8", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 paths of 2 tokens), verified by the block_wor rule" in out
+    assert cli.main(["generate", "--prompt", "Tell me a story.", "--method", "chain", "--verify", "typical",
+                     "--temperature", "0.8", "--max-new-tokens", "4"]) == 0
+    assert "LOSSY" in capsys.readouterr().out
+    assert cli.main(["generate", "--prompt", "hi", "--method", "chain", "--verify", "specinfer"]) == 2
+    assert "verify must be one of 'token', 'block', 'typical'" in capsys.readouterr().err
+
+
+@needs_smollm2
+def test_compare_at_a_temperature_labels_the_rules(tmp_path, capsys):
+    code = cli.main(["compare", "--temperature", "0.8", "--max-new-tokens", "4", "--prompts", "explain",
+                     "--methods", "ar,chain/layerskip block,chain/layerskip typical", "--no-hf", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| output law |" in out and "LOSSY (typical acceptance)" in out and "the target's (lossless)" in out
+    assert "winner: ar" in out or "winner: chain/layerskip block" in out   # a lossy row never wins
+    (report,) = tmp_path.glob("compare-*-t0.8.json")
+    assert json.loads(report.read_text())["temperature"] == 0.8
+
+
 def test_drafter_with_another_tokenizer_is_refused():
     class Tok:
         def __init__(self, ident):

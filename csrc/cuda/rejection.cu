@@ -763,7 +763,7 @@ struct ChainRequest {
 };
 
 template <typename T>
-__device__ ChainRequest chain_request(const ChainArgs<T>& a, int b) {
+__device__ __forceinline__ ChainRequest chain_request(const ChainArgs<T>& a, int b) {
   int64_t start = a.cu[b];
   int64_t row0 = start + b;
   const bool ok = start >= 0 && start <= a.N && row0 < a.R;
@@ -780,7 +780,7 @@ struct Draft {
 };
 
 template <typename T>
-__device__ Draft draft_at(const ChainArgs<T>& a, const Row<T>& r, int64_t start, int64_t j) {
+__device__ __forceinline__ Draft draft_at(const ChainArgs<T>& a, const Row<T>& r, int64_t start, int64_t j) {
   const int64_t x = a.draft[start + j];
   const bool valid = x >= 0 && x < a.V;
   const int xi = valid ? static_cast<int>(x) : -1;
@@ -1108,7 +1108,7 @@ __global__ void __launch_bounds__(kFinThreads) tree_finalize_kernel(const TreeAr
 
 // Tree-local ancestor `up` levels above node; parents that are no tree (unchecked input)
 // end the walk at the root, so reads stay inside the tree (_ancestor).
-__device__ int ancestor(Ids par, int64_t n0, int node, int up) {
+__device__ __forceinline__ int ancestor(Ids par, int64_t n0, int node, int up) {
   int cur = node;
   for (int k = 0; k < up && cur > 0; ++k) {
     const int64_t p = par[n0 + cur];
@@ -1118,7 +1118,7 @@ __device__ int ancestor(Ids par, int64_t n0, int node, int up) {
 }
 
 // Depth of tree-local node (_node_depth).
-__device__ int node_depth(Ids par, int64_t n0, int node, int max_depth) {
+__device__ __forceinline__ int node_depth(Ids par, int64_t n0, int node, int max_depth) {
   int cur = node;
   int d = 0;
   for (int k = 0; k < max_depth && cur > 0; ++k) {
@@ -1131,7 +1131,7 @@ __device__ int node_depth(Ids par, int64_t n0, int node, int max_depth) {
 
 // The first path (leaf, tree-local) after leaf `last` through node v at depth dv, or -1
 // (_next_path); every leaf sits at depth `height`.
-__device__ int next_path(Ids par, int64_t n0, int64_t n, int last, int v, int dv, int height, int max_depth,
+__device__ __forceinline__ int next_path(Ids par, int64_t n0, int64_t n, int last, int v, int dv, int height, int max_depth,
                          FinSmem& sm) {
   int best = INT_MAX;
   if (dv < height) {
@@ -1166,7 +1166,7 @@ struct DraftRow {
 };
 
 template <typename T>
-__device__ DraftRow draft_row(const TreeArgs<T>& a, int64_t n0, int u, int du, int lj, int height, float* rm,
+__device__ __forceinline__ DraftRow draft_row(const TreeArgs<T>& a, int64_t n0, int u, int du, int lj, int height, float* rm,
                               FinSmem& sm) {
   DraftRow d{a.q.row(n0 + u), rm, 0, 1.f};
   if (!a.wor) return d;
@@ -1201,6 +1201,11 @@ __device__ DraftRow draft_row(const TreeArgs<T>& a, int64_t n0, int u, int du, i
   return d;
 }
 
+template <typename T>
+__device__ __forceinline__ Row<T> tree_row(const TreeArgs<T>& a, int64_t row, float t, FinSmem& sm) {
+  return load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, row, a.num_rows, a.V, a.NC, a.chunk, t, sm);
+}
+
 // One request, greedy multi-path block verification (_multi_path_kernel; the torch spec is
 // _multi_path_block_torch): block verification along one path per attempt; the residual
 // target R at the current node lives in rbuf[buf, b] (unnormalized, mass rho; chunk masses
@@ -1229,11 +1234,10 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
   const int64_t pos = a.pos[b];
   const int64_t V = a.V;
   float* rm = a.rm + 2 * n0;
-  auto row_of = [&](int node) {
-    return load_row(a.logits, a.stride_l, a.thr, a.stats, a.amax, n0 + node, a.num_rows, a.V, a.NC, a.chunk, t, sm);
-  };
-  auto rbuf = [&](int which) { return a.rbuf + (static_cast<int64_t>(which) * a.B + b) * V; };
-  auto wbuf = [&](int which) { return a.wbuf + (static_cast<int64_t>(which) * a.B + b) * a.NC; };
+  // the two halves of this request's residual scratch: values [V] and chunk masses [NC]
+  float* const rbuf[2] = {a.rbuf + static_cast<int64_t>(b) * V, a.rbuf + (static_cast<int64_t>(a.B) + b) * V};
+  float* const wbuf[2] = {a.wbuf + static_cast<int64_t>(b) * a.NC,
+                          a.wbuf + (static_cast<int64_t>(a.B) + b) * a.NC};
 
   int v = 0;  // current node (tree-local) and its depth
   int dv = 0;
@@ -1269,9 +1273,9 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
         const bool xv = x >= 0 && x < V;
         const int xi = xv ? static_cast<int>(x) : 0;
         // T_{i-1}(x_i): R at v for i = 1, else the target row of u_{i-1}
-        const Row<T> r_prev = row_of(u_prev);
+        const Row<T> r_prev = tree_row(a, n0 + u_prev, t, sm);
         float Tx = r_prev.prob_at(xi, r_prev.S);
-        if (i == 1 && !r_is_p) Tx = rbuf(buf)[xi] / rho;
+        if (i == 1 && !r_is_p) Tx = rbuf[buf][xi] / rho;
         const DraftRow dr = draft_row(a, n0, u_prev, dv + i - 1, j, height, rm, sm);
         Tx = xv ? Tx : 0.f;
         const float Dx = xv ? dr(xi) : 0.f;
@@ -1279,7 +1283,7 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
         float h = p;
         if (i < L) {
           // Z_i = sum_x max(p_i P(u_i)(x) - D(u_i)(x), 0): one pass over u_i's row
-          const Row<T> ri = row_of(u_i);
+          const Row<T> ri = tree_row(a, n0 + u_i, t, sm);
           const DraftRow di = draft_row(a, n0, u_i, dv + i, j, height, rm, sm);
           float z = 0.f;
           for (int64_t off = threadIdx.x; off < V; off += kFinThreads) {
@@ -1304,11 +1308,11 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
         break;
       }
       // R at u_tau: max(p_tau T_tau - D(u_tau), 0), T_tau = R (tau = 0) or P(u_tau)
-      const Row<T> ru = row_of(u_tau);
+      const Row<T> ru = tree_row(a, n0 + u_tau, t, sm);
       const DraftRow du = draft_row(a, n0, u_tau, dv + tau, j, height, rm, sm);
-      const float* src = rbuf(buf);
-      float* dst = rbuf(1 - buf);
-      float* wdst = wbuf(1 - buf);
+      const float* src = rbuf[buf];
+      float* dst = rbuf[1 - buf];
+      float* wdst = wbuf[1 - buf];
       const bool from_r = tau == 0 && !r_is_p;
       const int lane = threadIdx.x % kWarp;
       const int warp = threadIdx.x / kWarp;
@@ -1342,13 +1346,13 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
       dv += tau;
     }
     // the emitted token: y ~ P(leaf) after a whole path, else y ~ R at v
-    const Row<T> r = row_of(v);
+    const Row<T> r = tree_row(a, n0 + v, t, sm);
     const float u_s = uniform_pair(seed, pos + dv, 0u).y;
     if (state == 1 || r_is_p) {
       y = sample_p(r, -1, u_s, sm);
     } else {
-      const float* w = wbuf(buf);
-      const float* rv = rbuf(buf);
+      const float* w = wbuf[buf];
+      const float* rv = rbuf[buf];
       float tot = 0.f;
       for (int c = threadIdx.x; c < a.NC; c += kFinThreads) tot += w[c];
       tot = block_sum(tot, sm);
@@ -1364,7 +1368,7 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
   } else if (ok) {
     // greedy: move to the first child carrying the argmax while there is one
     for (int step = 0; step <= a.max_depth; ++step) {
-      const Row<T> r = row_of(v);
+      const Row<T> r = tree_row(a, n0 + v, t, sm);
       y = r.g;
       const int nxt = find_child(a.tok, a.par, n0, n, v, y, sm);
       if (nxt < 0 || dv >= a.max_depth) break;
