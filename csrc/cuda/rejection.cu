@@ -978,6 +978,29 @@ struct TreeArgs {
   float* rm;     // [T, 2] (token, mass) of the earlier paths through a node, per request rows n0 ..
 };
 
+// Request b's first node and node count (_tree_request): unchecked prefix sums must not
+// move a read outside [0, T), such a request gets no nodes. Its output rows are set to -1
+// first (thread 0 overwrites some of them later: the barrier orders the writes).
+struct TreeRequest {
+  int64_t n0;
+  int64_t n;
+  bool ok;
+};
+
+template <typename T>
+__device__ __forceinline__ TreeRequest tree_request(const TreeArgs<T>& a, int b) {
+  const int64_t D = static_cast<int64_t>(a.max_depth) + 1;
+  for (int64_t col = threadIdx.x; col < D; col += kFinThreads) {
+    a.acc[b * D + col] = -1;
+    a.out[b * D + col] = -1;
+  }
+  __syncthreads();
+  const int64_t n0 = a.cu[b];
+  const int64_t n = static_cast<int64_t>(a.cu[b + 1]) - n0;
+  const bool ok = n0 >= 0 && n >= 1 && n0 + n <= a.num_rows;
+  return TreeRequest{ok ? n0 : 0, ok ? n : 0, ok};
+}
+
 // Tree-local index of node's child carrying token y, or -1 (_find_child).
 __device__ int find_child(Ids tok, Ids par, int64_t n0, int64_t n, int node, int y, FinSmem& sm) {
   int best = INT_MAX;
@@ -1049,17 +1072,10 @@ __global__ void __launch_bounds__(kFinThreads) tree_finalize_kernel(const TreeAr
   const int64_t D = static_cast<int64_t>(a.max_depth) + 1;
   int32_t* acc = a.acc + b * D;
   int32_t* out = a.out + b * D;
-  for (int64_t col = threadIdx.x; col < D; col += kFinThreads) {
-    acc[col] = -1;
-    out[col] = -1;
-  }
-  __syncthreads();  // thread 0 overwrites some of these below
-
-  int64_t n0 = a.cu[b];
-  int64_t n = static_cast<int64_t>(a.cu[b + 1]) - n0;
-  const bool ok = n0 >= 0 && n >= 1 && n0 + n <= a.num_rows;
-  n0 = ok ? n0 : 0;
-  n = ok ? n : 0;
+  const TreeRequest req = tree_request(a, b);
+  const int64_t n0 = req.n0;
+  const int64_t n = req.n;
+  const bool ok = req.ok;
   float t = a.temp[b];
   const bool random = t > 0.f;
   t = random ? t : 1.f;
@@ -1217,16 +1233,10 @@ __global__ void __launch_bounds__(kFinThreads) multi_path_kernel(const TreeArgs<
   const int64_t D = static_cast<int64_t>(a.max_depth) + 1;
   int32_t* acc = a.acc + b * D;
   int32_t* out = a.out + b * D;
-  for (int64_t col = threadIdx.x; col < D; col += kFinThreads) {
-    acc[col] = -1;
-    out[col] = -1;
-  }
-  __syncthreads();
-  int64_t n0 = a.cu[b];
-  int64_t n = static_cast<int64_t>(a.cu[b + 1]) - n0;
-  const bool ok = n0 >= 0 && n >= 1 && n0 + n <= a.num_rows;
-  n0 = ok ? n0 : 0;
-  n = ok ? n : 0;
+  const TreeRequest req = tree_request(a, b);
+  const int64_t n0 = req.n0;
+  const int64_t n = req.n;
+  const bool ok = req.ok;
   float t = a.temp[b];
   const bool random = t > 0.f;
   t = random ? t : 1.f;

@@ -495,6 +495,19 @@ def _sample_typical(l_row, V, NC, t, thr, M, S, cut, u, g, HAS_THR: tl.constexpr
 
 
 @triton.jit
+def _tree_request(cu_ptr, acc_ptr, out_ptr, b, D, T, D_P2: tl.constexpr):
+    """(first node, nodes, ok) of request b's tree, its output rows set to -1. Unchecked
+    prefix sums must not move a read outside [0, T): such a request gets no nodes."""
+    cols = tl.arange(0, D_P2)
+    tl.store(acc_ptr + b * D + cols, -1, mask=cols < D)
+    tl.store(out_ptr + b * D + cols, -1, mask=cols < D)
+    n0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - n0
+    ok = (n0 >= 0) & (n >= 1) & (n0 + n <= T)
+    return tl.where(ok, n0, 0), tl.where(ok, n, 0), ok
+
+
+@triton.jit
 def _find_child(tok_ptr, par_ptr, n0, n, node, y, NODE_BLOCK: tl.constexpr):
     """Tree-local index of node's child carrying token y, or -1."""
     best = n
@@ -558,13 +571,7 @@ def _tree_finalize_kernel(logits_ptr, stride_l, q_ptr, stride_q, tok_ptr, par_pt
     b = tl.program_id(0)
     D = max_depth + 1
     cols = tl.arange(0, D_P2)
-    tl.store(acc_ptr + b * D + cols, -1, mask=cols < D)
-    tl.store(out_ptr + b * D + cols, -1, mask=cols < D)
-    n0 = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - n0
-    ok = (n0 >= 0) & (n >= 1) & (n0 + n <= T)
-    n0 = tl.where(ok, n0, 0)
-    n = tl.where(ok, n, 0)
+    n0, n, ok = _tree_request(cu_ptr, acc_ptr, out_ptr, b, D, T, D_P2)
     t, random = _temperature(temp_ptr, b)
     seed = tl.load(seed_ptr + b)
     pos = tl.load(pos_ptr + b)
@@ -720,13 +727,7 @@ def _multi_path_kernel(logits_ptr, stride_l, q_ptr, stride_q, tok_ptr, par_ptr, 
     b = tl.program_id(0)
     D = max_depth + 1
     cols = tl.arange(0, D_P2)
-    tl.store(acc_ptr + b * D + cols, -1, mask=cols < D)
-    tl.store(out_ptr + b * D + cols, -1, mask=cols < D)
-    n0 = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - n0
-    ok = (n0 >= 0) & (n >= 1) & (n0 + n <= T)
-    n0 = tl.where(ok, n0, 0)
-    n = tl.where(ok, n, 0)
+    n0, n, ok = _tree_request(cu_ptr, acc_ptr, out_ptr, b, D, T, D_P2)
     t, random = _temperature(temp_ptr, b)
     seed = tl.load(seed_ptr + b)
     pos = tl.load(pos_ptr + b)
