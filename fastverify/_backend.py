@@ -1,9 +1,10 @@
 """Which implementation an op runs, and whether value checks run.
 
-Every op has three implementations that agree: ``torch`` (vectorized PyTorch, the
-CPU kernel), ``triton`` and ``cuda``. On CUDA tensors the default is the fastest
-backend; on CPU tensors it is ``torch``. ``FASTVERIFY_BACKEND`` or
-:func:`set_backend` override both. Choosing ``triton`` for CPU tensors runs the
+Every op has implementations that agree: ``torch`` (vectorized PyTorch, the readable
+specification), ``cpu`` (fused C++, ``csrc/cpu``), ``triton`` and ``cuda``. On CUDA
+tensors the default is the fastest backend; on CPU tensors it is ``cpu`` (``torch`` where
+its C++ kernels cannot be built). ``FASTVERIFY_BACKEND`` or :func:`set_backend` override
+both. Choosing ``triton`` for CPU tensors runs the
 Triton kernels under the Triton interpreter, which needs ``TRITON_INTERPRET=1``
 in the environment before anything imports Triton.
 """
@@ -15,7 +16,7 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 # Default on CUDA tensors. Triton until perf/ measurements on a GPU say otherwise.
 CUDA_DEFAULT = "triton"
@@ -40,18 +41,24 @@ _chosen = _parse(os.environ.get("FASTVERIFY_BACKEND"))
 
 
 def set_backend(name: str | None) -> None:
-    """Force every op onto one backend (``"torch"``, ``"triton"``, ``"cuda"``), or
+    """Force every op onto one backend (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``), or
     restore the per-device default with ``None`` / ``"auto"``."""
     global _chosen
     _chosen = _parse(name)
 
 
 def get_backend(device: torch.device | str | None = None) -> str:
-    """The backend an op runs for tensors on ``device``."""
+    """The backend an op runs for tensors on ``device`` (on CPU tensors the default ``cpu``
+    stands for ``torch`` where the C++ kernels cannot be built: see :func:`chosen`)."""
     if _chosen is not None:
         return _chosen
     device_type = torch.device(device).type if device is not None else "cpu"
-    return CUDA_DEFAULT if device_type == "cuda" else "torch"
+    return CUDA_DEFAULT if device_type == "cuda" else "cpu"
+
+
+def chosen() -> bool:
+    """Whether a backend was chosen explicitly (then an unavailable one is an error)."""
+    return _chosen is not None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Time one target forward of the reference model over M tokens per step (a decode
 step is M = 1; verifying k drafts is M = k + 1), with the CPU decode kernels of
-``fastverify.models`` (``csrc/cpu/kernels.cpp``, 1–16 rows) and with its torch layers
+``fastverify.models`` (``csrc/cpu/step.cpp``, 1–16 rows) and with its torch layers
 (``F.linear``, ``tree_attention``), after a 200-token prompt:
 
     python perf/decode_step.py [--model smollm2] [--threads N] [--rows 1,2,4,8,16,32]

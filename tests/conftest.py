@@ -1,6 +1,7 @@
 """Test setup: every op family is tested on every backend, through the public ops.
 
-- GPU machine: ``torch`` on CPU tensors (the spec), ``triton`` and ``cuda`` on CUDA tensors.
+- GPU machine: ``torch`` and ``cpu`` on CPU tensors (the spec and the C++ kernels),
+  ``triton`` and ``cuda`` on CUDA tensors.
 - CPU machine: ``triton`` runs under the Triton interpreter (switched on here, before
   anything imports Triton) and ``cuda`` runs the unmodified csrc/cuda kernels through
   the CPU emulator of tests/cuda_emu (installed here as the cuda backend of CPU
@@ -17,7 +18,7 @@ Markers:
   without one.
 - ``gpu_sized``: a shape too large for the Triton interpreter or the CUDA emulator (a
   128k vocabulary, an 8K prefix): it runs on every backend on a GPU, and on CPU only on
-  the torch backend unless ``FASTVERIFY_EMULATE_FULL=1``."""
+  the torch and cpu backends unless ``FASTVERIFY_EMULATE_FULL=1``."""
 
 import os
 
@@ -30,6 +31,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 import fastverify  # noqa: E402,F401  (registers torch.ops.fastverify.*)
+import fastverify.cpu  # noqa: E402
 
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 EMULATE_CUDA = not HAS_CUDA and os.environ.get("FASTVERIFY_EMULATE_CUDA", "1") not in ("", "0")
@@ -40,7 +42,10 @@ if EMULATE_CUDA:
 
 # Where each backend's kernels run in this session (scripts/gpu_check.sh puts the torch
 # backend on CUDA tensors too, with FASTVERIFY_TEST_TORCH_DEVICE=cuda).
-BACKEND_DEVICES = {"torch": os.environ.get("FASTVERIFY_TEST_TORCH_DEVICE", "cpu"), "triton": KERNEL_DEVICE}
+BACKEND_DEVICES = {"torch": os.environ.get("FASTVERIFY_TEST_TORCH_DEVICE", "cpu")}
+if fastverify.cpu.available():  # the C++ kernels of csrc/cpu (a compiler is all they need)
+    BACKEND_DEVICES["cpu"] = "cpu"
+BACKEND_DEVICES["triton"] = KERNEL_DEVICE
 if HAS_CUDA or EMULATE_CUDA:
     BACKEND_DEVICES["cuda"] = KERNEL_DEVICE
 
@@ -53,13 +58,15 @@ _TRITON_MODULES = {"rejection": "rejection", "tree_attention": "tree_attention",
 
 
 def entry_points(backend: str, family: str):
-    """The kernel backend's own entry points for a family (the Triton launchers, or the CUDA
-    extension's — emulated on CPU — which share their signatures and knobs such as
+    """The kernel backend's own entry points for a family (the Triton launchers, the C++ CPU
+    kernels', or the CUDA extension's — emulated on CPU — which share their signatures and knobs such as
     ``chunk_size`` / ``num_splits``). Unchecked: the public ops check arguments."""
     import importlib
 
     if backend == "triton":
         return importlib.import_module(f"fastverify.triton.{_TRITON_MODULES[family]}")
+    if backend == "cpu":
+        return importlib.import_module(f"fastverify.cpu.{_TRITON_MODULES[family]}")
     if backend == "cuda":
         return fastverify._backend.cpu_cuda_kernels if not HAS_CUDA else importlib.import_module("fastverify._cuda")
     raise ValueError(f"the {backend} backend has no kernel entry points")
@@ -101,7 +108,7 @@ def backend_params(rows, kernel_runs=lambda backend, row: True, backends=None) -
     for row in rows:
         row = row if isinstance(row, tuple) else (row,)
         for b in backends or BACKENDS:
-            marks = () if b == "torch" or kernel_runs(b, row) else pytest.mark.gpu_sized
+            marks = () if b in ("torch", "cpu") or kernel_runs(b, row) else pytest.mark.gpu_sized
             params.append(pytest.param(b, *row, marks=marks, id="-".join(map(str, (b, *row)))))
     return params
 
@@ -147,12 +154,12 @@ def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
-    too_big = pytest.mark.skip(reason="GPU-sized shape: runs on the GPU; on CPU only the torch backend runs it "
+    too_big = pytest.mark.skip(reason="GPU-sized shape: runs on the GPU; on CPU only the torch and cpu backends run it "
                                       "(FASTVERIFY_EMULATE_FULL=1 runs it under the interpreter / emulator)")
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
-        elif item.get_closest_marker("gpu_sized") is not None and not EMULATE_FULL and backend_of(item) != "torch":
+        elif item.get_closest_marker("gpu_sized") is not None and not EMULATE_FULL and backend_of(item) not in ("torch", "cpu"):
             item.add_marker(too_big)
 
 

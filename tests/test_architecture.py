@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastverify"
 
 # Lower layers never import higher ones; a module may import its own layer (without a cycle).
 LAYERS = [
-    ("base", ("fastverify._layout", "fastverify._backend", "fastverify._build_flags", "fastverify.cpu_kernels")),
-    ("kernels", ("fastverify.triton", "fastverify._cuda")),
+    ("base", ("fastverify._layout", "fastverify._backend", "fastverify._build_flags")),
+    ("kernels", ("fastverify.triton", "fastverify._cuda", "fastverify.cpu")),
     ("ops", ("fastverify.ops",)),
     ("models", ("fastverify.models",)),
     ("decoding", ("fastverify.decoding",)),

@@ -1,4 +1,4 @@
-"""The CPU decode kernels (csrc/cpu/kernels.cpp): each against a float64 oracle (the
+"""The CPU decode kernels (csrc/cpu): each against a float64 oracle (the
 projections against a matmul, attention against the path/chunk oracles of the op
 tests), and the model and every decoding method with them against the torch model."""
 
@@ -9,9 +9,9 @@ import naive
 from attention_problems import path_attention_oracle, paged_problem
 from test_sparse_kv import chunk_ids, problem as sparse_problem
 
-from fastverify import cpu_kernels
+from fastverify.cpu import step as cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build csrc/cpu/kernels.cpp")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build csrc/cpu")
 
 
 def oracle(x, w, b):

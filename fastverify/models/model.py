@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import row_requests
-from .. import cpu_kernels
+from ..cpu import step as cpu_kernels
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -177,10 +177,10 @@ def chain_parents(cu: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU decode steps can run ``csrc/cpu/kernels.cpp``.
+    """``nn.Linear`` whose CPU decode steps can run ``csrc/cpu/step.cpp``.
 
     Once :meth:`Transformer.use_cpu_kernels` set ``cpu_kernel``, fp32 inputs of 1–16 rows
-    (a decode step, a short chain) go through :func:`fastverify.cpu_kernels.linear`,
+    (a decode step, a short chain) go through :func:`fastverify.cpu.step.linear`,
     which streams the weight at the memory bandwidth of the cores; torch's BLAS paths
     reach about half of it for these shapes (``python perf/decode_step.py``). Everything
     else is ``F.linear``.
@@ -377,7 +377,7 @@ class Transformer(nn.Module):
 
     def use_cpu_kernels(self, on: bool = True) -> "Transformer":
         """Run fp32 CPU steps of 1–16 tokens through the decode kernels
-        (:mod:`fastverify.cpu_kernels`: all layers in one call, and the LM head);
+        (:mod:`fastverify.cpu.step`: all layers in one call, and the LM head);
         builds them on first use. A no-op where they cannot be built."""
         on = on and cpu_kernels.available()
         for m in self.modules():

@@ -34,6 +34,19 @@ def implementation(device: torch.device, family: str, name: str, torch_fn):
     backend = _backend.get_backend(device)
     if backend == "torch":
         return torch_fn
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"the cpu backend needs CPU tensors, got tensors on {device}")
+        from .. import cpu
+        if cpu.available():
+            try:  # TRANSITION: families without a cpu module yet run torch (removed when all have one)
+                return getattr(importlib.import_module(f"fastverify.cpu.{family}"), name)
+            except (ModuleNotFoundError, AttributeError):
+                return torch_fn
+        if _backend.chosen():
+            raise RuntimeError("the cpu backend was chosen but its C++ kernels could not be built "
+                               "(see the warning above); use the torch backend")
+        return torch_fn
     if backend == "triton":
         if device.type == "cpu" and not _backend.triton_interpreting():
             raise RuntimeError(

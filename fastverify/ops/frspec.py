@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, cpu_kernels
+from .. import _backend
+from ..cpu import step as cpu_kernels
 from . import philox
 from ._checks import ID_DTYPES, LOGIT_DTYPES, check_tensor, passed_before, remember_passed
 from ._common import implementation

@@ -1,4 +1,4 @@
-"""The CPU decode-step kernels (``csrc/cpu/kernels.cpp``) for fp32 steps of 1–16 tokens.
+"""The models' fused CPU decode step (``csrc/cpu/step.cpp``) for fp32 steps of 1–16 tokens.
 
 A decode step of a small model on CPU is bound by streaming its weights plus a fixed
 cost per torch op. Torch's BLAS paths reach about half of two cores' bandwidth for
@@ -13,116 +13,32 @@ attention) cost more than its matmuls. These kernels run one layer in six calls:
 - :func:`decoder_layers` — those six calls for every layer of a step in one call from
   Python (the per-call cost of ctypes and torch, times six per layer, is ~20% of a step).
 
-``python perf/decode_step.py`` times a forward with and without them. Built on first
-use with the system C++ compiler (``$CXX``, else ``c++``) into ``$FASTVERIFY_CACHE``
-(default ``~/.cache/fastverify``) under ``cpu-<hash>``; the hash covers the source, the
-compiler and this CPU's instruction-set flags, because the library is compiled for the
-host CPU (``-march=native``). It is a plain C library loaded with ctypes: no torch
-headers, about a second to build. When it cannot be built (no compiler), or with
-``FASTVERIFY_CPU_KERNELS=0``, :func:`available` is False and the model runs its torch
-code. The functions here check what the C code trusts (dtypes, devices, strides).
+``python perf/decode_step.py`` times a forward with and without them. They live in the
+library of the ``cpu`` backend (:mod:`fastverify.cpu`: built on first use, cached); when it
+cannot be built, or with ``FASTVERIFY_CPU_KERNELS=0``, :func:`available` is False and the
+model runs its torch code. The functions here check what the C code trusts (dtypes,
+devices, strides).
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-
 import torch
 
+from . import available, f32, function, i32, i64, ptr
+
 MAX_ROWS = 16
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-_lock = threading.Lock()
-_lib = None
-_tried = False
 
 
-def source_path() -> str:
-    """``csrc/cpu/kernels.cpp`` of a checkout, else the copy shipped in the wheel."""
-    for cand in (os.path.join(_PKG_DIR, os.pardir, "csrc", "cpu", "kernels.cpp"),
-                 os.path.join(_PKG_DIR, "_csrc", "cpu", "kernels.cpp")):
-        if os.path.isfile(cand):
-            return os.path.normpath(cand)
-    raise RuntimeError("fastverify: csrc/cpu/kernels.cpp was not found next to the package")
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build(src: str) -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (set CXX)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    h = hashlib.sha256()
-    for part in (open(src, "rb").read(), version.encode(), _cpu_flags().encode(), repr(FLAGS).encode()):
-        h.update(part)
-    cache = os.environ.get("FASTVERIFY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastverify")
-    folder = os.path.join(cache, "cpu-" + h.hexdigest()[:16])
-    lib = os.path.join(folder, "libfastverify_cpu.so")
-    if os.path.exists(lib):
-        return lib
-    os.makedirs(folder, exist_ok=True)
-    # build beside, then rename: a concurrent or interrupted build never leaves a partial library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, *FLAGS, "-o", tmp, src], capture_output=True, text=True, check=True)
-        os.replace(tmp, lib)
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"{cxx} failed:\n{e.stderr[-2000:]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return lib
-
-
-def _load():
-    global _lib, _tried
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("FASTVERIFY_CPU_KERNELS", "1") in ("0", ""):
-            return None
-        try:
-            lib = ctypes.CDLL(_build(source_path()))
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-            warnings.warn(f"fastverify: the CPU decode kernels could not be built ({e}); "
-                          "using torch's ops", RuntimeWarning, stacklevel=3)
-            return None
-        i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        lib.fastverify_linear_f32.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, f32, i32,
-                                              i32]
-        lib.fastverify_linear_f32.restype = ctypes.c_int
-        lib.fastverify_qkv_rope_f32.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr,
-                                                i64, ptr]
-        lib.fastverify_qkv_rope_f32.restype = None
-        lib.fastverify_paged_attention_f32.argtypes = [ptr, i64, i32, i32, i32, ptr, ptr, i64, ptr, i64, i32, ptr,
-                                                       ptr, i64, ptr, i64, ptr, ptr, i64, i32, f32, ptr, i32]
-        lib.fastverify_paged_attention_f32.restype = None
-        lib.fastverify_decoder_layers_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, i32, i32, i32, f32, ptr, ptr, i64,
-                                                      ptr, ptr, i64, i32, ptr, ptr, i64, ptr, i64, ptr, f32, i32]
-        lib.fastverify_decoder_layers_f32.restype = ctypes.c_int
-        _lib = lib
-        return lib
-
-
-def available() -> bool:
-    """Whether the kernels are built and loaded (builds them on the first call)."""
-    return (_lib if _tried else _load()) is not None
+def _bind():
+    """The step's C functions, signatures set on first use."""
+    return (function("fastverify_linear_f32", i32, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, f32,
+                     i32, i32),
+            function("fastverify_qkv_rope_f32", None, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, f32, ptr,
+                     ptr, ptr, i64, ptr),
+            function("fastverify_paged_attention_f32", None, ptr, i64, i32, i32, i32, ptr, ptr, i64, ptr, i64, i32,
+                     ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i32, f32, ptr, i32),
+            function("fastverify_decoder_layers_f32", i32, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, f32, ptr, ptr,
+                     i64, ptr, ptr, i64, i32, ptr, ptr, i64, ptr, i64, ptr, f32, i32))
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -167,7 +83,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     norm = None if norm is None else norm.contiguous()
     res = None if residual is None else _rows2d(residual, N)
     y = torch.empty(M, N, dtype=torch.float32)
-    _lib.fastverify_linear_f32(x2.data_ptr(), x2.stride(0), weight.data_ptr(), _ptr(bias), _ptr(res),
+    _bind()[0](x2.data_ptr(), x2.stride(0), weight.data_ptr(), _ptr(bias), _ptr(res),
                                res.stride(0) if res is not None else 0, y.data_ptr(), N, M, N, K, _ptr(norm),
                                eps, int(swiglu), torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
@@ -196,7 +112,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: t
         raise ValueError(f"cos/sin must be contiguous [{N}, {D}] (even D), got {tuple(cos.shape)}")
     slots = slots.to(torch.int64).contiguous()
     q = torch.empty(N, n_heads, D, dtype=torch.float32)
-    _lib.fastverify_qkv_rope_f32(qkv.data_ptr(), qkv.stride(0), N, n_heads, Hkv, D, cos.data_ptr(), sin.data_ptr(),
+    _bind()[1](qkv.data_ptr(), qkv.stride(0), N, n_heads, Hkv, D, cos.data_ptr(), sin.data_ptr(),
                                  _ptr(q_norm), _ptr(k_norm), eps, q.data_ptr(), k_cache.data_ptr(),
                                  v_cache.data_ptr(), _slot_stride(k_cache, v_cache), slots.data_ptr())
     return q
@@ -234,7 +150,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         rows = None if rows is None else rows.to(torch.int64).contiguous()
     out = torch.empty(N, Hq, D, dtype=torch.float32)
     scale = D ** -0.5 if sm_scale is None else sm_scale
-    _lib.fastverify_paged_attention_f32(
+    _bind()[2](
         q.data_ptr(), N, Hq, k_cache.shape[2], D, k_cache.data_ptr(), v_cache.data_ptr(),
         _slot_stride(k_cache, v_cache), block_table.data_ptr(), block_table.stride(0), k_cache.shape[1],
         seq_lens.data_ptr(), _ptr(cu_num_nodes), B, _ptr(tree_mask), tree_mask.shape[1] if tree_mask is not None else 0,
@@ -269,7 +185,7 @@ def decoder_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ptrs = torch.tensor(ptrs, dtype=torch.int64)
     slots, table, lens, cu, mask, rows = _step_tensors(step)
     x = x.contiguous().clone()
-    rc = _lib.fastverify_decoder_layers_f32(
+    rc = _bind()[3](
         x.data_ptr(), N, len(layers), ptrs.data_ptr(), d, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
         a.norm_eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), _slot_stride(k_caches[0], v_caches[0]),
         slots.data_ptr(), table.data_ptr(), table.stride(0), k_caches[0].shape[1], lens.data_ptr(), cu.data_ptr(),

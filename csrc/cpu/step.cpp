@@ -1,0 +1,105 @@
+// The CPU decode-step kernels of fastverify.models, in fp32, for a few rows (1..16 tokens:
+// a decode step, a short draft chain or tree). fastverify/cpu/step.py wraps them.
+//
+// Why: on CPU a decode step of a small model is bound by streaming its weights, plus a
+// fixed cost per torch op (a few µs each, ~40 ops per layer). torch's BLAS paths reach
+// about half of two cores' bandwidth for one-row products, and a layer's norms, RoPE,
+// cache writes and paged attention cost more than its matmuls. Here a layer is six
+// calls: two projections with the RMSNorm fused in front, q/k/v post-processing with the
+// cache write, paged attention, and two projections with the residual add (and SwiGLU)
+// fused. Every loop is plain C++ that GCC vectorizes (-O3 -march=native), split across
+// the OpenMP threads torch already runs.
+//
+// Plain C ABI (loaded with ctypes, like every file of csrc/cpu): no torch headers, so the
+// library builds in seconds. It
+// links the libgomp torch already loaded (same soname), so both share one thread pool.
+// The Python side checks shapes, dtypes and strides; these functions trust them.
+#include "attention.h"
+#include "common.h"
+#include "linear.h"
+
+extern "C" {
+
+int fastverify_linear_f32(const float* x, int64_t ldx, const float* w, const float* bias, const float* residual,
+                          int64_t ldr, float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float* norm_w,
+                          float eps, int swiglu, int threads) {
+  return linear_f32(x, ldx, w, bias, residual, ldr, y, ldy, M, N, K, norm_w, eps, swiglu, threads);
+}
+
+// The attention input of N tokens from their fused projection qkv[N, (Hq + 2·Hkv)·D]
+// (q heads, then k heads, then v heads): q/k RMSNorm over D when q_norm_w / k_norm_w are
+// given, RoPE (x·cos + rotate_half(x)·sin, cos/sin [N, D]) on q and k, q into q_out[N, Hq, D],
+// k and v into the cache at flat slot slots[t] (slot s, head h at k_cache + s·slot_stride + h·D).
+void fastverify_qkv_rope_f32(const float* qkv, int64_t ldqkv, int64_t N, int Hq, int Hkv, int D, const float* cos,
+                             const float* sin, const float* q_norm_w, const float* k_norm_w, float eps, float* q_out,
+                             float* k_cache, float* v_cache, int64_t slot_stride, const int64_t* slots) {
+  const int half = D / 2;
+  std::vector<float> tmp(D);
+  for (int64_t t = 0; t < N; ++t) {
+    const float* row = qkv + t * ldqkv;
+    const float* c = cos + t * D;
+    const float* s = sin + t * D;
+    for (int h = 0; h < Hq + Hkv; ++h) {
+      const bool is_q = h < Hq;
+      const float* x = row + int64_t(h) * D;
+      const float* nw = is_q ? q_norm_w : k_norm_w;
+      if (nw) {
+        rms_norm_row(x, nw, eps, D, tmp.data());
+        x = tmp.data();
+      }
+      float* dst = is_q ? q_out + (t * Hq + h) * D : k_cache + slots[t] * slot_stride + int64_t(h - Hq) * D;
+      for (int i = 0; i < half; ++i) {
+        dst[i] = x[i] * c[i] - x[i + half] * s[i];
+        dst[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+      }
+    }
+    for (int h = 0; h < Hkv; ++h)
+      std::memcpy(v_cache + slots[t] * slot_stride + int64_t(h) * D, row + int64_t(Hq + Hkv + h) * D,
+                  sizeof(float) * D);
+  }
+}
+
+void fastverify_paged_attention_f32(const float* q, int64_t N, int Hq, int Hkv, int D, const float* k_cache,
+                                    const float* v_cache, int64_t slot_stride, const int32_t* block_table,
+                                    int64_t bt_stride, int page_size, const int32_t* seq_lens, const int32_t* cu_nodes,
+                                    int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
+                                    const int32_t* chunk_ids, int64_t n_ids, int chunk_size, float sm_scale,
+                                    float* out, int threads) {
+  paged_attention_f32(q, N, Hq, Hkv, D, k_cache, v_cache, slot_stride, block_table, bt_stride, page_size, seq_lens,
+                      cu_nodes, B, tree_mask, mask_words, rows, chunk_ids, n_ids, chunk_size, sm_scale, out, threads);
+}
+
+// Decoder layers over N tokens in one call: per layer the six calls of the model's
+// DecoderLayer.forward_cpu (projections, q/k/v + cache write, paged attention in tree mode),
+// so a decode step crosses from Python once instead of six times per layer. x [N, d] is
+// updated in place. Per layer l, ptrs[l·11 + i] holds the addresses of: 0 Wqkv [(Hq+2Hkv)·D, d],
+// 1 its bias or 0, 2 Wo [d, Hq·D], 3 W13 [2·I, d], 4 Wdown [d, I], 5 input norm [d],
+// 6 post-attention norm [d], 7 q norm [D] or 0, 8 k norm or 0, 9 / 10 the layer's K / V cache
+// views (slots slot_stride apart). Returns 1 when N is outside 1..16.
+int fastverify_decoder_layers_f32(float* x, int64_t N, int64_t n_layers, const int64_t* ptrs, int64_t d, int64_t I,
+                                  int Hq, int Hkv, int D, float eps, const float* cos, const float* sin,
+                                  int64_t slot_stride, const int64_t* slots, const int32_t* block_table,
+                                  int64_t bt_stride, int page_size, const int32_t* seq_lens, const int32_t* cu_nodes,
+                                  int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
+                                  float sm_scale, int threads) {
+  if (N < 1 || N > MAX_ROWS) return 1;
+  const int64_t QKV = int64_t(Hq + 2 * Hkv) * D, HD = int64_t(Hq) * D;
+  std::vector<float> qkv(N * QKV), q(N * HD), attn(N * HD), x2(N * d), h(N * 2 * I);
+  auto f = [](int64_t a) { return reinterpret_cast<float*>(a); };
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t* w = ptrs + l * 11;
+    linear_f32(x, d, f(w[0]), f(w[1]), nullptr, 0, qkv.data(), QKV, N, QKV, d, f(w[5]), eps, 0, threads);
+    fastverify_qkv_rope_f32(qkv.data(), QKV, N, Hq, Hkv, D, cos, sin, f(w[7]), f(w[8]), eps, q.data(), f(w[9]),
+                            f(w[10]), slot_stride, slots);
+    paged_attention_f32(q.data(), N, Hq, Hkv, D, f(w[9]), f(w[10]), slot_stride, block_table, bt_stride,
+                                   page_size, seq_lens, cu_nodes, B, tree_mask, mask_words, rows, nullptr, 0, 0,
+                                   sm_scale, attn.data(), threads);
+    linear_f32(attn.data(), HD, f(w[2]), nullptr, x, d, x2.data(), d, N, d, HD, nullptr, 0.f, 0, threads);
+    linear_f32(x2.data(), d, f(w[3]), nullptr, nullptr, 0, h.data(), 2 * I, N, 2 * I, d, f(w[6]), eps, 0,
+                          threads);
+    linear_f32(h.data(), 2 * I, f(w[4]), nullptr, x2.data(), d, x, d, N, d, I, nullptr, 0.f, 1, threads);
+  }
+  return 0;
+}
+
+}  // extern "C"
