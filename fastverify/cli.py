@@ -62,7 +62,8 @@ def _add_bench(sub) -> None:
                    help="goal: the target shapes (default on a GPU); grid: a sweep (default on CPU: a CPU sweep); "
                         "smoke: tiny shapes, every backend (on CPU: Triton interpreter, CUDA emulator)")
     p.add_argument("--backends", type=_csv(str, KERNEL_BACKENDS), default=None,
-                   help="kernel backends to time (default: all on a GPU; on CPU torch, every backend with --size smoke)")
+                   help="kernel backends to time (default: torch, triton, cuda on a GPU; torch and cpu on CPU; "
+                        "every backend with --size smoke)")
     p.add_argument("--no-baselines", action="store_true", help="time the kernel backends only")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--target-time", type=float, default=0.2, help="seconds of timed calls per row (default 0.2)")
@@ -114,8 +115,9 @@ def _cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ("goal" if device.type == "cuda" else "grid")
-    backends = args.backends or (list(bench.KERNEL_BACKENDS) if device.type == "cuda" or size == "smoke"
-                                 else ["torch"])
+    backends = args.backends or (list(bench.KERNEL_BACKENDS) if size == "smoke"
+                                 else [b for b in bench.KERNEL_BACKENDS if b != "cpu"] if device.type == "cuda"
+                                 else ["torch", "cpu"])
     cases = bench.cases(args.family, size, device)
     total = sum(1 for c in cases for i in c.impls
                 if (i.kind == "kernel" and i.name in backends) or (i.kind != "kernel" and not args.no_baselines)

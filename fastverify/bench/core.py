@@ -3,7 +3,7 @@
 A family module (``rejection``, ``tree_attention``, ``lm_head``, ``sparse_kv``) turns a
 size (``smoke``, ``goal``, ``grid``) into :class:`Case` objects: one op at one shape, the
 bytes it must move, how to build its inputs, and the implementations to time on them —
-the kernel backends (``torch``, ``triton``, ``cuda``) through the public op, and named
+the kernel backends (``torch``, ``cpu``, ``triton``, ``cuda``) through the public op, and named
 baselines (what an engine runs without fastverify). :func:`run` measures every case:
 
 * correctness first: each kernel backend (and each baseline that computes the same
@@ -41,7 +41,7 @@ import torch
 
 import fastverify
 
-KERNEL_BACKENDS = ("torch", "triton", "cuda")
+KERNEL_BACKENDS = ("torch", "cpu", "triton", "cuda")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIZES = ("smoke", "goal", "grid")
 
@@ -251,6 +251,11 @@ def backend_unavailable(name: str, device) -> Optional[str]:
     dev = torch.device(device)
     if name == "torch":
         return None
+    if name == "cpu":
+        if dev.type != "cpu":
+            return "the cpu backend runs CPU tensors"
+        from fastverify import cpu
+        return None if cpu.available() else "the C++ CPU kernels could not be built (no compiler?)"
     if name == "triton":
         if dev.type == "cuda":
             try:
