@@ -153,5 +153,16 @@ def function(name: str, restype, *argtypes):
     return fn
 
 
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bf16", "avx512vnni")
+
+
+def features() -> tuple:
+    """The instruction-set paths the loaded library was compiled with (e.g. ``("avx2",
+    "fma", "f16c", "avx512f", "avx512bf16", "avx512vnni")`` natively here; ``()`` for the
+    portable build)."""
+    bits = function("fastverify_cpu_features", ctypes.c_int64)()
+    return tuple(name for i, name in enumerate(FEATURES) if bits >> i & 1)
+
+
 # ctypes shorthands for the family modules' signatures
 i32, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
