@@ -411,8 +411,9 @@ def _cmd_compare(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, device, backends and the CUDA extension's state",
-                       description="Print versions, the device, the backend each op would use and whether the "
-                                   "CUDA extension is built / loadable (never builds it).")
+                       description="Print versions, the device, the backend each op would use, the CPU kernels' "
+                                   "build (built if needed: seconds) and whether the CUDA extension is built / "
+                                   "loadable (never builds it).")
     p.set_defaults(func=_cmd_info)
 
 
@@ -465,9 +466,20 @@ def _cmd_info(args) -> int:
              else ""))
     print(f"value checks on CUDA tensors: {'on' if os.environ.get('FASTVERIFY_CHECKS', '0') not in ('', '0') else 'off'}"
           f"; Triton interpreter: {'on' if _backend.triton_interpreting() else 'off'}")
+    print(_cpu_library_state())
     for line in _cuda_extension_state():
         print(line)
     return 0
+
+
+def _cpu_library_state() -> str:
+    """One line on the cpu backend's C++ library (builds it on first use: seconds)."""
+    from . import cpu
+
+    if not cpu.available():
+        return "cpu kernels (csrc/cpu): NOT available — CPU tensors run the torch backend"
+    return (f"cpu kernels (csrc/cpu): built for FASTVERIFY_CPU_ISA={cpu.isa()}, paths "
+            f"{', '.join(cpu.features()) or 'portable C++'} ({cpu.library()._name})")
 
 
 # --------------------------------------------------------------------------- main

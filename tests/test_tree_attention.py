@@ -68,7 +68,7 @@ def over_backends(rows, *, triton=lambda row: True, cuda=lambda row: True, backe
     """pytest params (backend, *row), row by row (the cached inputs and oracle of a row
     serve every backend); on CPU the Triton interpreter and the CUDA emulator run only
     the rows their predicate keeps, the others are ``gpu_sized`` for them."""
-    keep = {"torch": lambda row: True, "triton": triton, "cuda": cuda}
+    keep = {"torch": lambda row: True, "cpu": lambda row: True, "triton": triton, "cuda": cuda}
     name = lambda x: DTYPE_NAMES.get(x, str(x).replace("torch.", ""))  # noqa: E731
     return [pytest.param(b, *row, id="-".join([b, *map(name, row)]),
                          marks=() if keep[b](row) else pytest.mark.gpu_sized)
