@@ -89,8 +89,12 @@ class Case:
     impls: list
     check: Optional[Callable[[Any, Any], tuple]] = None
     reference: str = "torch"
-    targets: dict = field(default_factory=dict)   # {"pct_of_bound": 70, "speedup": {"eager": 5}}
+    targets: dict = field(default_factory=dict)   # {"pct_of_bound": 70, "speedup": {"eager": 5}} (GPU)
     note: str = ""
+    # CPU targets (judged on CPU runs instead of ``targets``): {"pct_of_copy": 50,
+    # "pct_of_peak_flops": 50, "speedup": {"eager": 20}}
+    cpu_targets: dict = field(default_factory=dict)
+    flops: int = 0                   # floating-point operations of a compute-bound case (0: memory-bound)
 
     @property
     def shape_str(self) -> str:
@@ -118,6 +122,8 @@ class Row:
     gbps: Optional[float] = None
     pct_of_bound: Optional[float] = None
     pct_of_copy: Optional[float] = None
+    gflops: Optional[float] = None             # compute-bound cases: achieved GFLOP/s
+    pct_of_peak_flops: Optional[float] = None  # ... against the machine's measured peak
     max_err: Optional[float] = None
     speedup: dict = field(default_factory=dict)    # baseline name -> baseline µs / this row's µs
     target_met: Optional[bool] = None
@@ -191,6 +197,23 @@ def copy_bandwidth(device, nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def peak_flops(device) -> Optional[float]:
+    """CPU: the measured peak of this machine's floating-point throughput — the faster of
+    torch's fp32 and bf16 GEMMs (oneDNN / MKL, 2048³: near the cores' FMA peak) at the
+    current thread count, FLOP/s. None on a GPU (its compute-bound rows are judged against
+    their baselines)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        return None
+    best = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048).to(dtype)
+        b = torch.randn(2048, 2048).to(dtype)
+        times, _ = time_call(lambda: a @ b, dev, target_s=0.3, min_reps=3, max_reps=10, flush=False)
+        best = max(best, 2 * 2048**3 / min(times))
+    return best
+
+
 def git_revision() -> str:
     root = Path(__file__).resolve().parents[2]
     try:
@@ -223,6 +246,13 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
+def _cpu_kernels_state() -> Optional[str]:
+    from fastverify import cpu
+    if not cpu.available():
+        return None
+    return f"FASTVERIFY_CPU_ISA={cpu.isa()}: {', '.join(cpu.features()) or 'portable C++'}"
+
+
 def machine(device) -> dict:
     """What the report header says about where it ran."""
     dev = torch.device(device)
@@ -233,6 +263,8 @@ def machine(device) -> dict:
         "peak_bytes_per_s": peak,
         "peak_source": source,
         "copy_bytes_per_s": copy_bandwidth(dev),
+        "peak_flops_per_s": peak_flops(dev),
+        "cpu_kernels": _cpu_kernels_state() if dev.type == "cpu" else None,
         "l2_bytes": l2_bytes(dev) or None,
         "versions": versions(),
         "git": git_revision(),
@@ -343,6 +375,7 @@ def run(cases: list[Case], device, *, backends=KERNEL_BACKENDS, baselines: bool 
     dev = torch.device(device)
     info = machine_info or {}
     peak, copy = info.get("peak_bytes_per_s"), info.get("copy_bytes_per_s")
+    peak_fl = info.get("peak_flops_per_s")
     unavailable = {b: backend_unavailable(b, dev) for b in backends}
     rows: list[Row] = []
     for case in cases:
@@ -369,13 +402,13 @@ def run(cases: list[Case], device, *, backends=KERNEL_BACKENDS, baselines: bool 
             if why is not None:
                 row.status, row.reason = "n/a", why
             else:
-                out = _measure(case, impl, inputs, row, dev, target_s, min_reps, peak, copy, ref)
+                out = _measure(case, impl, inputs, row, dev, target_s, min_reps, peak, copy, ref, peak_fl)
                 if impl.name == case.reference and row.status == "ok":
                     ref = out
             case_rows.append(row)
             if on_row is not None and impl.kind != "kernel":
                 on_row(row)
-        _fill_speedups(case, case_rows)
+        _fill_speedups(case, case_rows, dev.type)
         if on_row is not None:
             for row in case_rows:
                 if row.kind == "kernel":
@@ -387,7 +420,7 @@ def run(cases: list[Case], device, *, backends=KERNEL_BACKENDS, baselines: bool 
     return rows
 
 
-def _measure(case: Case, impl: Impl, inputs, row: Row, dev, target_s, min_reps, peak, copy, ref):
+def _measure(case: Case, impl: Impl, inputs, row: Row, dev, target_s, min_reps, peak, copy, ref, peak_fl=None):
     """Check and time one implementation into ``row``; returns its first output when it is
     the case's reference (None otherwise)."""
     with backend_context(impl):
@@ -420,23 +453,28 @@ def _measure(case: Case, impl: Impl, inputs, row: Row, dev, target_s, min_reps, 
         row.gbps = case.bytes / med / 1e9
         row.pct_of_bound = None if not peak else 100.0 * case.bytes / peak / med
         row.pct_of_copy = None if not copy else 100.0 * case.bytes / copy / med
+    if impl.kind != "setup" and case.flops:
+        row.gflops = case.flops / med / 1e9
+        row.pct_of_peak_flops = None if not peak_fl else 100.0 * case.flops / peak_fl / med
     return out if impl.name == case.reference else None
 
 
-def _fill_speedups(case: Case, rows: list[Row]) -> None:
+def _fill_speedups(case: Case, rows: list[Row], device_type: str = "cuda") -> None:
+    """Speedups against every baseline of the case, and each kernel row against the
+    case's targets: ``cpu_targets`` on CPU runs, ``targets`` (the GPU's) elsewhere."""
     base = {r.backend: r.median_us for r in rows if r.kind == "baseline" and r.status == "ok"}
-    goal_pct = case.targets.get("pct_of_bound")
-    goal_x = case.targets.get("speedup", {})
+    targets = case.cpu_targets if device_type == "cpu" else case.targets
+    pcts = [(key, label) for key, label in (("pct_of_bound", "of bound"), ("pct_of_copy", "of copy"),
+                                            ("pct_of_peak_flops", "of peak FLOP/s")) if targets.get(key)]
+    goal_x = targets.get("speedup", {})
     for r in rows:
         if r.status != "ok" or r.kind == "setup":
             continue
         r.speedup = {b: us / r.median_us for b, us in base.items() if b != r.backend}
-        if r.kind == "kernel" and case.targets:
-            parts = ([f"≥{goal_pct:g}% of bound"] if goal_pct else []) + [f"≥{x:g}× {b}" for b, x in goal_x.items()]
-            r.target = ", ".join(parts)
-            checks = []
-            if goal_pct:
-                checks.append(None if r.pct_of_bound is None else r.pct_of_bound >= goal_pct)
+        if r.kind == "kernel" and targets:
+            r.target = ", ".join([f"≥{targets[k]:g}% {label}" for k, label in pcts]
+                                 + [f"≥{x:g}× {b}" for b, x in goal_x.items()])
+            checks = [None if getattr(r, k) is None else getattr(r, k) >= targets[k] for k, _ in pcts]
             checks += [None if b not in r.speedup else r.speedup[b] >= x for b, x in goal_x.items()]
             r.target_met = None if any(c is None for c in checks) else all(checks)
 

@@ -91,6 +91,11 @@ def header_lines(meta: dict) -> list[str]:
              "- timing: " + ("CUDA events around each call, L2 flushed before each call (outside the events), "
                              "median; wall µs (JSON) = host time per call of back-to-back calls"
                              if cuda else "time.perf_counter per call, median (CPU: compare ratios within one run)")]
+    if meta.get("peak_flops_per_s"):
+        lines.append(f"- measured peak: {meta['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s (the faster of torch's fp32 and "
+                     "bf16 2048³ GEMMs at this thread count; compute-bound rows report % of it)")
+    if meta.get("cpu_kernels"):
+        lines.append(f"- cpu backend (csrc/cpu): {meta['cpu_kernels']}")
     if meta.get("env"):
         lines.append("- environment: " + ", ".join(f"{k}={v}" for k, v in meta["env"].items()))
     return lines
@@ -101,19 +106,22 @@ def family_table(family: str, rows: list[Row]) -> list[str]:
     if not mine:
         return []
     bases = [b for b in dict.fromkeys(r.backend for r in mine if r.kind == "baseline")]
+    flops = any(r.gflops is not None for r in mine)   # a compute-bound case: GFLOP/s columns
     lines = [f"## {FAMILY_TITLES.get(family, family)}", "",
              "| op | shape | impl | median µs | GB/s | % of bound | % of copy | "
+             + ("GFLOP/s | % of peak FLOP/s | " if flops else "")
              + " | ".join(f"× vs {b}" for b in bases) + (" | " if bases else "") + "target |",
-             "|:--|:--|:--|--:|--:|--:|--:|" + "--:|" * len(bases) + ":--|"]
+             "|:--|:--|:--|--:|--:|--:|--:|" + ("--:|--:|" if flops else "") + "--:|" * len(bases) + ":--|"]
     notes = []
     for r in mine:
         if r.status == "ok":
             cells = [fmt_us(r.median_us), fmt(r.gbps), fmt(r.pct_of_bound), fmt(r.pct_of_copy)]
+            cells += [fmt(r.gflops), fmt(r.pct_of_peak_flops)] if flops else []
             cells += [fmt_x(r.speedup.get(b)) if b != r.backend else "" for b in bases]
             met = "" if r.target_met is None else ("met" if r.target_met else "**not met**")
             cells.append(f"{r.target}: {met}" if r.target and met else r.target)
         else:
-            cells = [r.status.upper()] + [""] * (4 + len(bases))
+            cells = [r.status.upper()] + [""] * (4 + 2 * flops + len(bases))
             notes.append(f"- {r.op} {r.shape} {r.backend}: {r.status} — {r.reason}")
         name = r.backend if r.kind == "kernel" else f"*{r.backend}*"
         lines.append(f"| {r.op} | {r.shape} | {name} | " + " | ".join(cells) + " |")

@@ -28,6 +28,7 @@ from .core import DTYPES, Case, Impl, close, exact, generator, kernel_impls
 FAMILY = "sparse_kv"
 CHUNK, PAGE = 16, 16
 TARGETS = {"pct_of_bound": 60.0}
+CPU_TARGETS = {"pct_of_copy": 50.0}   # on CPU (issue 18), both ops
 TOLERANCE = {"bf16": (2e-2, 2e-2), "fp16": (2e-3, 2e-3), "fp32": (1e-4, 1e-4)}
 # (B, ctx, budget, Hq, Hkv, D, dtype)
 SHAPES = {
@@ -96,7 +97,9 @@ def cases(size: str, device) -> list[Case]:
             Impl("full", lambda x: (lambda: full_decode(x)), kind="baseline", checked=False),
             Impl("gather+sdpa", lambda x: (lambda: gather_sdpa(x)), kind="baseline", checked=False)]
         out.append(Case(FAMILY, "sparse_kv_attention", shape, B * Hkv * budget * D * 2 * e, build, impls,
-                        check=close(*TOLERANCE[dt]), targets=TARGETS if (B, ctx, budget, Hq, Hkv, D, dt) == GOAL else {}))
+                        check=close(*TOLERANCE[dt]), targets=TARGETS if (B, ctx, budget, Hq, Hkv, D, dt) == GOAL else {},
+                        cpu_targets=CPU_TARGETS if (B, ctx, budget, Hq, Hkv, D, dt) == GOAL else {}))
         out.append(Case(FAMILY, "select_kv_chunks", shape, B * Hkv * (ctx // CHUNK) * D * 4 + B * Hq * D * e, build,
-                        kernel_impls(select), check=exact))
+                        kernel_impls(select), check=exact,
+                        cpu_targets=CPU_TARGETS if (B, ctx, budget, Hq, Hkv, D, dt) == GOAL else {}))
     return out
