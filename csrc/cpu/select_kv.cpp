@@ -1,0 +1,239 @@
+// cpu backend of fastverify::select_kv_chunks (sparse-KV self-speculation, DESIGN.md §2.6);
+// fastverify/ops/sparse_kv.py (select_kv_chunks_torch) is the spec, csrc/cuda/sparse_kv.cu
+// the kernels this ports. fastverify/cpu/select_kv.py allocates the output and calls it.
+//
+// For request b, KV head h (G = Hq / Hkv query heads per KV head, cs = chunk_size):
+//
+//   F_b      = min(max(seq_lens[b], 0) / cs, NC)        full chunks selection sees
+//   qsum     = Σ_{g < G} q[b, h·G + g]                   fp32, D floats
+//   mean[c]  = (Σ_{r < cs} K[c·cs + r, h]) / cs          fp32 (or chunk_means[b, c, h])
+//   score[c] = qsum · mean[c]                            fp32; NaN counts as -inf
+//   F_b <= C: chunk_ids[b, h] = 0 .. F_b - 1, then -1
+//   else:     sinks 0 .. ns - 1, recent F_b - nr .. F_b - 1 and the M = C - ns - nr
+//             highest-scoring chunks of ns .. F_b - nr - 1 (ties: lower c first), ascending
+//
+// Two phases, one OpenMP team:
+// 1. scores: work units of (request, tile of chunks), the tile size fixed by chunk_size
+//    alone. Only the chunks that can be chosen are scored (not sinks or recent ones, and
+//    only when F_b > C). A unit streams its chunks' K rows once, all KV heads of a slot
+//    together (they are adjacent in the cache), summing each head's rows in registers
+//    (AVX-512: up to eight 16-float vectors), then dots each head's mean with its qsum.
+//    With chunk_means it streams the mean rows instead. Each score is an order-preserving
+//    uint32 key (higher score <-> higher key, NaN as -inf, -0 as +0), as the CUDA kernel.
+// 2. selection, one (request, KV head) per iteration: the M best of the candidates'
+//    uint64 keys (score key << 32 | 2^32 - 1 - c: unique, so ties go to the lower c)
+//    by std::nth_element (a selection, linear time), then those M ids sorted ascending.
+//
+// Every score is computed by one thread in a fixed order and the selection is exact, so
+// the output does not depend on the number of threads. Memory safety with unchecked
+// input: negative seq_lens count as 0; chunks past the block table (or chunk_means) are
+// never scored; rows on a page id outside the cache count as zero.
+#include <functional>
+#include <memory>
+
+#include "common.h"
+
+namespace {
+
+// ---------------------------------------------------------------- vector loads (fp32 out)
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {  // bf16 bits are the high half of the fp32 bits
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const fp16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// out[d0 .. d0 + 16·NB) = Σ_r rows[r][d0 ..] over n rows, NB accumulators in registers
+template <int NB, typename T>
+inline void sum_rows_block(float* __restrict__ out, const T* const* rows, int n, int d0) {
+  __m512 acc[NB];
+  for (int i = 0; i < NB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int r = 0; r < n; ++r) {
+    const T* p = rows[r] + d0;
+    for (int i = 0; i < NB; ++i) acc[i] = _mm512_add_ps(acc[i], load16(p + 16 * i));
+  }
+  for (int i = 0; i < NB; ++i) _mm512_storeu_ps(out + d0 + 16 * i, acc[i]);
+}
+#endif
+
+// out[D] = Σ_r rows[r][D] (fp32, rows in order for every column)
+template <typename T>
+inline void sum_rows(float* __restrict__ out, const T* const* rows, int n, int D) {
+  int d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 128 <= D; d0 += 128) sum_rows_block<8>(out, rows, n, d0);
+  switch ((D - d0) / 16) {
+    case 7: sum_rows_block<7>(out, rows, n, d0); break;
+    case 6: sum_rows_block<6>(out, rows, n, d0); break;
+    case 5: sum_rows_block<5>(out, rows, n, d0); break;
+    case 4: sum_rows_block<4>(out, rows, n, d0); break;
+    case 3: sum_rows_block<3>(out, rows, n, d0); break;
+    case 2: sum_rows_block<2>(out, rows, n, d0); break;
+    case 1: sum_rows_block<1>(out, rows, n, d0); break;
+    default: break;
+  }
+  d0 += (D - d0) / 16 * 16;
+#endif
+  for (int d = d0; d < D; ++d) out[d] = 0.f;
+  for (int r = 0; r < n; ++r) {
+    const T* __restrict__ p = rows[r];
+#pragma omp simd
+    for (int d = d0; d < D; ++d) out[d] += to_float(p[d]);
+  }
+}
+
+// Order-preserving key of a score: greater score <-> greater key; NaN as -inf, -0 as +0.
+inline uint32_t order_key(float s) {
+  s = s != s ? NEG_INF : (s == 0.f ? 0.f : s);
+  int32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  return uint32_t(bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ 0x80000000u;
+}
+
+struct SelectArgs {
+  const void* q;  // [B, Hq, D] of the cache's dtype
+  int64_t q_sb, q_sh;
+  const void* k;  // [num_pages, page_size, Hkv, D]
+  int64_t k_sp, k_ss, k_sh;  // element strides
+  int64_t num_pages, page_size;
+  const float* means;  // [B, NC, Hkv, D] or null
+  int64_t m_sb, m_sc, m_sh;
+  const int32_t* block_table;  // [B, max_pages]
+  int64_t bt_s0, bt_s1;
+  const int32_t* seq_lens;  // [B] contiguous
+  int64_t B, Hkv, G, D;
+  int64_t chunk_size, NC, C, ns, nr;
+  int32_t* out;  // [B, Hkv, C] contiguous
+  int threads;
+};
+
+template <typename T>
+void select_kv_chunks(const SelectArgs& a) {
+  const int64_t B = a.B, Hkv = a.Hkv, D = a.D, cs = a.chunk_size, C = a.C;
+  const int64_t M = C - a.ns - a.nr;  // chosen by score when F_b > C
+  std::vector<int64_t> F(B);
+  int64_t F_max = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    F[b] = std::min<int64_t>(std::max<int32_t>(a.seq_lens[b], 0) / cs, a.NC);
+    if (F[b] > C && M > 0) F_max = std::max(F_max, F[b]);
+  }
+
+  // qsum[b, h, :] = Σ_g q[b, h·G + g, :]
+  std::vector<float> qsum(size_t(B * Hkv * D), 0.f);
+  const T* q = static_cast<const T*>(a.q);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      float* qs = qsum.data() + (b * Hkv + h) * D;
+      for (int64_t g = 0; g < a.G; ++g) {
+        const T* row = q + b * a.q_sb + (h * a.G + g) * a.q_sh;
+        for (int64_t d = 0; d < D; ++d) qs[d] += to_float(row[d]);
+      }
+    }
+
+  // phase 1 units: (b, first chunk) of tiles of the candidates ns .. F_b - nr - 1
+  const int64_t tile = a.means ? 64 : std::max<int64_t>(1, 1024 / cs);  // ~1K keys or 64 mean rows per unit
+  std::vector<std::pair<int64_t, int64_t>> units;
+  for (int64_t b = 0; b < B; ++b)
+    if (F[b] > C && M > 0)
+      for (int64_t c = a.ns; c < F[b] - a.nr; c += tile) units.emplace_back(b, c);
+  const int64_t key_stride = std::max<int64_t>(F_max, 1);
+  std::unique_ptr<uint32_t[]> keys(new uint32_t[size_t(B * Hkv * key_stride)]);
+  const int64_t run = std::min(cs, a.page_size);  // a chunk's rows: runs of slots inside one page
+  const int64_t n_units = int64_t(units.size());
+  const T* k = static_cast<const T*>(a.k);
+
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> sum(size_t(Hkv * D));
+    std::vector<const T*> rows(size_t(a.means ? 0 : cs));
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < n_units; ++u) {
+      const int64_t b = units[u].first;
+      const int64_t c_end = std::min(units[u].second + tile, F[b] - a.nr);
+      uint32_t* key_b = keys.get() + b * Hkv * key_stride;
+      const float* qs_b = qsum.data() + b * Hkv * D;
+      for (int64_t c = units[u].second; c < c_end; ++c) {
+        if (a.means) {
+          const float* mrow = a.means + b * a.m_sb + c * a.m_sc;
+          for (int64_t h = 0; h < Hkv; ++h)
+            key_b[h * key_stride + c] = order_key(dot(qs_b + h * D, mrow + h * a.m_sh, int(D)));
+          continue;
+        }
+        // the chunk's rows on valid pages (slot pointers at head 0); c < F_b <= capacity / cs
+        int n = 0;
+        for (int64_t p0 = c * cs; p0 < (c + 1) * cs; p0 += run) {
+          const int64_t page = a.block_table[b * a.bt_s0 + (p0 / a.page_size) * a.bt_s1];
+          if (page < 0 || page >= a.num_pages) continue;  // such rows count as zero
+          const T* base = k + page * a.k_sp + (p0 % a.page_size) * a.k_ss;
+          for (int64_t r = 0; r < run; ++r) rows[n++] = base + r * a.k_ss;
+        }
+        for (int64_t h = 0; h < Hkv; ++h) {
+          float* s = sum.data() + h * D;
+          if (h > 0)
+            for (int i = 0; i < n; ++i) rows[i] += a.k_sh;  // every pointer to head h
+          sum_rows(s, rows.data(), n, int(D));
+          for (int64_t d = 0; d < D; ++d) s[d] = s[d] / float(cs);  // mean, as the spec's sum / cs
+          key_b[h * key_stride + c] = order_key(dot(qs_b + h * D, s, int(D)));
+        }
+      }
+    }
+
+    // phase 2: one (request, KV head) per iteration
+    std::vector<uint64_t> cand;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv, Fb = F[b];
+      int32_t* out = a.out + bh * C;
+      if (Fb <= C) {
+        for (int64_t i = 0; i < C; ++i) out[i] = i < Fb ? int32_t(i) : -1;
+        continue;
+      }
+      for (int64_t i = 0; i < a.ns; ++i) out[i] = int32_t(i);
+      for (int64_t i = 0; i < a.nr; ++i) out[a.ns + M + i] = int32_t(Fb - a.nr + i);
+      if (M == 0) continue;
+      const uint32_t* key = keys.get() + (b * Hkv + h) * key_stride;
+      cand.resize(size_t(Fb - a.nr - a.ns));
+      for (int64_t c = a.ns; c < Fb - a.nr; ++c)
+        cand[size_t(c - a.ns)] = (uint64_t(key[c]) << 32) | (0xFFFFFFFFu - uint32_t(c));
+      std::nth_element(cand.begin(), cand.begin() + (M - 1), cand.end(), std::greater<uint64_t>());
+      int32_t* chosen = out + a.ns;
+      for (int64_t i = 0; i < M; ++i) chosen[i] = int32_t(0xFFFFFFFFu - uint32_t(cand[size_t(i)] & 0xFFFFFFFFu));
+      std::sort(chosen, chosen + M);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// select_kv_chunks over a cache of dtype code `dtype` (DTYPE_F32 / BF16 / F16; q has the
+// same): see the formula above. Strides in elements; chunk_means (fp32) may be null;
+// NC = chunk_means.shape[1] when given, else the block table's capacity / chunk_size.
+void fastverify_select_kv_chunks(int dtype, const void* q, int64_t q_sb, int64_t q_sh, const void* k_cache,
+                                 int64_t k_sp, int64_t k_ss, int64_t k_sh, int64_t num_pages, int64_t page_size,
+                                 const float* chunk_means, int64_t m_sb, int64_t m_sc, int64_t m_sh,
+                                 const int32_t* block_table, int64_t bt_s0, int64_t bt_s1, const int32_t* seq_lens,
+                                 int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t chunk_size, int64_t NC,
+                                 int64_t num_chunks, int64_t num_sink, int64_t num_recent, int32_t* chunk_ids,
+                                 int threads) {
+  if (B <= 0 || Hkv <= 0 || num_chunks <= 0 || chunk_size <= 0 || page_size <= 0) return;
+  // the kept chunks fit the row whatever the (unchecked) counts
+  num_sink = std::min(std::max<int64_t>(num_sink, 0), num_chunks);
+  num_recent = std::min(std::max<int64_t>(num_recent, 0), num_chunks - num_sink);
+  SelectArgs a{q,          q_sb,     q_sh,     k_cache,  k_sp,  k_ss,       k_sh,     num_pages, page_size,
+               chunk_means, m_sb,    m_sc,     m_sh,     block_table, bt_s0, bt_s1,   seq_lens,  B,
+               Hkv,        Hq / Hkv, D,        chunk_size, std::max<int64_t>(NC, 0), num_chunks, num_sink,
+               num_recent, chunk_ids, std::max(threads, 1)};
+  switch (dtype) {
+    case DTYPE_BF16: select_kv_chunks<bf16>(a); break;
+    case DTYPE_F16: select_kv_chunks<fp16>(a); break;
+    default: select_kv_chunks<float>(a); break;
+  }
+}
+
+}  // extern "C"
