@@ -18,6 +18,48 @@
 #include "common.h"
 #include "linear.h"
 
+namespace {
+
+// The step's attention (attention.h) on fp32 layer views of the model's cache: slots
+// slot_stride floats apart, pages of page_size slots, heads packed (D floats apart).
+// The step's block table names only pages of the cache (checked in Python).
+PagedAttention step_attention(int64_t N, int Hq, int Hkv, int D, int64_t slot_stride,
+                                     const int32_t* block_table, int64_t bt_stride, int page_size,
+                                     const int32_t* seq_lens, const int32_t* cu_nodes, int64_t B,
+                                     const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
+                                     const int32_t* chunk_ids, int64_t n_ids, int chunk_size, float sm_scale,
+                                     int threads) {
+  PagedAttention a;
+  a.N = N;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.D = D;
+  a.q_tok = int64_t(Hq) * D;
+  a.q_head = D;
+  a.k_page = a.v_page = slot_stride * page_size;
+  a.k_slot = a.v_slot = slot_stride;
+  a.k_head = a.v_head = D;
+  a.num_pages = std::numeric_limits<int32_t>::max();
+  a.page_size = page_size;
+  a.block_table = block_table;
+  a.bt_stride = bt_stride;
+  a.bt_cols = std::numeric_limits<int32_t>::max() / std::max(page_size, 1);  // seq_lens fit the table
+  a.seq_lens = seq_lens;
+  a.B = B;
+  a.cu_nodes = cu_nodes;
+  a.tree_mask = tree_mask;
+  a.mask_words = mask_words;
+  a.rows = rows;
+  a.chunk_ids = chunk_ids;
+  a.n_ids = n_ids;
+  a.chunk_size = chunk_size;
+  a.sm_scale = sm_scale;
+  a.threads = threads;
+  return a;
+}
+
+}  // namespace
+
 extern "C" {
 
 int fastverify_linear_f32(const float* x, int64_t ldx, const float* w, const float* bias, const float* residual,
@@ -65,8 +107,10 @@ void fastverify_paged_attention_f32(const float* q, int64_t N, int Hq, int Hkv, 
                                     int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
                                     const int32_t* chunk_ids, int64_t n_ids, int chunk_size, float sm_scale,
                                     float* out, int threads) {
-  paged_attention_f32(q, N, Hq, Hkv, D, k_cache, v_cache, slot_stride, block_table, bt_stride, page_size, seq_lens,
-                      cu_nodes, B, tree_mask, mask_words, rows, chunk_ids, n_ids, chunk_size, sm_scale, out, threads);
+  paged_attention<float>(step_attention(N, Hq, Hkv, D, slot_stride, block_table, bt_stride, page_size, seq_lens,
+                                        cu_nodes, B, tree_mask, mask_words, rows, chunk_ids, n_ids, chunk_size,
+                                        sm_scale, threads),
+                         q, k_cache, v_cache, out);
 }
 
 // Decoder layers over N tokens in one call: per layer the six calls of the model's
@@ -91,9 +135,9 @@ int fastverify_decoder_layers_f32(float* x, int64_t N, int64_t n_layers, const i
     linear_f32(x, d, f(w[0]), f(w[1]), nullptr, 0, qkv.data(), QKV, N, QKV, d, f(w[5]), eps, 0, threads);
     fastverify_qkv_rope_f32(qkv.data(), QKV, N, Hq, Hkv, D, cos, sin, f(w[7]), f(w[8]), eps, q.data(), f(w[9]),
                             f(w[10]), slot_stride, slots);
-    paged_attention_f32(q.data(), N, Hq, Hkv, D, f(w[9]), f(w[10]), slot_stride, block_table, bt_stride,
-                                   page_size, seq_lens, cu_nodes, B, tree_mask, mask_words, rows, nullptr, 0, 0,
-                                   sm_scale, attn.data(), threads);
+    paged_attention<float>(step_attention(N, Hq, Hkv, D, slot_stride, block_table, bt_stride, page_size, seq_lens,
+                                          cu_nodes, B, tree_mask, mask_words, rows, nullptr, 0, 0, sm_scale, threads),
+                           q.data(), f(w[9]), f(w[10]), attn.data());
     linear_f32(attn.data(), HD, f(w[2]), nullptr, x, d, x2.data(), d, N, d, HD, nullptr, 0.f, 0, threads);
     linear_f32(x2.data(), d, f(w[3]), nullptr, nullptr, 0, h.data(), 2 * I, N, 2 * I, d, f(w[6]), eps, 0,
                           threads);
