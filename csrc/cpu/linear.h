@@ -3,6 +3,8 @@
 // decode step (step.cpp) and the LM-head ops.
 #pragma once
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace {
@@ -109,6 +111,185 @@ inline int linear_f32(const float* x, int64_t ldx, const float* w, const float* 
   }
   LINEAR_ROWS[M - 1](x, ldx, w, bias, residual, ldr, y, ldy, N, K, threads);
   return 0;
+}
+
+// ---------------------------------------------------------------------------- blocks of dot products
+//
+// y[m, n] = Σ_k x[m, k] · w[n, k] for a block of MR input rows and NR weight rows, fp32
+// accumulation, weights fp32 / bf16 / fp16 (the LM-head ops' tiles; the decode step keeps
+// linear_f32 above). Register blocking: MR·NR accumulators of 16 lanes; each step loads MR
+// input vectors and NR weight vectors for MR·NR multiply-adds, so a weight vector read from
+// memory feeds MR rows and an input vector NR rows.
+//
+// Every (m, n) has its own 16-lane accumulator, fed in the same k order by every block shape,
+// then reduced by one fixed tree: a dot product has the same bits whatever MR, NR (how many
+// rows a call has, which thread runs it). Lane j holds the terms k ≡ j (mod 16) (mod 32
+// pairs with AVX512-BF16); the K % 16 tail enters by zero-masked loads (AVX-512) or as
+// lanes 0.. of one last step (portable).
+
+constexpr int DOT_MR = 4;  // input rows per block: 4·6 accumulators + 4 inputs + 1 weight vector of 32 registers
+constexpr int DOT_NR = 6;  // weight rows per block
+
+#if defined(__AVX512F__)
+inline __m512 load16_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_f32(const fp16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512 load16_f32(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// fp32 inputs x against weights TW (converted to fp32 on load): acc += x · w by FMA.
+template <typename TW, int MR, int NR>
+inline void dot_block(const float* __restrict__ x, int64_t ldx, const TW* __restrict__ w, int64_t ldw, int64_t K,
+                      float* __restrict__ y, int64_t ldy) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += V) {
+    const __mmask16 mask = K - k >= V ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 xv[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) xv[m] = load16_f32(x + m * ldx + k, mask);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m512 wv = load16_f32(w + n * ldw + k, mask);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+#else
+// one step of 16 k: acc[m][n][j] += x[m, j] · w[n, j]
+template <typename TW, int MR, int NR>
+inline void dot_step(float (&acc)[MR][NR][V], const float* __restrict__ x, int64_t ldx, const TW* __restrict__ w,
+                     int64_t ldw) {
+  for (int n = 0; n < NR; ++n) {
+    float wv[V];
+#pragma omp simd
+    for (int j = 0; j < V; ++j) wv[j] = to_float(w[n * ldw + j]);
+    for (int m = 0; m < MR; ++m) {
+#pragma omp simd
+      for (int j = 0; j < V; ++j) acc[m][n][j] += x[m * ldx + j] * wv[j];
+    }
+  }
+}
+
+template <typename TW, int MR, int NR>
+inline void dot_block(const float* __restrict__ x, int64_t ldx, const TW* __restrict__ w, int64_t ldw, int64_t K,
+                      float* __restrict__ y, int64_t ldy) {
+  float acc[MR][NR][V] = {};
+  const int64_t K16 = K - K % V;
+  for (int64_t k = 0; k < K16; k += V) dot_step<TW, MR, NR>(acc, x + k, ldx, w + k, ldw);
+  if (K16 < K) {  // the tail, zero-padded to one step (as the masked loads of AVX-512)
+    float xt[MR * V] = {};
+    TW wt[NR * V] = {};
+    for (int64_t j = 0; j < K - K16; ++j) {
+      for (int m = 0; m < MR; ++m) xt[m * V + j] = x[m * ldx + K16 + j];
+      for (int n = 0; n < NR; ++n) wt[n * V + j] = w[n * ldw + K16 + j];
+    }
+    dot_step<TW, MR, NR>(acc, xt, V, wt, V);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      float s[V];
+      for (int j = 0; j < V; ++j) s[j] = acc[m][n][j];
+      for (int h = V / 2; h > 0; h /= 2)  // a fixed pairwise tree
+        for (int j = 0; j < h; ++j) s[j] += s[j + h];
+      y[m * ldy + n] = s[0];
+    }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// bf16 inputs against bf16 weights with AVX512-BF16: each vdpbf16ps multiplies 32 pairs
+// (exact bf16 products) and adds them to the 16 fp32 lanes, k pairs (2j, 2j+1) in lane j.
+template <int MR, int NR>
+inline void dot_block_bf16(const bf16* __restrict__ x, int64_t ldx, const bf16* __restrict__ w, int64_t ldw,
+                           int64_t K, float* __restrict__ y, int64_t ldy) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2 * V) {
+    const __mmask32 mask = K - k >= 2 * V ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (K - k)) - 1);
+    __m512bh xv[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * ldw + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv[m], wv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+#endif
+
+// Whether inputs of weight type TW stay in TW (bf16 with AVX512-BF16) rather than being
+// widened to fp32 once per call (the caller converts x).
+template <typename TW>
+constexpr bool dot_native_input() {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<TW, bf16>;
+#else
+  return false;
+#endif
+}
+template <typename TW>
+using DotInput = std::conditional_t<dot_native_input<TW>(), TW, float>;
+
+template <typename TW, int MR, int NR>
+inline void dot_block_any(const DotInput<TW>* x, int64_t ldx, const TW* w, int64_t ldw, int64_t K, float* y,
+                          int64_t ldy) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<TW, bf16>) {
+    dot_block_bf16<MR, NR>(x, ldx, w, ldw, K, y, ldy);
+    return;
+  } else
+#endif
+  {
+    dot_block<TW, MR, NR>(x, ldx, w, ldw, K, y, ldy);
+  }
+}
+
+template <typename TW>
+using DotBlock = void (*)(const DotInput<TW>*, int64_t, const TW*, int64_t, int64_t, float*, int64_t);
+template <typename TW, int MR, std::size_t... N>
+constexpr std::array<DotBlock<TW>, sizeof...(N)> dot_row_table(std::index_sequence<N...>) {
+  return {&dot_block_any<TW, MR, int(N) + 1>...};
+}
+template <typename TW, std::size_t... M>
+constexpr std::array<std::array<DotBlock<TW>, DOT_NR>, sizeof...(M)> dot_table(std::index_sequence<M...>) {
+  return {dot_row_table<TW, int(M) + 1>(std::make_index_sequence<DOT_NR>{})...};
+}
+template <typename TW>
+constexpr auto DOT_BLOCKS = dot_table<TW>(std::make_index_sequence<DOT_MR>{});
+
+// y[m, n] = Σ_k x[m, k] · w[n, k] for M input rows and N weight rows (one thread): weight
+// blocks of DOT_NR rows outside, input blocks of DOT_MR rows inside, so a weight block is
+// read from memory once and from cache by the other input blocks.
+template <typename TW>
+inline void linear_tile(const DotInput<TW>* x, int64_t ldx, int64_t M, const TW* w, int64_t ldw, int64_t N, int64_t K,
+                        float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += DOT_NR) {
+    const int nr = int(std::min<int64_t>(DOT_NR, N - n0));
+    for (int64_t m0 = 0; m0 < M; m0 += DOT_MR) {
+      const int mr = int(std::min<int64_t>(DOT_MR, M - m0));
+      DOT_BLOCKS<TW>[mr - 1][nr - 1](x + m0 * ldx, ldx, w + n0 * ldw, ldw, K, y + m0 * ldy + n0, ldy);
+    }
+  }
 }
 
 }  // namespace
