@@ -33,6 +33,7 @@
 // the output does not depend on the number of threads. Memory safety with unchecked
 // input: negative seq_lens count as 0; chunks past the block table (or chunk_means) are
 // never scored; rows on a page id outside the cache count as zero.
+#include <atomic>
 #include <functional>
 #include <memory>
 
@@ -89,6 +90,37 @@ struct SelectArgs {
   int threads;
 };
 
+// chunk_ids row of (b, h) from its candidates' keys: see the formula above. The M largest
+// of the candidates' unique uint64 keys (score key << 32 | 2^32 - 1 - c) are kept in a
+// min-heap of M entries (a selection: most candidates lose one comparison with its root),
+// then sorted ascending by chunk id.
+inline void select_row(const uint32_t* key, int64_t Fb, int64_t C, int64_t ns, int64_t nr, int32_t* out,
+                       std::vector<uint64_t>& heap) {
+  if (Fb <= C) {
+    for (int64_t i = 0; i < C; ++i) out[i] = i < Fb ? int32_t(i) : -1;
+    return;
+  }
+  const int64_t M = C - ns - nr;
+  for (int64_t i = 0; i < ns; ++i) out[i] = int32_t(i);
+  for (int64_t i = 0; i < nr; ++i) out[ns + M + i] = int32_t(Fb - nr + i);
+  if (M == 0) return;
+  heap.clear();
+  for (int64_t c = ns; c < Fb - nr; ++c) {
+    const uint64_t v = (uint64_t(key[c]) << 32) | (0xFFFFFFFFu - uint32_t(c));
+    if (int64_t(heap.size()) < M) {
+      heap.push_back(v);
+      if (int64_t(heap.size()) == M) std::make_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
+    } else if (v > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
+      heap.back() = v;
+      std::push_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
+    }
+  }
+  int32_t* chosen = out + ns;
+  for (int64_t i = 0; i < M; ++i) chosen[i] = int32_t(0xFFFFFFFFu - uint32_t(heap[size_t(i)] & 0xFFFFFFFFu));
+  std::sort(chosen, chosen + M);
+}
+
 template <typename T>
 void select_kv_chunks(const SelectArgs& a) {
   const int64_t B = a.B, Hkv = a.Hkv, D = a.D, cs = a.chunk_size, C = a.C;
@@ -115,18 +147,36 @@ void select_kv_chunks(const SelectArgs& a) {
   // phase 1 units: (b, first chunk) of tiles of the candidates ns .. F_b - nr - 1
   const int64_t tile = a.means ? 64 : std::max<int64_t>(1, 1024 / cs);  // ~1K keys or 64 mean rows per unit
   std::vector<std::pair<int64_t, int64_t>> units;
+  std::vector<int64_t> units_of(size_t(B), 0);
+  int64_t stream_bytes = 0;
+  const int64_t chunk_bytes = a.means ? Hkv * D * int64_t(sizeof(float)) : cs * Hkv * D * int64_t(sizeof(T));
   for (int64_t b = 0; b < B; ++b)
-    if (F[b] > C && M > 0)
-      for (int64_t c = a.ns; c < F[b] - a.nr; c += tile) units.emplace_back(b, c);
+    if (F[b] > C && M > 0) {
+      for (int64_t c = a.ns; c < F[b] - a.nr; c += tile, ++units_of[b]) units.emplace_back(b, c);
+      stream_bytes += (F[b] - a.nr - a.ns) * chunk_bytes;
+    }
   const int64_t key_stride = std::max<int64_t>(F_max, 1);
   std::unique_ptr<uint32_t[]> keys(new uint32_t[size_t(B * Hkv * key_stride)]);
   const int64_t run = std::min(cs, a.page_size);  // a chunk's rows: runs of slots inside one page
   const int64_t n_units = int64_t(units.size());
   const T* k = static_cast<const T*>(a.k);
 
-#pragma omp parallel num_threads(a.threads)
+  // requests without a choice (F_b <= C, or no chunk left to score) are written here;
+  // the others by the thread that completes their scores
+  std::vector<uint64_t> heap;
+  std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[size_t(B)]);
+  for (int64_t b = 0; b < B; ++b) {
+    remaining[b].store(units_of[b], std::memory_order_relaxed);
+    if (units_of[b] == 0)
+      for (int64_t h = 0; h < Hkv; ++h)
+        select_row(keys.get() + (b * Hkv + h) * key_stride, F[b], C, a.ns, a.nr, a.out + (b * Hkv + h) * C, heap);
+  }
+  // a thread team only for enough bytes to stream (~1 MiB): waking one costs more on small inputs
+  const int team = stream_bytes >= (int64_t{1} << 20) ? a.threads : 1;
+#pragma omp parallel num_threads(team) if (team > 1)
   {
     std::vector<float> sum(size_t(Hkv * D));
+    std::vector<uint64_t> heap;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_units; ++u) {
       const int64_t b = units[u].first;
@@ -161,40 +211,13 @@ void select_kv_chunks(const SelectArgs& a) {
           key_b[h * key_stride + c] = order_key(dot(qs_b + h * D, s, int(D)));
         }
       }
+      // the thread that scores the last unit of request b selects its rows (acq_rel: it
+      // sees the keys the other units wrote)
+      if (remaining[b].fetch_sub(1, std::memory_order_acq_rel) == 1)
+        for (int64_t h = 0; h < Hkv; ++h)
+          select_row(key_b + h * key_stride, F[b], C, a.ns, a.nr, a.out + (b * Hkv + h) * C, heap);
     }
 
-    // phase 2: one (request, KV head) per iteration
-    std::vector<uint64_t> heap;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv, Fb = F[b];
-      int32_t* out = a.out + bh * C;
-      if (Fb <= C) {
-        for (int64_t i = 0; i < C; ++i) out[i] = i < Fb ? int32_t(i) : -1;
-        continue;
-      }
-      for (int64_t i = 0; i < a.ns; ++i) out[i] = int32_t(i);
-      for (int64_t i = 0; i < a.nr; ++i) out[a.ns + M + i] = int32_t(Fb - a.nr + i);
-      if (M == 0) continue;
-      // the M largest of the candidates' unique keys (score key << 32 | 2^32 - 1 - c) in a
-      // min-heap of M: most candidates lose one comparison against its root
-      const uint32_t* key = keys.get() + (b * Hkv + h) * key_stride;
-      heap.clear();
-      for (int64_t c = a.ns; c < Fb - a.nr; ++c) {
-        const uint64_t v = (uint64_t(key[c]) << 32) | (0xFFFFFFFFu - uint32_t(c));
-        if (int64_t(heap.size()) < M) {
-          heap.push_back(v);
-          if (int64_t(heap.size()) == M) std::make_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
-        } else if (v > heap.front()) {
-          std::pop_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
-          heap.back() = v;
-          std::push_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
-        }
-      }
-      int32_t* chosen = out + a.ns;
-      for (int64_t i = 0; i < M; ++i) chosen[i] = int32_t(0xFFFFFFFFu - uint32_t(heap[size_t(i)] & 0xFFFFFFFFu));
-      std::sort(chosen, chosen + M);
-    }
   }
 }
 
