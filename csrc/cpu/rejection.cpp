@@ -56,9 +56,63 @@ inline float scale(float l, float t) {
   return z < FLT_MAX_F ? z : FLT_MAX_F;
 }
 
-// e^x for x <= 0: exp_nonpositive, and 0 below -87 (where it would saturate at ~1e-38;
-// fp32 expf is denormal there), so a token far below the maximum has no mass.
-inline float exp_le0(float x) { return x < -87.f ? 0.f : exp_nonpositive(x); }
+
+#if defined(__AVX512F__)
+// AVX-512 pieces of the row passes. Lanes past a row's end load as NaN, which every use
+// drops: max_ps(x, acc) returns acc for a NaN x, and NaN fails every mask comparison.
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+template <>
+inline __m512 load16(const fp16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// n (< 16) elements, the other lanes NaN
+template <typename T>
+inline __m512 load_tail(const T* p, int n) {
+  alignas(64) float buf[16];
+  for (int i = 0; i < 16; ++i) buf[i] = i < n ? to_float(p[i]) : std::numeric_limits<float>::quiet_NaN();
+  return _mm512_load_ps(buf);
+}
+template <typename T>
+inline __m512 load_n(const T* p, int n) { return n >= 16 ? load16(p) : load_tail(p, n); }
+
+// 2^y = 2^g 2^n, n = round(y), |g| <= 1/2: a degree-6 polynomial (relative error 1.6e-8)
+// scaled by vscalefps (which also takes very negative n to 0)
+inline __m512 exp2_v(__m512 y) {
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 g = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(0.00015345810970757157f);
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.0013399930903688073f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.009618489071726799f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.05550328642129898f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.24022646248340607f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.6931471824645996f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+// e^(z - m) on the lanes of `keep` with z >= m - 87, else 0 (below, exp_nonpositive would
+// saturate at ~1e-38 where fp32 expf is denormal: a token that far below the maximum has no mass)
+inline __m512 exp_shift_v(__m512 z, float m, __mmask16 keep) {
+  const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, z, _mm512_set1_ps(m - 87.f), _CMP_GE_OQ);
+  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(m)), _mm512_set1_ps(1.4426950408889634f));
+  return _mm512_maskz_mov_ps(live, exp2_v(y));
+}
+#endif
+
+// e^(z - m) for z <= m, 0 below m - 87: the vector code's arithmetic where there is one,
+// so single probabilities agree with the row passes bit for bit
+inline float exp_shift(float z, float m) {
+#if defined(__AVX512F__)
+  return _mm512_cvtss_f32(exp_shift_v(_mm512_set1_ps(z), m, 0xFFFF));
+#else
+  return z >= m - 87.f ? exp_nonpositive(z - m) : 0.f;
+#endif
+}
 
 // Order-preserving float32 -> uint32 key (sampling.float_key: key32 + 2^31 as uint32)
 inline uint32_t float_key(float x) {
@@ -179,31 +233,37 @@ struct Row {
     return (z > NEG_INF && (!has_thr || lv >= thr)) ? z : NEG_INF;
   }
   // mass of chunk c relative to exp(M)
-  float mass(int c) const { return m[c] > NEG_INF ? s[c] * exp_le0(m[c] - M) : 0.f; }
+  float mass(int c) const { return m[c] > NEG_INF ? s[c] * exp_shift(m[c], M) : 0.f; }
   // p(x) with the given normalizer; x a valid id or -1 (then 0)
   float prob_at(int64_t x, float norm) const {
     if (x < 0) return 0.f;
     const float z = z_kept(x);
-    return (z > NEG_INF && norm > 0.f) ? exp_le0(z - M) / norm : 0.f;
+    return (z > NEG_INF && norm > 0.f) ? exp_shift(z, M) / norm : 0.f;
   }
   // exp(z - M) / norm at token off if kept, else 0
   float chunk_prob(int64_t off, float norm) const {
     const float z = z_kept(off);
-    return z > NEG_INF ? exp_le0(z - M) / norm : 0.f;
+    return z > NEG_INF ? exp_shift(z, M) / norm : 0.f;
   }
   // p of every token of chunk c (normalized by norm) into out[0, chunk); returns the count
   int64_t chunk_probs(int c, float norm, float* out) const {
     const int64_t first = int64_t(c) * chunk;
     const int64_t n = std::min<int64_t>(chunk, V - first);
+#if defined(__AVX512F__)
     const T* ch = l + first;
-    const float Mv = M;
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) {
-      const float lv = sanitize(to_float(ch[e]));
-      const float z = scale(lv, t);
-      const bool kept = z > NEG_INF && (!has_thr || lv >= thr);
-      out[e] = kept ? exp_le0(z - Mv) / norm : 0.f;
+    const __m512 vt = _mm512_set1_ps(t), vthr = _mm512_set1_ps(thr), vmax = _mm512_set1_ps(FLT_MAX_F),
+                 vnorm = _mm512_set1_ps(norm);
+    for (int64_t e = 0; e < n; e += 16) {
+      const int rem = int(std::min<int64_t>(16, n - e));
+      const __m512 x = load_n(ch + e, rem);
+      const __m512 z = _mm512_min_ps(vmax, _mm512_div_ps(x, vt));  // NaN stays NaN
+      const __mmask16 keep = has_thr ? _mm512_cmp_ps_mask(x, vthr, _CMP_GE_OQ) : __mmask16(0xFFFF);
+      const __m512 p = _mm512_div_ps(exp_shift_v(z, M, keep), vnorm);
+      _mm512_mask_storeu_ps(out + e, rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u), p);
     }
+#else
+    for (int64_t e = 0; e < n; ++e) out[e] = chunk_prob(first + e, norm);
+#endif
     return n;
   }
 };
@@ -248,6 +308,48 @@ int row_argmax(const T* l, int64_t V, int chunk, int NC, float* a) {
 template <typename T, bool UNIT_T, bool HAS_THR>
 void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, bool entropy, float* m, float* s,
                  float* e, float* a) {
+#if defined(__AVX512F__)
+  // pass 1: max l and max kept l (max z = scale(max kept l): scaling is monotone);
+  // pass 2 (the chunk again, from L1): sum of e^(z - m_c) over kept tokens
+  const __m512 vt = _mm512_set1_ps(t), vthr = _mm512_set1_ps(thr), vmax = _mm512_set1_ps(FLT_MAX_F),
+               ninf = _mm512_set1_ps(NEG_INF);
+  for (int c = 0; c < NC; ++c) {
+    const int64_t first = int64_t(c) * chunk;
+    const int n = int(std::min<int64_t>(chunk, V - first));
+    const T* ch = l + first;
+    __m512 amx = ninf, kmx = ninf;
+    for (int i = 0; i < n; i += 16) {
+      const __m512 x = load_n(ch + i, n - i);
+      amx = _mm512_max_ps(x, amx);
+      if (HAS_THR) kmx = _mm512_mask_max_ps(kmx, _mm512_cmp_ps_mask(x, vthr, _CMP_GE_OQ), x, kmx);
+    }
+    const float amax = _mm512_reduce_max_ps(amx);
+    const float lk = HAS_THR ? _mm512_reduce_max_ps(kmx) : amax;
+    const float zmax = lk > NEG_INF ? scale(lk, t) : NEG_INF;
+    float sum = 0.f, ent = 0.f;
+    if (zmax > NEG_INF) {
+      __m512 acc = _mm512_setzero_ps(), eacc = _mm512_setzero_ps();
+      const __m512 vz = _mm512_set1_ps(zmax);
+      for (int i = 0; i < n; i += 16) {
+        const __m512 x = load_n(ch + i, n - i);
+        const __m512 z = UNIT_T ? _mm512_min_ps(vmax, x) : _mm512_min_ps(vmax, _mm512_div_ps(x, vt));
+        const __mmask16 keep = HAS_THR ? _mm512_cmp_ps_mask(x, vthr, _CMP_GE_OQ) : __mmask16(0xFFFF);
+        const __m512 w = exp_shift_v(z, zmax, keep);
+        acc = _mm512_add_ps(acc, w);
+        if (entropy) {
+          const __mmask16 pos = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ);
+          eacc = _mm512_mask_add_ps(eacc, pos, eacc, _mm512_mul_ps(w, _mm512_sub_ps(z, vz)));
+        }
+      }
+      sum = _mm512_reduce_add_ps(acc);
+      ent = _mm512_reduce_add_ps(eacc);
+    }
+    m[c] = zmax;
+    s[c] = sum;
+    if (entropy) e[c] = ent;
+    a[c] = amax;
+  }
+#else
   alignas(64) float zbuf[MAX_CHUNK];
   for (int c = 0; c < NC; ++c) {
     const int64_t first = int64_t(c) * chunk;
@@ -258,32 +360,18 @@ void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, b
     for (int i = 0; i < n; ++i) {
       const float lv = sanitize(to_float(ch[i]));
       amax = lv > amax ? lv : amax;
-      float z;
-      if (UNIT_T) {
-        z = lv < FLT_MAX_F ? lv : FLT_MAX_F;  // l / 1 == l
-      } else {
-        z = scale(lv, t);
-      }
+      float z = UNIT_T ? (lv < FLT_MAX_F ? lv : FLT_MAX_F) : scale(lv, t);  // l / 1 == l
       if (HAS_THR) z = lv >= thr ? z : NEG_INF;
       zbuf[i] = z;
       zmax = z > zmax ? z : zmax;
     }
     float sum = 0.f, ent = 0.f;
     if (zmax > NEG_INF) {
-      if (entropy) {
 #pragma omp simd reduction(+ : sum, ent)
-        for (int i = 0; i < n; ++i) {
-          const float d = zbuf[i] - zmax;
-          const float x = zbuf[i] > NEG_INF ? exp_le0(d) : 0.f;
-          sum += x;
-          ent += zbuf[i] > NEG_INF ? x * d : 0.f;
-        }
-      } else {
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < n; ++i) {
-          const float x = zbuf[i] > NEG_INF ? exp_le0(zbuf[i] - zmax) : 0.f;
-          sum += x;
-        }
+      for (int i = 0; i < n; ++i) {
+        const float x = exp_shift(zbuf[i], zmax);
+        sum += x;
+        ent += x > 0.f ? x * (zbuf[i] - zmax) : 0.f;
       }
     }
     m[c] = zmax;
@@ -291,6 +379,7 @@ void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, b
     if (entropy) e[c] = ent;
     a[c] = amax;
   }
+#endif
 }
 
 // ------------------------------------------------------------------------------ top-k / top-p
@@ -413,7 +502,7 @@ float filter_threshold(const T* l, int64_t V, float t, int64_t k, float top_p, b
     const float v = sanitize(to_float(l[i]));
     const uint32_t kk = float_key(v);
     if (kk < key) continue;
-    const float x = exp_le0(scale(v, t) - m);
+    const float x = exp_shift(scale(v, t), m);
     keys.push_back(kk);
     wts.push_back(x);
     total += double(x);
@@ -500,13 +589,13 @@ struct Rows {
       float M = NEG_INF;
       for (int c = 0; c < a.NC; ++c) M = m[c] > M ? m[c] : M;
       float S = 0.f;
-      for (int c = 0; c < a.NC; ++c) S += m[c] > NEG_INF ? s[c] * exp_le0(m[c] - M) : 0.f;
+      for (int c = 0; c < a.NC; ++c) S += m[c] > NEG_INF ? s[c] * exp_shift(m[c], M) : 0.f;
       float H = 0.f;
       if (entropy) {
         // H = log S - (1/S) sum_c e^{m_c - M} (e_c + (m_c - M) s_c)
         float tsum = 0.f;
         for (int c = 0; c < a.NC; ++c) {
-          if (m[c] > NEG_INF) tsum += exp_le0(m[c] - M) * (e[c] + (m[c] - M) * s[c]);
+          if (m[c] > NEG_INF) tsum += exp_shift(m[c], M) * (e[c] + (m[c] - M) * s[c]);
         }
         H = S > 0.f ? std::log(S) - tsum / S : 0.f;
       }
