@@ -22,10 +22,9 @@
 //    hardware prefetchers less busy (measured ~20% slower). With chunk_means it streams the
 //    mean rows. Each score is an order-preserving uint32 key (higher score <-> higher
 //    key, NaN as -inf, -0 as +0), as the CUDA kernel.
-// 2. selection, one (request, KV head) per iteration: the M largest of the candidates'
-//    unique uint64 keys (score key << 32 | 2^32 - 1 - c, so ties go to the lower c) in a
-//    min-heap of M entries (a selection: most candidates lose one comparison with its
-//    root), then those M ids sorted ascending.
+// 2. selection of each (request, KV head) row by the thread that scored the request's last
+//    unit (no barrier between the phases): the M-th largest key found bit by bit with
+//    vectorized counts, then one ascending pass (select_row; a selection, not a sort).
 // Units are handed out dynamically (a core shared with other work does not hold the
 // other back); which thread computes a unit never changes what it computes.
 //
@@ -34,7 +33,6 @@
 // input: negative seq_lens count as 0; chunks past the block table (or chunk_means) are
 // never scored; rows on a page id outside the cache count as zero.
 #include <atomic>
-#include <functional>
 #include <memory>
 
 #include "common.h"
@@ -90,12 +88,20 @@ struct SelectArgs {
   int threads;
 };
 
-// chunk_ids row of (b, h) from its candidates' keys: see the formula above. The M largest
-// of the candidates' unique uint64 keys (score key << 32 | 2^32 - 1 - c) are kept in a
-// min-heap of M entries (a selection: most candidates lose one comparison with its root),
-// then sorted ascending by chunk id.
-inline void select_row(const uint32_t* key, int64_t Fb, int64_t C, int64_t ns, int64_t nr, int32_t* out,
-                       std::vector<uint64_t>& heap) {
+// Candidates among key[0 .. n) at or above x (a loop GCC vectorizes).
+inline int64_t count_at_least(const uint32_t* __restrict__ key, int64_t n, uint32_t x) {
+  uint32_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += key[i] >= x;
+  return count;
+}
+
+// chunk_ids row of (b, h) from the keys of its chunks (see the formula above), as the CUDA
+// chunk_select_kernel: the M-th largest key kth of the N candidates ns .. Fb - nr - 1 is
+// found bit by bit (the largest value with at least M candidates at or above it: 32
+// vectorized counts at most, stopping as soon as exactly M qualify), then one ascending
+// pass takes every key > kth and the lowest ids among keys == kth, which writes the
+// chosen ids already sorted. Linear in N, no sort, no data-dependent memory traffic.
+inline void select_row(const uint32_t* key, int64_t Fb, int64_t C, int64_t ns, int64_t nr, int32_t* out) {
   if (Fb <= C) {
     for (int64_t i = 0; i < C; ++i) out[i] = i < Fb ? int32_t(i) : -1;
     return;
@@ -104,21 +110,21 @@ inline void select_row(const uint32_t* key, int64_t Fb, int64_t C, int64_t ns, i
   for (int64_t i = 0; i < ns; ++i) out[i] = int32_t(i);
   for (int64_t i = 0; i < nr; ++i) out[ns + M + i] = int32_t(Fb - nr + i);
   if (M == 0) return;
-  heap.clear();
-  for (int64_t c = ns; c < Fb - nr; ++c) {
-    const uint64_t v = (uint64_t(key[c]) << 32) | (0xFFFFFFFFu - uint32_t(c));
-    if (int64_t(heap.size()) < M) {
-      heap.push_back(v);
-      if (int64_t(heap.size()) == M) std::make_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
-    } else if (v > heap.front()) {
-      std::pop_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
-      heap.back() = v;
-      std::push_heap(heap.begin(), heap.end(), std::greater<uint64_t>());
-    }
+  const uint32_t* cand = key + ns;
+  const int64_t N = Fb - nr - ns;  // > M
+  uint32_t kth = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t x = kth | (uint32_t{1} << bit);
+    const int64_t n = count_at_least(cand, N, x);
+    if (n >= M) kth = x;
+    if (n == M) break;
   }
+  int64_t take_equal = M - (kth == 0xFFFFFFFFu ? 0 : count_at_least(cand, N, kth + 1));
   int32_t* chosen = out + ns;
-  for (int64_t i = 0; i < M; ++i) chosen[i] = int32_t(0xFFFFFFFFu - uint32_t(heap[size_t(i)] & 0xFFFFFFFFu));
-  std::sort(chosen, chosen + M);
+  for (int64_t i = 0, j = 0; i < N && j < M; ++i) {
+    const bool take = cand[i] > kth || (cand[i] == kth && take_equal-- > 0);
+    if (take) chosen[j++] = int32_t(ns + i);
+  }
 }
 
 template <typename T>
@@ -163,20 +169,18 @@ void select_kv_chunks(const SelectArgs& a) {
 
   // requests without a choice (F_b <= C, or no chunk left to score) are written here;
   // the others by the thread that completes their scores
-  std::vector<uint64_t> heap;
   std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[size_t(B)]);
   for (int64_t b = 0; b < B; ++b) {
     remaining[b].store(units_of[b], std::memory_order_relaxed);
     if (units_of[b] == 0)
       for (int64_t h = 0; h < Hkv; ++h)
-        select_row(keys.get() + (b * Hkv + h) * key_stride, F[b], C, a.ns, a.nr, a.out + (b * Hkv + h) * C, heap);
+        select_row(keys.get() + (b * Hkv + h) * key_stride, F[b], C, a.ns, a.nr, a.out + (b * Hkv + h) * C);
   }
   // a thread team only for enough bytes to stream (~1 MiB): waking one costs more on small inputs
   const int team = stream_bytes >= (int64_t{1} << 20) ? a.threads : 1;
 #pragma omp parallel num_threads(team) if (team > 1)
   {
     std::vector<float> sum(size_t(Hkv * D));
-    std::vector<uint64_t> heap;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < n_units; ++u) {
       const int64_t b = units[u].first;
@@ -215,7 +219,7 @@ void select_kv_chunks(const SelectArgs& a) {
       // sees the keys the other units wrote)
       if (remaining[b].fetch_sub(1, std::memory_order_acq_rel) == 1)
         for (int64_t h = 0; h < Hkv; ++h)
-          select_row(key_b + h * key_stride, F[b], C, a.ns, a.nr, a.out + (b * Hkv + h) * C, heap);
+          select_row(key_b + h * key_stride, F[b], C, a.ns, a.nr, a.out + (b * Hkv + h) * C);
     }
 
   }
