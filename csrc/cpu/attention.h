@@ -152,23 +152,61 @@ inline void attend_rows(const float* const* q, int nq, int G, int D, const float
 
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
-// kp[p·PACK + j] = (K[j][2p], K[j][2p+1]) for the PACK keys of a block (null rows: zeros),
-// P = ⌈D/2⌉ pairs (an odd D pads with 0).
-inline void pack_k_bf16(const bf16* const* rows, int D, uint32_t* __restrict__ kp) {
-  const int P = (D + 1) / 2, full = D / 2;
-  for (int j = 0; j < PACK; ++j) {
-    const uint16_t* r = reinterpret_cast<const uint16_t*>(rows[j]);
-    if (!r) {
-      for (int p = 0; p < P; ++p) kp[p * PACK + j] = 0;
-      continue;
-    }
-    for (int p = 0; p < full; ++p) {
-      uint32_t w;
-      std::memcpy(&w, r + 2 * p, sizeof w);
-      kp[p * PACK + j] = w;
-    }
-    if (D & 1) kp[full * PACK + j] = r[D - 1];
+// exp_nonpositive (common.h) on 16 lanes: 2^n · 2^f, the same polynomial
+inline __m512 exp_nonpositive_ps(__m512 x) {
+  const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)), _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(y, n), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// 16×16 transpose of 32-bit words: r[k] becomes column k of the input rows
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD);
+  }
+}
+
+// kp[p·PACK + j] = (K[j][2p], K[j][2p+1]) for the PACK keys of a block (null rows: zeros),
+// P = ⌈D/2⌉ pairs (an odd D pads with 0): 16 keys × 16 pairs at a time, one transpose each.
+inline void pack_k_bf16(const bf16* const* rows, int D, uint32_t* __restrict__ kp) {
+  const int P = (D + 1) / 2;
+  for (int j0 = 0; j0 < PACK; j0 += 16)
+    for (int p0 = 0; p0 < P; p0 += 16) {
+      const int n = std::min(32, D - 2 * p0);  // bf16 elements of these 16 pairs
+      const __mmask32 mk = n == 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = rows[j0 + j] ? _mm512_maskz_loadu_epi16(mk, rows[j0 + j] + 2 * p0) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int k = 0; k < 16 && p0 + k < P; ++k) _mm512_storeu_si512(kp + (p0 + k) * PACK + j0, r[k]);
+    }
 }
 
 // vp[i·DA + d] = (V[2i][d], V[2i+1][d]) for the PACK/2 key pairs of a block, d < DA
@@ -287,13 +325,14 @@ inline void attend_packed_tile(int mt, const uint32_t* q2, int64_t ldq, int P, c
   qk_tile_any(mt, q2, ldq, kp, P, s);
   const __m512 vscale = _mm512_set1_ps(scale), vneg = _mm512_set1_ps(NEG_INF);
   for (int r = 0; r < mt; ++r) {
-    float* sr = s + r * PACK;
+    const float* sr = s + r * PACK;
+    __m512 x[PACK / 16];
+    __mmask16 k[PACK / 16];
     __m512 mx = _mm512_set1_ps(m[r]);
     for (int c = 0; c < PACK / 16; ++c) {
-      const __mmask16 k = __mmask16(allow[r] >> (16 * c));
-      const __m512 x = _mm512_mask_mul_ps(vneg, k, _mm512_loadu_ps(sr + 16 * c), vscale);
-      _mm512_storeu_ps(sr + 16 * c, x);
-      mx = _mm512_max_ps(mx, x);
+      k[c] = __mmask16(allow[r] >> (16 * c));
+      x[c] = _mm512_mask_mul_ps(vneg, k[c], _mm512_loadu_ps(sr + 16 * c), vscale);
+      mx = _mm512_max_ps(mx, x[c]);
     }
     const float mnew = _mm512_reduce_max_ps(mx);
     if (mnew == NEG_INF) {  // nothing visible yet: O, l stay 0
@@ -301,19 +340,15 @@ inline void attend_packed_tile(int mt, const uint32_t* q2, int64_t ldq, int P, c
       std::memset(p2 + r * (PACK / 2), 0, sizeof(uint32_t) * (PACK / 2));
       continue;
     }
-    alpha[r] = m[r] == NEG_INF ? 0.f : std::exp(m[r] - mnew);
+    alpha[r] = m[r] == NEG_INF ? 0.f : exp_nonpositive(m[r] - mnew);
+    const __m512 vm = _mm512_set1_ps(mnew);
     __m512 sum = _mm512_setzero_ps();
-    __m512 e[PACK / 16];
     for (int c = 0; c < PACK / 16; ++c) {
-      alignas(64) float t[16];
-      _mm512_store_ps(t, _mm512_sub_ps(_mm512_loadu_ps(sr + 16 * c), _mm512_set1_ps(mnew)));
-#pragma omp simd
-      for (int j = 0; j < 16; ++j) t[j] = t[j] == NEG_INF ? 0.f : exp_nonpositive(t[j]);
-      e[c] = _mm512_load_ps(t);
-      sum = _mm512_add_ps(sum, e[c]);
+      x[c] = _mm512_maskz_mov_ps(k[c], exp_nonpositive_ps(_mm512_sub_ps(x[c], vm)));  // masked keys: 0
+      sum = _mm512_add_ps(sum, x[c]);
     }
     for (int c = 0; c < PACK / 16; c += 2)
-      _mm512_storeu_si512(p2 + r * (PACK / 2) + 8 * c, (__m512i)_mm512_cvtne2ps_pbh(e[c + 1], e[c]));
+      _mm512_storeu_si512(p2 + r * (PACK / 2) + 8 * c, (__m512i)_mm512_cvtne2ps_pbh(x[c + 1], x[c]));
     l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
     m[r] = mnew;
   }
