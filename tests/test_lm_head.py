@@ -803,3 +803,71 @@ def test_non_tensor_arguments_are_named():
         fastverify.lm_head_sample(p.hidden, p.weight, temperature="hot", seed=0, positions=0)
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
         frspec_ops.check_lm_head_topk([[1.0]], p.weight, 1, None, None, None)
+
+
+# ----------------------------------------------------------------------------- the cpu backend
+
+
+CPU_ONLY = pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is unavailable here")
+# each cpu path: dot-product blocks (M < 32, fp32/fp16 always), packed bf16 blocks (M >= 32 with
+# AVX512-BF16), several row chunks (M > 64), a last tile of V_sub % 96 rows, odd d (masked tails)
+CPU_PATHS = [Case(M, V, d, dtype, k) for (M, V, d, k), dtype in itertools.product(
+    [(1, 1000, 257, 8), (5, 97, 96, 5), (31, 700, 33, 16), (32, 700, 64, 1), (70, 500, 129, 40)], DTYPES)]
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("case", CPU_PATHS, ids=str)
+def test_cpu_every_path_and_dtype_matches_oracle(case):
+    x = case.head()
+    assert_topk(run_topk(x, case.k, "cpu"), x, case.k, f"{case} on cpu")
+    assert_sample(run_sample(x, "cpu"), x, f"{case} on cpu")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_one_and_two_threads_give_the_same_bits(dtype):
+    """Tiles and merge orders depend on the shapes only: 1 and 2 threads agree bit for bit."""
+    heads = [make_head(M, V, d, dtype, seed=40 + M) for M, V, d in ((1, 2000, 64), (40, 1000, 80), (70, 300, 33))]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append([(*run_topk(x, 8, "cpu"), *run_sample(x, "cpu")) for x in heads])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("M,dtype", [(1, BF16), (20, BF16), (64, BF16), (100, BF16), (40, F16), (40, F32)], ids=case_id)
+def test_cpu_draws_the_torch_backends_tokens_for_many_seeds(M, dtype):
+    """The same seeds give the same tokens as the torch backend (the Gumbel noise has the
+    same fp32 bits), on both bf16 paths, for several seeds per row."""
+    x = make_head(M, 3000, 128, dtype, seed=M, scale=0.5)
+    x.temperature[x.temperature <= 0] = 0.7                    # noise on every row
+    for step in range(3):
+        y = replace(x, seed=x.seed + 1000 * step, positions=x.positions + step)
+        want = run_sample(y, "torch")
+        got = run_sample(y, "cpu")
+        assert got[0].tolist() == want[0].tolist(), f"step {step}"
+        assert torch.allclose(got[1], want[1], atol=tolerance(dtype, oracle_scores(y), 2))
+
+
+@CPU_ONLY
+def test_cpu_gumbel_noise_is_the_torch_backends():
+    """The kernel's fp32 noise (Philox, then float64 -log(-log u) rounded) equals
+    philox.gumbel(...).float(): the drawn rows of a sweep of counters, and chosen bits up
+    to the extremes x = 0 and x = 2^24 - 1."""
+    from fastverify.cpu import frspec as cpu_frspec
+
+    for seed, pos, v0 in ((0, 0, 0), (-1, 2**32 + 7, 1000), (2**62 + 5, 17, 2**31 - 20000)):
+        got = cpu_frspec.gumbel(seed, pos, v0, 20000)
+        want = philox.gumbel(torch.tensor(seed), torch.tensor(pos), torch.arange(v0, v0 + 20000)).float()
+        assert torch.equal(got, want), (seed, pos, v0)
+    xs = [0, 1, 2, 2**22, 2**23 - 1, 2**23, 2**23 + 1, 2**24 - 1000, 2**24 - 3, 2**24 - 2, 2**24 - 1]
+    xs += list(range(0, 2**24, 4099))
+    o0 = torch.tensor([(x << 8) | 0x5A for x in xs], dtype=torch.int64)
+    u = (torch.tensor(xs, dtype=torch.float64) + 0.5) * 2.0**-24
+    assert torch.equal(cpu_frspec.gumbel_of_bits(o0), (-torch.log(-torch.log(u))).float())

@@ -74,7 +74,7 @@ inline int64_t key_row(Key key, int64_t V) {
 
 // g of subset row v for the draw at (seed, pos): float64 as fastverify.ops.philox.gumbel,
 // then rounded to fp32 (the torch backend's .float()).
-inline float gumbel_scalar(uint64_t seed, uint64_t pos, uint32_t v) {
+[[maybe_unused]] inline float gumbel_scalar(uint64_t seed, uint64_t pos, uint32_t v) {
   const Philox4 o = philox4x32_10(seed, uint32_t(pos), uint32_t(pos >> 32), v, LM_HEAD_STREAM);
   const double u = (double(o.o[0] >> 8) + 0.5) * 5.9604644775390625e-08;
   return float(-std::log(-std::log(u)));
@@ -271,14 +271,36 @@ struct Problem {
   std::vector<float> tile_max, tile_sum;  // [tiles, M]
 };
 
-// Every task's logits tile, handed row by row to fold(thread, m, v0, n, s, t, greedy).
+// Whether the bf16 inputs go packed (linear.h's packed blocks, from 32 rows: fewer rows
+// leave too few accumulators per block) rather than through the dot-product blocks.
+template <typename T>
+constexpr bool packable() {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<T, bf16>;
+#else
+  return false;
+#endif
+}
+constexpr int64_t PACK_MIN_ROWS = 32;
+
+// Every task's logits tile, handed row by row to fold(thread, m, v0, n, s, greedy).
 template <typename T, typename Fold>
 void score_pass(const T* hidden, int64_t ldh, const T* weight, Problem& p, Fold&& fold) {
   using X = DotInput<T>;
-  const X* x;
-  int64_t ldx;
+  const X* x = nullptr;
+  int64_t ldx = p.d;
   std::vector<float> widened;
-  if constexpr (std::is_same_v<X, T>) {
+  std::vector<uint32_t> packed;
+  const bool pack = packable<T>() && p.M >= PACK_MIN_ROWS;
+  if (pack) {
+#if defined(__AVX512BF16__)
+    if constexpr (packable<T>()) {
+      static_assert(TILE_M == PACK_ROWS, "a task's rows are one packed chunk");
+      packed.resize(size_t((p.M + PACK_ROWS - 1) / PACK_ROWS) * ((p.d + 1) / 2) * PACK_ROWS);
+      pack_pairs_bf16(hidden, ldh, p.M, p.d, packed.data());
+    }
+#endif
+  } else if constexpr (std::is_same_v<X, T>) {
     x = hidden;
     ldx = ldh;
   } else {  // fp32 inputs of the dot blocks: widened once
@@ -286,7 +308,6 @@ void score_pass(const T* hidden, int64_t ldh, const T* weight, Problem& p, Fold&
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t c = 0; c < p.d; ++c) widened[m * p.d + c] = to_float(hidden[m * ldh + c]);
     x = widened.data();
-    ldx = p.d;
   }
   const int64_t chunks = (p.M + TILE_M - 1) / TILE_M;
   p.tiles = (p.V + TILE_V - 1) / TILE_V;
@@ -296,13 +317,22 @@ void score_pass(const T* hidden, int64_t ldh, const T* weight, Problem& p, Fold&
 #pragma omp parallel num_threads(p.threads)
   {
     std::vector<float> s(TILE_M * TILE_V);
+    std::vector<float> acc(pack ? TILE_V * TILE_M : 0);
     const int tid = omp_get_thread_num();
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t tile = task / chunks, m0 = (task % chunks) * TILE_M;
+      const int64_t tile = task / chunks, chunk = task % chunks, m0 = chunk * TILE_M;
       const int64_t v0 = tile * TILE_V;
       const int nv = int(std::min(TILE_V, p.V - v0)), nm = int(std::min(TILE_M, p.M - m0));
-      linear_tile<T>(x + m0 * ldx, ldx, nm, weight + v0 * p.d, p.d, nv, p.d, s.data(), TILE_V);
+      if (pack) {
+#if defined(__AVX512BF16__)
+        if constexpr (packable<T>())
+          linear_tile_packed_bf16(packed.data() + chunk * ((p.d + 1) / 2) * PACK_ROWS, nm, weight + v0 * p.d, p.d, nv,
+                                  p.d, s.data(), TILE_V, acc.data());
+#endif
+      } else {
+        linear_tile<T>(x + m0 * ldx, ldx, nm, weight + v0 * p.d, p.d, nv, p.d, s.data(), TILE_V);
+      }
       for (int i = 0; i < nm; ++i) {
         const int64_t m = m0 + i;
         const float raw = p.temperature ? p.temperature[m] : 1.f;
@@ -410,6 +440,20 @@ int fastverify_lm_head_sample(const void* hidden, int64_t ldh, const void* weigh
 void fastverify_lm_head_gumbel(int64_t seed, int64_t position, int64_t v0, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i += V)
     gumbel_group(uint64_t(seed), uint64_t(position), uint32_t(v0 + i), int(std::min<int64_t>(V, n - i)), out + i);
+}
+
+// The fp32 noise of Philox outputs o0[0 .. n) (for tests: every x = o0 >> 8, the extremes
+// included, against the float64 formula).
+void fastverify_lm_head_gumbel_of_bits(const int64_t* o0, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+#if defined(__AVX512F__)
+    const __m512d x = _mm512_set1_pd(double(uint32_t(o0[i]) >> 8));
+    out[i] = _mm_cvtss_f32(_mm256_castps256_ps128(gumbel_of_x(x)));
+#else
+    const double u = (double(uint32_t(o0[i]) >> 8) + 0.5) * 5.9604644775390625e-08;
+    out[i] = float(-std::log(-std::log(u)));
+#endif
+  }
 }
 
 }  // extern "C"

@@ -235,6 +235,103 @@ inline void dot_block_bf16(const bf16* __restrict__ x, int64_t ldx, const bf16* 
 #pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
+
+// Many input rows against bf16 weights (AVX512-BF16): the inputs are the vector operand.
+// They are packed once per call as 32-bit (even k, odd k) pairs, 64 rows per chunk,
+//     xp[chunk][p][r] = (x[64·chunk + r, 2p], x[64·chunk + r, 2p + 1])     (zero padded),
+// so that one vdpbf16ps multiplies 16 rows' pair p by one weight pair broadcast from its row:
+// MV·16 rows x NR weight rows per block, MV·NR accumulators, MV vector loads and NR 4-byte
+// broadcasts per step (the dot-product blocks above load MR + NR full vectors, twice the
+// cache traffic). The k loop is blocked by PACK_KC pairs so the packed block (MV·4 KB) stays
+// in L1 while the tile's weight blocks stream past it; the accumulators go through a
+// buffer between blocks. Lane r of an accumulator sums row r's pairs in k order: a row's
+// scores do not depend on the other rows of the call (but differ in rounding from the
+// dot-product blocks, which split k over 16 lanes).
+constexpr int64_t PACK_ROWS = 64;  // rows per packed chunk (MV <= 4 vectors)
+constexpr int64_t PACK_KC = 128;   // k pairs per step of the blocked loop (measured: 64 -> 128 is +4%)
+
+// xp of the M x K bf16 inputs: ceil(M / 64) chunks of [ceil(K / 2)][64] pairs
+inline void pack_pairs_bf16(const bf16* x, int64_t ldx, int64_t M, int64_t K, uint32_t* xp) {
+  const int64_t P = (K + 1) / 2, chunks = (M + PACK_ROWS - 1) / PACK_ROWS;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t r = 0; r < PACK_ROWS; ++r) {
+        const int64_t m = c * PACK_ROWS + r;
+        const uint32_t lo = m < M ? x[m * ldx + 2 * p].bits : 0u;
+        const uint32_t hi = m < M && 2 * p + 1 < K ? x[m * ldx + 2 * p + 1].bits : 0u;
+        xp[(c * P + p) * PACK_ROWS + r] = lo | (hi << 16);
+      }
+}
+
+// acc[n][r] (+)= Σ_{p0 <= p < p1} xp[p][r] · w[n, 2p .. 2p+1] for NR weight rows, MV·16 rows r
+template <int MV, int NR>
+inline void packed_block_bf16(const uint32_t* __restrict__ xp, const bf16* __restrict__ w, int64_t ldw, int64_t K,
+                              int64_t p0, int64_t p1, float* __restrict__ acc_buf, bool first) {
+  __m512 acc[MV][NR];
+#pragma GCC unroll 8
+  for (int n = 0; n < NR; ++n)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v)
+      acc[v][n] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + n * PACK_ROWS + v * V);
+  const int64_t full = std::min(p1, K / 2);  // pairs with both elements inside the row
+#pragma GCC unroll 8
+  for (int n = 0; n < NR; ++n)  // the next block's weight lines
+    for (int64_t b = 0; b < 4 * PACK_KC; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + n * ldw) + 4 * p1 + b, _MM_HINT_T0);
+  for (int64_t p = p0; p < full; ++p) {
+    __m512bh xv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xp + p * PACK_ROWS + v * V);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      int32_t pair;
+      std::memcpy(&pair, w + n * ldw + 2 * p, sizeof pair);
+      const __m512bh wb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[v][n] = _mm512_dpbf16_ps(acc[v][n], xv[v], wb);
+    }
+  }
+  if (full < p1) {  // odd K: the last pair holds one element (never read past the row)
+    __m512bh xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xp + full * PACK_ROWS + v * V);
+    for (int n = 0; n < NR; ++n) {
+      const __m512bh wb = (__m512bh)_mm512_set1_epi32(int32_t(w[n * ldw + 2 * full].bits));
+      for (int v = 0; v < MV; ++v) acc[v][n] = _mm512_dpbf16_ps(acc[v][n], xv[v], wb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < NR; ++n)
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(acc_buf + n * PACK_ROWS + v * V, acc[v][n]);
+}
+
+using PackedBlock = void (*)(const uint32_t*, const bf16*, int64_t, int64_t, int64_t, int64_t, float*, bool);
+template <int MV, std::size_t... N>
+constexpr std::array<PackedBlock, sizeof...(N)> packed_row_table(std::index_sequence<N...>) {
+  return {&packed_block_bf16<MV, int(N) + 1>...};
+}
+template <std::size_t... M>
+constexpr std::array<std::array<PackedBlock, DOT_NR>, sizeof...(M)> packed_table(std::index_sequence<M...>) {
+  return {packed_row_table<int(M) + 1>(std::make_index_sequence<DOT_NR>{})...};
+}
+constexpr auto PACKED_BLOCKS = packed_table(std::make_index_sequence<PACK_ROWS / V>{});
+
+// y[m, n] = Σ_k x[m, k] · w[n, k] for the M <= 64 rows of one packed chunk xp and N weight
+// rows (one thread); acc_buf: N·64 floats of scratch.
+inline void linear_tile_packed_bf16(const uint32_t* xp, int64_t M, const bf16* w, int64_t ldw, int64_t N, int64_t K,
+                                    float* y, int64_t ldy, float* acc_buf) {
+  const int mv = int((M + V - 1) / V);
+  const int64_t P = (K + 1) / 2;
+  for (int64_t p0 = 0; p0 < P; p0 += PACK_KC) {
+    const int64_t p1 = std::min(P, p0 + PACK_KC);
+    for (int64_t n0 = 0; n0 < N; n0 += DOT_NR) {
+      const int nr = int(std::min<int64_t>(DOT_NR, N - n0));
+      PACKED_BLOCKS[mv - 1][nr - 1](xp, w + n0 * ldw, ldw, K, p0, p1, acc_buf + n0 * PACK_ROWS, p0 == 0);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = acc_buf[n * PACK_ROWS + m];
+}
 #endif
 
 // Whether inputs of weight type TW stay in TW (bf16 with AVX512-BF16) rather than being

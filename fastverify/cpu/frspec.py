@@ -85,3 +85,12 @@ def gumbel(seed: int, position: int, v0: int, n: int) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32)
     function("fastverify_lm_head_gumbel", None, i64, i64, i64, i64, ptr)(seed, position, v0, n, out.data_ptr())
     return out
+
+
+def gumbel_of_bits(o0: torch.Tensor) -> torch.Tensor:
+    """The fp32 noise of Philox outputs ``o0`` (int64 holding uint32 values): the kernel's
+    formula on chosen bits (for tests)."""
+    o0 = o0.long().contiguous()
+    out = torch.empty(o0.numel(), dtype=torch.float32)
+    function("fastverify_lm_head_gumbel_of_bits", None, ptr, i64, ptr)(o0.data_ptr(), o0.numel(), out.data_ptr())
+    return out
