@@ -146,6 +146,22 @@ def test_paged_attention_tree_mode(case, threads):
     torch.testing.assert_close(sub.double(), want[rows], rtol=1e-5, atol=2e-5)
 
 
+def test_paged_attention_same_bits_for_any_thread_count():
+    """The step's attention splits keys by shapes only: 1, 2 and 3 threads, same bits
+    (long prefixes: several work units per request and KV head, merged)."""
+    p = paged_problem([5, 1, 16], [3000, 900, 40], Hq=8, Hkv=2, D=64, seed=5)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(cpu_kernels.paged_attention(p.q, p.k_cache, p.v_cache, p.block_table, p.seq_lens,
+                                                    cu_num_nodes=p.cu, tree_mask=p.tree_mask))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("lens,chunk,Hkv,C", [([300, 40, 7], 16, 2, 5), ([1000, 64], 8, 1, 40), ([17], 32, 4, 3)])
 def test_paged_attention_sparse_mode(lens, chunk, Hkv, C):
     p = sparse_problem(lens, Hq=2 * Hkv, Hkv=Hkv, D=64, seed=4)

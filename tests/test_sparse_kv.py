@@ -530,6 +530,61 @@ def test_order_of_ids_does_not_matter(backend):
     assert torch.allclose(attend(backend, p, ids, 8), attend(backend, p, ids.sort(2).values, 8), atol=1e-6)
 
 
+@pytest.mark.skipif("cpu" not in BACKEND_DEVICES, reason="the cpu backend's C++ library is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+def test_cpu_attention_same_bits_for_any_thread_count(dtype):
+    """The cpu kernel's work units and merge order depend on the shapes only: 1, 2 and 3
+    threads give bit-identical outputs (default split and forced splits); GQA 32."""
+    lens = [3000, 41, 700]
+    p = problem(lens, Hq=32, Hkv=1, D=128, dtype=dtype, seed=17)
+    ids = chunk_ids(lens, 1, 40, 16, seed=17, invalid=True)
+    before = torch.get_num_threads()
+    try:
+        for splits in (None, 5):
+            outs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outs.append(attend_unchecked("cpu", p, ids, 16, num_splits=splits))
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), f"num_splits={splits}"
+    finally:
+        torch.set_num_threads(before)
+    assert_close(outs[0], oracle_attention(p, ids, 16), dtype, "cpu")
+
+
+PORTABLE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import fastverify.cpu
+from test_sparse_kv import ATTENTION_CASES, attention_case, attend_unchecked
+assert fastverify.cpu.isa() == "portable" and fastverify.cpu.available()
+outs = {{}}
+for case in ("cs8_page16_gqa4_d80", "head_dim_33_scalar_loads", "gqa16_two_head_tiles"):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        p, ids, _ = attention_case(case, dtype)
+        outs[case, str(dtype)] = attend_unchecked("cpu", p, ids, ATTENTION_CASES[case][2], num_splits=3)
+torch.save(outs, {out!r})
+"""
+
+
+@pytest.mark.skipif("cpu" not in BACKEND_DEVICES, reason="the cpu backend's C++ library is not built")
+def test_cpu_attention_portable_build(tmp_path):
+    """FASTVERIFY_CPU_ISA=portable (-march=x86-64: the plain C++ loops, no AVX-512 or
+    vdpbf16ps) builds and matches the oracle in every dtype."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "outs.pt"
+    script = PORTABLE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(out))
+    subprocess.run([sys.executable, "-c", script], env=dict(os.environ, FASTVERIFY_CPU_ISA="portable"), check=True,
+                   timeout=600)
+    got = torch.load(out)
+    for case in ("cs8_page16_gqa4_d80", "head_dim_33_scalar_loads", "gqa16_two_head_tiles"):
+        for dtype in DTYPES:
+            _, _, want = attention_case(case, dtype)
+            assert_close(got[case, str(dtype)], want, dtype, f"portable {case} {DTYPE_NAMES[dtype]}")
+
+
 # ----------------------------------------------------------------------------- both ops
 
 

@@ -313,6 +313,75 @@ def test_public_ops_route_to_the_backend(backend):
     assert_close(out.cpu(), path_attention_oracle(p), BF16, "public op vs oracle")
 
 
+# ----------------------------------------------------------------------------- the cpu backend's kernel
+
+cpu_only = pytest.mark.skipif("cpu" not in BACKEND_DEVICES, reason="the cpu backend's C++ library is not built")
+
+
+def run_cpu(p: Paged, threads: int, sm_scale=None, num_splits=None) -> torch.Tensor:
+    """The cpu entry point on ``threads`` OpenMP threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return entry_points("cpu", "tree_attention").tree_attention(*p.args(), sm_scale, num_splits=num_splits)
+    finally:
+        torch.set_num_threads(before)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+def test_cpu_big_trees_wide_gqa(dtype):
+    """Trees of 128 and 97 nodes (two mask words) with GQA 32: 4096 query rows per KV head,
+    register tiles with row tails, tree parts spanning several key blocks; every cache dtype."""
+    p = paged_problem([128, 97], [70, 300], Hq=32, Hkv=1, D=64, page=16, dtype=dtype, seed=31)
+    assert_close(run_cpu(p, 2), dense_sdpa_oracle(p), dtype, "cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+def test_cpu_same_bits_for_any_thread_count(dtype):
+    """Work units and their merge order depend on the shapes only: 1, 2 and 3 threads give
+    bit-identical outputs (default split and forced splits)."""
+    p = paged_problem([64, 7, 1], [900, 40, 2000], Hq=8, Hkv=2, D=128, dtype=dtype, seed=8)
+    for splits in (None, 4):
+        outs = [run_cpu(p, threads, num_splits=splits) for threads in (1, 2, 3)]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), f"num_splits={splits}"
+    assert_close(outs[0], dense_sdpa_oracle(p), dtype, "cpu")
+
+
+PORTABLE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import fastverify.cpu
+from attention_problems import paged_problem
+from fastverify.cpu import tree_attention as cpu_tree
+assert fastverify.cpu.isa() == "portable" and fastverify.cpu.available()
+outs = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    p = paged_problem([9, 70], [45, 130], Hq=8, Hkv=2, D=80, page=8, dtype=dtype, seed=12)
+    outs.append(cpu_tree.tree_attention(*p.args(), None))
+torch.save(outs, {out!r})
+"""
+
+
+@cpu_only
+def test_cpu_portable_build(tmp_path):
+    """FASTVERIFY_CPU_ISA=portable (-march=x86-64: the plain C++ loops, no AVX-512 or
+    vdpbf16ps) builds and matches the oracle in every dtype."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "outs.pt"
+    script = PORTABLE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(out))
+    env = dict(os.environ, FASTVERIFY_CPU_ISA="portable")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+    for dtype, got in zip(DTYPES, torch.load(out)):
+        p = paged_problem([9, 70], [45, 130], Hq=8, Hkv=2, D=80, page=8, dtype=dtype, seed=12)
+        assert got.dtype == dtype
+        assert_close(got, dense_sdpa_oracle(p), dtype, f"portable {DTYPE_NAMES[dtype]}")
+
+
 # ----------------------------------------------------------------------------- compact_kv
 
 COMPACT_LAYOUTS = {
