@@ -156,16 +156,16 @@ def test_select_unchecked_garbage_is_memory_safe():
 
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_build_tree_large_batch_equals_torch(id_dtype):
-    """40 trees of up to 200 nodes (the threaded path: T·W >= 8192), int32 and int64
-    parents and prefixes: the torch backend's outputs, same bits for 1 and 2 threads."""
+    """80 trees of up to 200 nodes in 8-word masks (the threaded path: T·W >= 32768), int32
+    and int64 parents and prefixes: the torch backend's outputs, same bits for 1 and 2 threads."""
     g = torch.Generator().manual_seed(6)
     kinds = ["random", "chain", "star", "full"]
-    sizes = [int(x) for x in torch.randint(1, 201, (40,), generator=g)]
+    sizes = [int(x) for x in torch.randint(1, 201, (80,), generator=g)]
     parents = sum((tree_parents(kinds[i % 4], n, g) for i, n in enumerate(sizes)), [])
     cu = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int32)
     par = torch.tensor(parents, dtype=id_dtype)
-    prefix = torch.randint(0, 2**30, (40,), generator=g).to(id_dtype)
-    call = lambda: fastverify.build_tree(par, cu, prefix, max_nodes=256)  # noqa: E731
+    prefix = torch.randint(0, 2**30, (80,), generator=g).to(id_dtype)
+    call = lambda: fastverify.build_tree(par, cu, prefix, max_nodes=512)  # noqa: E731
     want = on_backend("torch", call)
     one = with_threads(1, lambda: on_backend("cpu", call))
     two = with_threads(2, lambda: on_backend("cpu", call))

@@ -29,16 +29,46 @@ inline int64_t request_of_row(const int32_t* cu, int64_t row, int64_t B) {
   return lo;
 }
 
-// Row i of request b (first node n0 = cu[b], n = cu[b+1] - n0 nodes), node = i - n0:
-//   tree_mask[i] = Σ_{j ∈ ancestors-or-self(node)} 2^(j mod 64) in word j / 64,
-//   depth[i] = |ancestors(node)|,  positions[i] = prefix_lens[b] + depth[i].
-// The walk node → parents[n0 + node] visits the ancestors in decreasing order, so each
-// word is complete when the walk leaves it. Bits of nodes past the W words are dropped.
+// Well-formed trees (cu_num_nodes from 0 to T, nondecreasing), request by request, node
+// by node: a parent precedes its child, so
+//   tree_mask[n0 + j] = tree_mask[n0 + parent] | 2^(j mod 64) in word j / 64
+//   depth[n0 + j] = depth[n0 + parent] + 1,   positions = prefix_lens[b] + depth
+// (O(W) per node). A parent outside [0, j) counts as none (row = own bit, depth 0), as the
+// walk below gives; bits of nodes past the W words are dropped.
+template <typename Id, typename Prefix>
+void build_tree_requests(const Id* parents, const int32_t* cu, const Prefix* prefix_lens, int64_t B, int W,
+                         int64_t* mask, int64_t* positions, int32_t* depth_out, int team) {
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n0 = cu[b], n = int64_t(cu[b + 1]) - n0;
+    const int64_t prefix = prefix_lens[b];
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t* row = mask + (n0 + j) * W;
+      const int64_t parent = j > 0 ? int64_t(parents[n0 + j]) : -1;
+      int32_t depth = 0;
+      if (parent >= 0 && parent < j) {
+        const int64_t* up = mask + (n0 + parent) * W;
+        for (int w = 0; w < W; ++w) row[w] = up[w];
+        depth = depth_out[n0 + parent] + 1;
+      } else {
+        for (int w = 0; w < W; ++w) row[w] = 0;
+      }
+      if (j / kMaskBits < W) row[j / kMaskBits] |= int64_t(uint64_t{1} << (j % kMaskBits));
+      depth_out[n0 + j] = depth;
+      positions[n0 + j] = prefix + depth;
+    }
+  }
+}
+
+// Any cu_num_nodes (the unchecked garbage case), one row at a time as the CUDA kernel: row
+// i of request b (the largest b with cu[b] <= i; first node n0 = cu[b], n = cu[b+1] - n0
+// nodes), node = i - n0, walks node -> parents[n0 + node] up to the root, setting bit
+// j % 64 of word j / 64 for itself and every ancestor j; depth = steps up. Only a parent
+// before its child counts, so garbage parents end the walk; ancestors come in decreasing
+// order, so each word is complete when the walk leaves it.
 template <typename Id, typename Prefix>
 void build_tree_rows(const Id* parents, const int32_t* cu, const Prefix* prefix_lens, int64_t T, int64_t B, int W,
-                     int64_t* mask, int64_t* positions, int32_t* depth_out, int threads) {
-  // the walk costs ~depth steps per node: a thread team pays only for thousands of nodes
-  const int team = T * W >= 8192 ? threads : 1;
+                     int64_t* mask, int64_t* positions, int32_t* depth_out, int team) {
 #pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
   for (int64_t i = 0; i < T; ++i) {
     const int64_t b = request_of_row(cu, i, B);
@@ -68,14 +98,27 @@ void build_tree_rows(const Id* parents, const int32_t* cu, const Prefix* prefix_
   }
 }
 
+template <typename Id, typename Prefix>
+void build_tree(const Id* parents, const int32_t* cu, const Prefix* prefix_lens, int64_t T, int64_t B, int W,
+                int64_t* mask, int64_t* positions, int32_t* depth, int threads) {
+  bool well_formed = cu[0] == 0 && cu[B] == T;
+  for (int64_t b = 0; b < B && well_formed; ++b) well_formed = cu[b] <= cu[b + 1];
+  // a thread team pays for itself only from tens of thousands of mask words
+  const int team = T * W >= 32768 ? threads : 1;
+  if (well_formed)
+    build_tree_requests(parents, cu, prefix_lens, B, W, mask, positions, depth, team);
+  else
+    build_tree_rows(parents, cu, prefix_lens, T, B, W, mask, positions, depth, team);
+}
+
 template <typename Id>
 void build_tree_dispatch_prefix(const Id* parents, const int32_t* cu, const void* prefix_lens, int prefix_is_64,
                                 int64_t T, int64_t B, int W, int64_t* mask, int64_t* positions, int32_t* depth,
                                 int threads) {
   if (prefix_is_64)
-    build_tree_rows(parents, cu, static_cast<const int64_t*>(prefix_lens), T, B, W, mask, positions, depth, threads);
+    build_tree(parents, cu, static_cast<const int64_t*>(prefix_lens), T, B, W, mask, positions, depth, threads);
   else
-    build_tree_rows(parents, cu, static_cast<const int32_t*>(prefix_lens), T, B, W, mask, positions, depth, threads);
+    build_tree(parents, cu, static_cast<const int32_t*>(prefix_lens), T, B, W, mask, positions, depth, threads);
 }
 
 }  // namespace

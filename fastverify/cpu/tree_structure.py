@@ -38,7 +38,7 @@ def build_tree(parents, cu_num_nodes, prefix_lens, max_nodes):
     if T and B > 0:
         par, par64 = _ids(parents)
         pre, pre64 = _ids(prefix_lens)
-        cu = _contiguous(cu_num_nodes.to(torch.int32))
+        cu = _contiguous(cu_num_nodes if cu_num_nodes.dtype == torch.int32 else cu_num_nodes.to(torch.int32))
         function("fastverify_build_tree", None, ptr, i32, ptr, ptr, i32, i64, i64, i32, ptr, ptr, ptr, i32)(
             par.data_ptr(), par64, cu.data_ptr(), pre.data_ptr(), pre64, T, B, W, mask.data_ptr(), pos.data_ptr(),
             depth.data_ptr(), torch.get_num_threads())
@@ -54,9 +54,8 @@ def compact_kv(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_a
     P, page, Hkv, D = k_cache.shape
     e = k_cache.element_size()
     ks, vs = k_cache.stride(), v_cache.stride()
-    ints = [t if t.dtype == torch.int32 else t.to(torch.int32)
-            for t in (block_table, prefix_lens, accepted_nodes, num_accepted)]
-    bt, pre, acc, num = ints
+    bt, pre, acc, num = (t if t.dtype == torch.int32 else t.to(torch.int32)
+                         for t in (block_table, prefix_lens, accepted_nodes, num_accepted))
     function("fastverify_compact_kv", None, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64,
              i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i32)(
         k_cache.data_ptr(), v_cache.data_ptr(), ks[0] * e, ks[1] * e, ks[2] * e, vs[0] * e, vs[1] * e, vs[2] * e,
