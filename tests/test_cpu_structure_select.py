@@ -229,3 +229,12 @@ def test_compact_kv_strided_metadata():
     kc, vc = k.clone(), v.clone()
     cpu_compact_kv(kc, vc, wide_t[:, ::2], prefix, wide_a[:, ::2], num)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+def test_select_unchecked_chunks_that_straddle_pages():
+    """chunk_size 3 over pages of 4 (refused by the public op): each chunk's rows are read
+    page by page, inside the cache, as the torch backend reads them."""
+    from fastverify.ops.sparse_kv import select_kv_chunks_torch
+    q, k, table, seq = select_problem([301, 150], Hq=4, Hkv=2, D=32, page=4, seed=9)
+    want = select_kv_chunks_torch(q, k, table, seq, 3, 12, 1, 1, None)
+    assert torch.equal(cpu_select(q, k, table, seq, 3, 12, 1, 1, None), want)

@@ -163,7 +163,6 @@ void select_kv_chunks(const SelectArgs& a) {
     }
   const int64_t key_stride = std::max<int64_t>(F_max, 1);
   std::unique_ptr<uint32_t[]> keys(new uint32_t[size_t(B * Hkv * key_stride)]);
-  const int64_t run = std::min(cs, a.page_size);  // a chunk's rows: runs of slots inside one page
   const int64_t n_units = int64_t(units.size());
   const T* k = static_cast<const T*>(a.k);
 
@@ -197,7 +196,10 @@ void select_kv_chunks(const SelectArgs& a) {
         // Σ of the chunk's rows, slot by slot in memory order (all heads of a slot are one
         // stretch when packed); rows on a page id outside the cache count as zero
         std::fill(sum.begin(), sum.end(), 0.f);
-        for (int64_t p0 = c * cs; p0 < (c + 1) * cs; p0 += run) {  // c < F_b <= capacity / cs
+        // runs of slots inside one page (a chunk covers whole pages or a page whole chunks
+        // when the sizes divide one another, as checked; any other pair still stays in bounds)
+        for (int64_t p0 = c * cs, run = 0; p0 < (c + 1) * cs; p0 += run) {  // c < F_b <= capacity / cs
+          run = std::min((c + 1) * cs - p0, a.page_size - p0 % a.page_size);
           const int64_t page = a.block_table[b * a.bt_s0 + (p0 / a.page_size) * a.bt_s1];
           if (page < 0 || page >= a.num_pages) continue;
           const T* slot = k + page * a.k_sp + (p0 % a.page_size) * a.k_ss;
