@@ -81,26 +81,29 @@ inline __m512 load_tail(const T* p, int n) {
 template <typename T>
 inline __m512 load_n(const T* p, int n) { return n >= 16 ? load16(p) : load_tail(p, n); }
 
-// 2^y = 2^g 2^n, n = round(y), |g| <= 1/2: a degree-6 polynomial (relative error 1.6e-8)
-// scaled by vscalefps (which also takes very negative n to 0)
-inline __m512 exp2_v(__m512 y) {
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 g = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(0.00015345810970757157f);
-  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.0013399930903688073f));
-  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.009618489071726799f));
-  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.05550328642129898f));
-  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.24022646248340607f));
-  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.6931471824645996f));
-  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.f));
+// e^d = 2^n e^r for d <= 0: n = round(d log2 e), r = d - n ln2 with ln2 split in two
+// (Cody-Waite: r is exact to ~1 ulp, where rounding d log2 e itself would cost ~|d| ulp),
+// e^r by a degree-6 polynomial on |r| <= ln2/2 (relative error 1.7e-8), 2^n by vscalefps
+// (which also takes very negative n to 0)
+inline __m512 exp_v(__m512 d) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068202862268e-06f), r);
+  __m512 p = _mm512_set1_ps(0.0013836845755577087f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.008374815806746483f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.04166822507977486f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666419804096222f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999991059303284f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
 // e^(z - m) on the lanes of `keep` with z >= m - 87, else 0 (below, exp_nonpositive would
 // saturate at ~1e-38 where fp32 expf is denormal: a token that far below the maximum has no mass)
 inline __m512 exp_shift_v(__m512 z, float m, __mmask16 keep) {
   const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, z, _mm512_set1_ps(m - 87.f), _CMP_GE_OQ);
-  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(z, _mm512_set1_ps(m)), _mm512_set1_ps(1.4426950408889634f));
-  return _mm512_maskz_mov_ps(live, exp2_v(y));
+  return _mm512_maskz_mov_ps(live, exp_v(_mm512_sub_ps(z, _mm512_set1_ps(m))));
 }
 #endif
 
@@ -110,7 +113,23 @@ inline float exp_shift(float z, float m) {
 #if defined(__AVX512F__)
   return _mm512_cvtss_f32(exp_shift_v(_mm512_set1_ps(z), m, 0xFFFF));
 #else
-  return z >= m - 87.f ? exp_nonpositive(z - m) : 0.f;
+  // the same algorithm in plain C++ (n ln2_hi is exact, so r loses nothing to rounding d log2 e)
+  if (!(z >= m - 87.f)) return 0.f;
+  const float d = z - m;
+  const float n = std::floor(d * 1.4426950408889634f + 0.5f);
+  float r = d - n * 0.693145751953125f;
+  r = r - n * 1.4286068202862268e-06f;
+  float p = 0.0013836845755577087f;
+  p = p * r + 0.008374815806746483f;
+  p = p * r + 0.04166822507977486f;
+  p = p * r + 0.16666419804096222f;
+  p = p * r + 0.49999991059303284f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;  // n >= -126 for d >= -87
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
 #endif
 }
 
@@ -306,14 +325,14 @@ int row_argmax(const T* l, int64_t V, int chunk, int NC, float* a) {
 // the chunk maxima of l in a[NC]. One read of the row from memory: a chunk's z values are
 // kept in zbuf (L1) for the exp pass.
 template <typename T, bool UNIT_T, bool HAS_THR>
-void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, bool entropy, float* m, float* s,
-                 float* e, float* a) {
+void chunk_stats(const T* l, int64_t V, int chunk, int c0, int c1, float t, float thr, bool entropy, float* m,
+                 float* s, float* e, float* a) {
 #if defined(__AVX512F__)
   // pass 1: max l and max kept l (max z = scale(max kept l): scaling is monotone);
   // pass 2 (the chunk again, from L1): sum of e^(z - m_c) over kept tokens
   const __m512 vt = _mm512_set1_ps(t), vthr = _mm512_set1_ps(thr), vmax = _mm512_set1_ps(FLT_MAX_F),
                ninf = _mm512_set1_ps(NEG_INF);
-  for (int c = 0; c < NC; ++c) {
+  for (int c = c0; c < c1; ++c) {
     const int64_t first = int64_t(c) * chunk;
     const int n = int(std::min<int64_t>(chunk, V - first));
     const T* ch = l + first;
@@ -328,20 +347,29 @@ void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, b
     const float zmax = lk > NEG_INF ? scale(lk, t) : NEG_INF;
     float sum = 0.f, ent = 0.f;
     if (zmax > NEG_INF) {
-      __m512 acc = _mm512_setzero_ps(), eacc = _mm512_setzero_ps();
+      // fp32 lanes over 256 tokens, then float64: the chunk masses place the draws, whose
+      // CDF must be good to ~1e-7 of the row's mass (the torch spec sums in float64)
+      __m512d dacc = _mm512_setzero_pd();
+      __m512 eacc = _mm512_setzero_ps();
       const __m512 vz = _mm512_set1_ps(zmax);
-      for (int i = 0; i < n; i += 16) {
-        const __m512 x = load_n(ch + i, n - i);
-        const __m512 z = UNIT_T ? _mm512_min_ps(vmax, x) : _mm512_min_ps(vmax, _mm512_div_ps(x, vt));
-        const __mmask16 keep = HAS_THR ? _mm512_cmp_ps_mask(x, vthr, _CMP_GE_OQ) : __mmask16(0xFFFF);
-        const __m512 w = exp_shift_v(z, zmax, keep);
-        acc = _mm512_add_ps(acc, w);
-        if (entropy) {
-          const __mmask16 pos = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ);
-          eacc = _mm512_mask_add_ps(eacc, pos, eacc, _mm512_mul_ps(w, _mm512_sub_ps(z, vz)));
+      for (int i0 = 0; i0 < n; i0 += 256) {
+        __m512 acc = _mm512_setzero_ps();
+        const int i1 = std::min(n, i0 + 256);
+        for (int i = i0; i < i1; i += 16) {
+          const __m512 x = load_n(ch + i, i1 - i);
+          const __m512 z = UNIT_T ? _mm512_min_ps(vmax, x) : _mm512_min_ps(vmax, _mm512_div_ps(x, vt));
+          const __mmask16 keep = HAS_THR ? _mm512_cmp_ps_mask(x, vthr, _CMP_GE_OQ) : __mmask16(0xFFFF);
+          const __m512 w = exp_shift_v(z, zmax, keep);
+          acc = _mm512_add_ps(acc, w);
+          if (entropy) {
+            const __mmask16 pos = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ);
+            eacc = _mm512_mask_add_ps(eacc, pos, eacc, _mm512_mul_ps(w, _mm512_sub_ps(z, vz)));
+          }
         }
+        dacc = _mm512_add_pd(dacc, _mm512_cvtps_pd(_mm512_castps512_ps256(acc)));
+        dacc = _mm512_add_pd(dacc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
       }
-      sum = _mm512_reduce_add_ps(acc);
+      sum = float(_mm512_reduce_add_pd(dacc));
       ent = _mm512_reduce_add_ps(eacc);
     }
     m[c] = zmax;
@@ -351,7 +379,7 @@ void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, b
   }
 #else
   alignas(64) float zbuf[MAX_CHUNK];
-  for (int c = 0; c < NC; ++c) {
+  for (int c = c0; c < c1; ++c) {
     const int64_t first = int64_t(c) * chunk;
     const int n = int(std::min<int64_t>(chunk, V - first));
     const T* ch = l + first;
@@ -365,15 +393,22 @@ void chunk_stats(const T* l, int64_t V, int chunk, int NC, float t, float thr, b
       zbuf[i] = z;
       zmax = z > zmax ? z : zmax;
     }
-    float sum = 0.f, ent = 0.f;
+    double dsum = 0.0;
+    float ent = 0.f;
     if (zmax > NEG_INF) {
-#pragma omp simd reduction(+ : sum, ent)
-      for (int i = 0; i < n; ++i) {
-        const float x = exp_shift(zbuf[i], zmax);
-        sum += x;
-        ent += x > 0.f ? x * (zbuf[i] - zmax) : 0.f;
+      for (int i0 = 0; i0 < n; i0 += 256) {  // fp32 over 256 tokens, then float64 (as above)
+        const int i1 = std::min(n, i0 + 256);
+        float part = 0.f;
+#pragma omp simd reduction(+ : part, ent)
+        for (int i = i0; i < i1; ++i) {
+          const float x = exp_shift(zbuf[i], zmax);
+          part += x;
+          ent += x > 0.f ? x * (zbuf[i] - zmax) : 0.f;
+        }
+        dsum += double(part);
       }
     }
+    const float sum = float(dsum);
     m[c] = zmax;
     s[c] = sum;
     if (entropy) e[c] = ent;
@@ -528,6 +563,7 @@ struct Common {
   const float* top_p;    // nullptr: off
   const int64_t* seed;
   const int64_t* pos;
+  int inner;  // threads inside a request (1 when requests run in parallel)
 };
 
 // Lazily computed rows of one request: row r (request-local index) is processed on its
@@ -545,9 +581,10 @@ struct Rows {
   bool use_k, use_p;
   bool entropy;
   float* amax;  // [NC] scratch
+  int inner;    // threads for one row's chunks (a batch smaller than the thread count)
 
   Rows(const Common<T>& a_, Work& w_, int b, int64_t first, int64_t n, bool entropy_, float* amax_)
-      : a(a_), w(w_), first_row(first), count(n), entropy(entropy_), amax(amax_) {
+      : a(a_), w(w_), first_row(first), count(n), entropy(entropy_), amax(amax_), inner(a_.inner) {
     const float tb = a.temp[b];
     random = tb > 0.f;
     t = random ? tb : 1.f;
@@ -579,17 +616,28 @@ struct Rows {
     if (!w.loaded[size_t(r)]) {
       const float thr = filter_threshold(l, a.V, t, k, top_p, use_k, use_p, w);
       const bool has_thr = use_k || use_p;
-      if (t == 1.f) {
-        if (has_thr) chunk_stats<T, true, true>(l, a.V, a.chunk, a.NC, t, thr, entropy, m, s, e, amax);
-        else chunk_stats<T, true, false>(l, a.V, a.chunk, a.NC, t, thr, entropy, m, s, e, amax);
+      auto stats = [&](int c0, int c1) {
+        if (t == 1.f) {
+          if (has_thr) chunk_stats<T, true, true>(l, a.V, a.chunk, c0, c1, t, thr, entropy, m, s, e, amax);
+          else chunk_stats<T, true, false>(l, a.V, a.chunk, c0, c1, t, thr, entropy, m, s, e, amax);
+        } else {
+          if (has_thr) chunk_stats<T, false, true>(l, a.V, a.chunk, c0, c1, t, thr, entropy, m, s, e, amax);
+          else chunk_stats<T, false, false>(l, a.V, a.chunk, c0, c1, t, thr, entropy, m, s, e, amax);
+        }
+      };
+      if (inner > 1 && a.NC > 1) {
+        // a batch smaller than the thread count: the row's chunks in parallel (each chunk's
+        // stats are computed alike whichever thread takes it)
+#pragma omp parallel for num_threads(inner) schedule(static)
+        for (int c = 0; c < a.NC; ++c) stats(c, c + 1);
       } else {
-        if (has_thr) chunk_stats<T, false, true>(l, a.V, a.chunk, a.NC, t, thr, entropy, m, s, e, amax);
-        else chunk_stats<T, false, false>(l, a.V, a.chunk, a.NC, t, thr, entropy, m, s, e, amax);
+        stats(0, a.NC);
       }
       float M = NEG_INF;
       for (int c = 0; c < a.NC; ++c) M = m[c] > M ? m[c] : M;
-      float S = 0.f;
-      for (int c = 0; c < a.NC; ++c) S += m[c] > NEG_INF ? s[c] * exp_shift(m[c], M) : 0.f;
+      double Sd = 0.0;
+      for (int c = 0; c < a.NC; ++c) Sd += m[c] > NEG_INF ? double(s[c]) * double(exp_shift(m[c], M)) : 0.0;
+      const float S = float(Sd);
       float H = 0.f;
       if (entropy) {
         // H = log S - (1/S) sum_c e^{m_c - M} (e_c + (m_c - M) s_c)
@@ -618,15 +666,20 @@ struct Rows {
 
 // ------------------------------------------------------------------------------ draws
 
-// Token ~ p with token excl left out (-1: none), from the chunk masses.
+// Token ~ p with token excl left out (-1: none), from the chunk masses. The chunk holding
+// excl is summed again without it: subtracting excl's mass (often most of the row's: a
+// rejected draft the target liked) from the chunk's would cancel away the rest's precision.
 template <typename T>
 int sample_p(const Row<T>& r, int64_t excl, float u, float* cbuf) {
-  const float ex = r.prob_at(excl, 1.f);  // mass of excl relative to exp(M)
   const int ex_chunk = excl >= 0 ? int(excl / r.chunk) : -1;
-  auto wf = [&](int64_t c) {
-    const float m = r.mass(int(c));
-    return c == ex_chunk ? std::max(m - ex, 0.f) : m;
-  };
+  float ex_mass = 0.f;
+  if (ex_chunk >= 0) {
+    const int64_t n = r.chunk_probs(ex_chunk, 1.f, cbuf);
+    double acc = 0.0;
+    for (int64_t e = 0; e < n; ++e) acc += e == excl - int64_t(ex_chunk) * r.chunk ? 0.0 : double(cbuf[e]);
+    ex_mass = float(acc);
+  }
+  auto wf = [&](int64_t c) { return c == ex_chunk ? ex_mass : r.mass(int(c)); };
   double tot = 0.0;
   for (int c = 0; c < r.NC; ++c) tot += double(wf(c));
   const Pick pc = inverse_cdf(r.NC, double(u) * tot, wf);
@@ -652,17 +705,22 @@ inline int sample_values(const float* vals, const float* wc, int64_t V, int NC, 
 
 // Chunk sums of vals[0, V) into wc[NC] (fixed order); returns their float sum.
 inline float chunk_sums(const float* vals, int64_t V, int NC, int chunk, float* wc) {
-  float tot = 0.f;
+  double tot = 0.0;
   for (int c = 0; c < NC; ++c) {
     const int64_t first = int64_t(c) * chunk;
     const int64_t n = std::min<int64_t>(chunk, V - first);
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t e = 0; e < n; ++e) acc += vals[first + e];
-    wc[c] = acc;
+    double acc = 0.0;
+    for (int64_t e0 = 0; e0 < n; e0 += 256) {  // fp32 over 256 values, then float64
+      const int64_t e1 = std::min<int64_t>(n, e0 + 256);
+      float part = 0.f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t e = e0; e < e1; ++e) part += vals[first + e];
+      acc += double(part);
+    }
+    wc[c] = float(acc);
     tot += acc;
   }
-  return tot;
+  return float(tot);
 }
 
 // vals = max(a p - q, 0) over the row (p normalized by S) and its chunk masses.
@@ -1221,29 +1279,41 @@ void fill_common(Common<T>& c, const void* logits, int64_t stride_l, int64_t R, 
   c.pos = pos;
 }
 
-template <typename T>
-void run_chain(const ChainArgs<T>& a, int B, int threads) {
+// Requests in parallel (dynamic: rows are read lazily, so requests differ in cost); a
+// batch smaller than the thread count runs its requests in turn, each row's chunks in
+// parallel instead.
+template <typename Args, typename F>
+void run_requests(Args& a, int B, int threads, F&& one) {
+  if (B < threads) {
+    a.inner = threads;
+    Work w;
+    for (int b = 0; b < B; ++b) one(a, b, w);
+    return;
+  }
+  a.inner = 1;
 #pragma omp parallel num_threads(threads)
   {
     Work w;
-    w.rbuf[1].resize(size_t(std::max(a.chunk, 1)));
 #pragma omp for schedule(dynamic, 1)
-    for (int b = 0; b < B; ++b) chain_request(a, b, w);
+    for (int b = 0; b < B; ++b) one(a, b, w);
   }
 }
 
 template <typename T>
-void run_tree(const TreeArgs<T>& a, int B, int threads) {
-#pragma omp parallel num_threads(threads)
-  {
-    Work w;
-#pragma omp for schedule(dynamic, 1)
-    for (int b = 0; b < B; ++b) {
-      w.rbuf[1].resize(size_t(std::max<int64_t>(a.chunk, 1)));
-      if (a.rule == TREE_SPECINFER) tree_request_specinfer(a, b, w);
-      else tree_request_multi_path(a, b, w);
-    }
-  }
+void run_chain(ChainArgs<T>& a, int B, int threads) {
+  run_requests(a, B, threads, [](const ChainArgs<T>& a, int b, Work& w) {
+    w.rbuf[1].resize(size_t(std::max(a.chunk, 1)));
+    chain_request(a, b, w);
+  });
+}
+
+template <typename T>
+void run_tree(TreeArgs<T>& a, int B, int threads) {
+  run_requests(a, B, threads, [](const TreeArgs<T>& a, int b, Work& w) {
+    w.rbuf[1].resize(size_t(std::max(a.chunk, 1)));
+    if (a.rule == TREE_SPECINFER) tree_request_specinfer(a, b, w);
+    else tree_request_multi_path(a, b, w);
+  });
 }
 
 }  // namespace
