@@ -118,9 +118,21 @@ inline void weighted_rows(float* __restrict__ acc, const float* p, const float* 
 inline void attend_rows(const float* const* q, int nq, int G, int D, const float* const* kp, const float* const* vp,
                         const uint64_t* vis, int n, float* __restrict__ m, float* __restrict__ l,
                         float* __restrict__ acc, int64_t lda, float* __restrict__ s /* [nq][64] scratch */) {
-  for (int j = 0; j < n; ++j)
-    for (int i = 0; i < nq; ++i)
-      s[i * 64 + j] = (vis[i / G] >> j) & 1 ? dot(q[i], kp[j], D) : NEG_INF;
+  const uint64_t all = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;
+  bool every = true;  // every query sees every key (prefix blocks): no visibility test
+  for (int t = 0; t < (nq + G - 1) / G; ++t) every = every && (vis[t] & all) == all;
+  if (every) {
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < nq; ++i) s[i * 64 + j] = dot(q[i], kp[j], D);
+  }
+  uint64_t row_vis[64];  // vis of query i's token, per group of 64 queries
+  for (int i0 = 0; i0 < nq && !every; i0 += 64) {
+    const int ni = std::min(64, nq - i0);
+    for (int i = 0; i < ni; ++i) row_vis[i] = vis[(i0 + i) / G];
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < ni; ++i)
+        s[(i0 + i) * 64 + j] = (row_vis[i] >> j) & 1 ? dot(q[i0 + i], kp[j], D) : NEG_INF;
+  }
   const float* live[64];
   for (int i = 0; i < nq; ++i) {
     float* __restrict__ si = s + i * 64;
@@ -442,15 +454,16 @@ void paged_attention(const PagedAttention& a, const T* q, const T* k_cache, cons
       longest = std::max(longest, keys);
     }
   }
-  // keys per work unit (a multiple of the block): about 64 units in all (enough for any
-  // thread count of a CPU), 256 .. 16384 keys each; num_splits: that many per longest list
+  // keys per work unit (a multiple of 64): about 32 units in all (enough to balance the
+  // threads of a CPU; more cost merges), 64 .. 16384 keys each; num_splits: that many per
+  // longest list
   int64_t split;
   if (a.num_splits > 0) {
     split = std::max<int64_t>(1, (longest + a.num_splits - 1) / a.num_splits);
   } else {
     int64_t total = 0;
     for (int64_t keys : n_keys) total += keys;
-    split = std::min<int64_t>(16384, std::max<int64_t>(256, (total + 63) / 64));
+    split = std::min<int64_t>(16384, std::max<int64_t>(64, (total + 31) / 32));
   }
   split = (split + PACK - 1) / PACK * PACK;
   std::vector<int64_t> first_unit(n_lists + 1, 0), first_q(n_lists + 1, 0);
@@ -617,7 +630,8 @@ void paged_attention(const PagedAttention& a, const T* q, const T* k_cache, cons
 
   // log-sum-exp merge of each (token, query head)'s units:
   //   M = max_u m_u,  out = Σ_u e^(m_u − M)·acc_u / Σ_u e^(m_u − M)·l_u   (0 where no key at all)
-#pragma omp parallel for num_threads(a.threads) schedule(static)
+  // (in parallel only when there is enough to merge: a fork costs more than a small merge)
+#pragma omp parallel for num_threads(a.threads) schedule(static) if (states * DA > (1 << 16))
   for (int64_t gi = 0; gi < n_groups; ++gi) {
     const int nt = int(group_first[gi + 1] - group_first[gi]);
     std::vector<float> o(D);
