@@ -54,6 +54,9 @@ def compact_kv(k_cache, v_cache, block_table, prefix_lens, accepted_nodes, num_a
     P, page, Hkv, D = k_cache.shape
     e = k_cache.element_size()
     ks, vs = k_cache.stride(), v_cache.stride()
+    if D > 1 and (ks[3] != 1 or vs[3] != 1):  # the kernel moves whole head rows of D·e bytes
+        raise ValueError(f"compact_kv (cpu): k_cache and v_cache must be contiguous in head_dim, got strides "
+                         f"{ks} and {vs}")
     bt, pre, acc, num = (t if t.dtype == torch.int32 else t.to(torch.int32)
                          for t in (block_table, prefix_lens, accepted_nodes, num_accepted))
     function("fastverify_compact_kv", None, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i64,
