@@ -87,7 +87,9 @@ def test_rejection_same_bits_for_any_thread_count(dtype):
 def test_attention_same_bits_for_any_thread_count(dtype):
     p = paged_problem([9, 33, 1], [700, 90, 2000], Hq=8, Hkv=2, D=64, dtype=dtype, seed=6)
     _same_for_thread_counts(lambda: fastverify.tree_attention(*p.args()))
-    ids = torch.tensor([[[0, 3, 5], [1, 2, -1]]] * 3, dtype=torch.int32)
+    # full chunks of 64 keys: request 0 has 11, request 1 has 1, request 2 has 31
+    ids = torch.tensor([[[0, 3, 5], [1, 2, -1]], [[0, -1, -1], [-1, 0, -1]], [[30, 3, 17], [1, 29, -1]]],
+                       dtype=torch.int32)
     q = p.q[:3].contiguous()
     _same_for_thread_counts(lambda: fastverify.sparse_kv_attention(q, p.k_cache, p.v_cache, p.block_table,
                                                                    p.seq_lens, ids, chunk_size=64))

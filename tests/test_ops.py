@@ -144,11 +144,11 @@ def test_torch_compile_fullgraph_with_verification_rules(backend):
 
 
 def test_backend_selection(monkeypatch):
-    assert fastverify.get_backend("cpu") == "torch"
+    assert fastverify.get_backend("cpu") == "cpu"   # the C++ kernels (torch stands in where they cannot build)
     assert fastverify.get_backend("cuda") in ("triton", "cuda")
     with fastverify.use_backend("triton"):
         assert fastverify.get_backend("cpu") == "triton"
-    assert fastverify.get_backend("cpu") == "torch"
+    assert fastverify.get_backend("cpu") == "cpu"
     with pytest.raises(ValueError, match="backend must be one of"):
         fastverify.set_backend("tpu")
     p = chain_problem(B=2, V=20, max_k=1)
