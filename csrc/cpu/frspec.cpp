@@ -319,7 +319,9 @@ void score_pass(const T* hidden, int64_t ldh, const T* weight, Problem& p, Fold&
     std::vector<float> s(TILE_M * TILE_V);
     std::vector<float> acc(pack ? TILE_V * TILE_M : 0);
     const int tid = omp_get_thread_num();
-#pragma omp for schedule(static)
+    // dynamic: a thread another process delays leaves its tiles to the other (which thread
+    // runs a tile changes no result)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t tile = task / chunks, chunk = task % chunks, m0 = chunk * TILE_M;
       const int64_t v0 = tile * TILE_V;
