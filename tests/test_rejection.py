@@ -25,7 +25,8 @@ import torch
 
 import naive
 from conftest import BACKENDS, BACKEND_DEVICES, capture_graph, entry_points
-from problems import Chain, Tree, chain_problem, random_tree, run_chain, run_tree, tree_depth, tree_problem
+from problems import (Chain, Tree, chain_problem, multi_path_problem, random_tree, run_chain, run_tree, tree_depth,
+                      tree_problem)
 
 import fastverify
 from fastverify.ops import rejection as ops_rejection
@@ -616,6 +617,81 @@ def test_cuda_schemas_take_chunk_width_and_stream(backend):
     ops = (kern if isinstance(kern, _cuda.Kernels) else _cuda.Kernels(_cuda.library)).ops()
     assert "chunk_size" in str(ops.rejection_sample._schema)
     assert "cuda_stream" in str(ops.tree_rejection_sample._schema)
+
+
+# ----------------------------------------------------------------------------- the cpu backend's own
+
+CPU_BACKEND = [b for b in ("cpu",) if b in BACKENDS]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q,filt", FLAGS, ids=lambda f: str(int(f)))
+def test_cpu_every_logit_dtype_matches_the_torch_spec(q, filt, dtype, backend):
+    """fp32, bf16 and fp16 logits over a 32k vocabulary (draft probs in fp32 or the logits'
+    dtype): the cpu backend's tokens are the torch spec's, chains (token and block rules)
+    and trees (sample-then-match or recursive rejection)."""
+    q_dtype = F32 if dtype == F16 else dtype
+    chain = likely_chain(71, 9, 32000, 4, q=q, filt=filt, dtype=dtype, q_dtype=q_dtype)
+    tree = likely_tree(72, 7, 32000, q=q, filt=filt, dtype=dtype, q_dtype=q_dtype)
+    for p in (chain, replace(chain, verify="block"), tree):
+        spec = tree_rejection_sample_torch if isinstance(p, Tree) else rejection_sample_torch
+        assert_same(run(p, backend), spec(*positional(p)), f"{type(p).__name__} verify={p.verify}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND)
+@pytest.mark.parametrize("seed,temperature", [(0, 0.8), (1, 1.0), (1, 1.3)])
+def test_cpu_draws_match_the_torch_spec_on_peaked_128k_rows(seed, temperature, backend):
+    """The benchmark's inputs (64 requests, 128k bf16 logits whose argmax holds 50-95% of the
+    mass, drafts mostly the argmax): every token equals the torch spec's. These seeds once
+    placed a draw within 1.5e-7 of a CDF step, which float32 chunk sums (or subtracting a
+    rejected draft's mass from its chunk's) moved to a neighbouring token."""
+    from fastverify.bench.rejection import chain_inputs
+
+    x = chain_inputs(64, 4, BIG_V, "bf16", "cpu", seed=seed)
+    (logits, drafts, cu), kw = x["op"]["args"], x["op"]["kwargs"]
+    args = (logits, drafts, cu, None, kw["temperature"] * temperature, None, None, kw["seed"], kw["positions"], 4)
+    assert_same(entry_points(backend, "rejection").rejection_sample(*args), rejection_sample_torch(*args))
+
+
+def _with_threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+THREAD_CASES = {
+    # fewer requests than threads: one request at a time, its rows' chunks in parallel
+    "chain_one_request": lambda: likely_chain(81, 1, 9000, 4, q=True, filt=True, dtype=BF16),
+    "chain_token": lambda: likely_chain(82, 11, 9000, 4, q=True, filt=True, dtype=F16),
+    "chain_block": lambda: replace(likely_chain(83, 11, 9000, 4, q=True, filt=False, dtype=BF16), verify="block"),
+    "chain_typical": lambda: replace(likely_chain(84, 11, 9000, 4, q=False, filt=True), verify="typical",
+                                     typical_eps=torch.full((11,), 0.2), typical_delta=torch.full((11,), 0.5)),
+    "tree_one_request": lambda: likely_tree(85, 1, 9000, q=True, filt=True, dtype=BF16),
+    "tree": lambda: likely_tree(86, 9, 9000, q=True, filt=True, dtype=F16),
+    "paths_block_wor": lambda: multi_path_problem(B=5, V=3000, n=3, depth=3, wor=True, filters=True, seed=87),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND)
+@pytest.mark.parametrize("case", list(THREAD_CASES))
+def test_cpu_outputs_do_not_depend_on_the_thread_count(case, backend):
+    p = THREAD_CASES[case]()
+    one = _with_threads(1, lambda: run(p, backend))
+    for n in (2, 3):
+        assert_same(_with_threads(n, lambda: run(p, backend)), one, f"{n} threads vs 1")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND)
+def test_cpu_entry_points_take_any_chunk_width_up_to_the_maximum(backend):
+    p, want = once(("many_chunks", "chain"), lambda: with_reference(MANY_CHUNKS["chain"]()))
+    for chunk in (1, 7, 300, 4096):
+        assert_same(run(p, backend, chunk), want, f"chunk {chunk}")
+    with pytest.raises(ValueError, match="chunk_size"):
+        run(p, backend, 8192)
 
 
 # ----------------------------------------------------------------------------- GPU only: graphs, compile, streams

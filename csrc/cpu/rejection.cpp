@@ -563,7 +563,6 @@ struct Common {
   const float* top_p;    // nullptr: off
   const int64_t* seed;
   const int64_t* pos;
-  int inner;  // threads inside a request (1 when requests run in parallel)
 };
 
 // Lazily computed rows of one request: row r (request-local index) is processed on its
@@ -581,10 +580,9 @@ struct Rows {
   bool use_k, use_p;
   bool entropy;
   float* amax;  // [NC] scratch
-  int inner;    // threads for one row's chunks (a batch smaller than the thread count)
 
   Rows(const Common<T>& a_, Work& w_, int b, int64_t first, int64_t n, bool entropy_, float* amax_)
-      : a(a_), w(w_), first_row(first), count(n), entropy(entropy_), amax(amax_), inner(a_.inner) {
+      : a(a_), w(w_), first_row(first), count(n), entropy(entropy_), amax(amax_) {
     const float tb = a.temp[b];
     random = tb > 0.f;
     t = random ? tb : 1.f;
@@ -625,14 +623,7 @@ struct Rows {
           else chunk_stats<T, false, false>(l, a.V, a.chunk, c0, c1, t, thr, entropy, m, s, e, amax);
         }
       };
-      if (inner > 1 && a.NC > 1) {
-        // a batch smaller than the thread count: the row's chunks in parallel (each chunk's
-        // stats are computed alike whichever thread takes it)
-#pragma omp parallel for num_threads(inner) schedule(static)
-        for (int c = 0; c < a.NC; ++c) stats(c, c + 1);
-      } else {
-        stats(0, a.NC);
-      }
+      stats(0, a.NC);
       float M = NEG_INF;
       for (int c = 0; c < a.NC; ++c) M = m[c] > M ? m[c] : M;
       double Sd = 0.0;
@@ -1279,18 +1270,17 @@ void fill_common(Common<T>& c, const void* logits, int64_t stride_l, int64_t R, 
   c.pos = pos;
 }
 
-// Requests in parallel (dynamic: rows are read lazily, so requests differ in cost); a
-// batch smaller than the thread count runs its requests in turn, each row's chunks in
-// parallel instead.
+// Requests in parallel (dynamic: rows are read lazily, so requests differ in cost), on at
+// most one thread per request; a single thread runs them in turn without a parallel region
+// (a fork / join costs milliseconds when the machine is oversubscribed).
 template <typename Args, typename F>
 void run_requests(Args& a, int B, int threads, F&& one) {
-  if (B < threads) {
-    a.inner = threads;
+  threads = std::min(threads, B);
+  if (threads <= 1) {
     Work w;
     for (int b = 0; b < B; ++b) one(a, b, w);
     return;
   }
-  a.inner = 1;
 #pragma omp parallel num_threads(threads)
   {
     Work w;
