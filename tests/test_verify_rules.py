@@ -9,7 +9,7 @@
    block verification of its first path, and all of them coincide at temperature 0.
 2. The ops follow those laws: the emitted sequences of many replicas of one step (fixed
    seeds) pass a chi-squared goodness-of-fit test against the exact law, on every backend
-   (torch with 60,000 replicas; the Triton interpreter and the CUDA emulator with fewer).
+   (torch and cpu with 60,000 replicas; the Triton interpreter and the CUDA emulator with fewer).
 3. Exact tokens: each rule on each backend equals the naive per-seed oracle (naive.py) on
    random ragged batches (tests/test_rejection.py holds the token rule's grid).
 """
@@ -228,7 +228,10 @@ REPLICAS = 60_000
 # is gpu_sized (the GPU runs every backend on all the replicas).
 SAME_AS_TORCH = 48
 EMULATED_REPLICAS = 4_000
-ON_CPU = {b for b in BACKENDS if b != "torch" and BACKEND_DEVICES[b] != "cuda"}
+ON_CPU = {b for b in BACKENDS if b not in ("torch", "cpu") and BACKEND_DEVICES[b] != "cuda"}
+# the C++ cpu backend runs every replica (like the GPU backends) and also repeats the torch
+# backend's tokens on the first SAME_AS_TORCH replicas (the same draws, bit for bit)
+SAME_AS_TORCH_BACKENDS = sorted(ON_CPU | ({"cpu"} & set(BACKENDS)))
 
 
 def replicas(backend: str) -> int:
@@ -280,7 +283,7 @@ def test_chain_op_follows_the_exact_law(case, backend):
     assert_law(counts, expected, f"{CHAIN_LAW_CASES[case][0]} emitted sequences")
 
 
-@pytest.mark.parametrize("backend", sorted(ON_CPU))
+@pytest.mark.parametrize("backend", SAME_AS_TORCH_BACKENDS)
 @pytest.mark.parametrize("case", list(CHAIN_LAW_CASES))
 def test_chain_law_replicas_same_as_torch(case, backend):
     toy, _, replicas = chain_law_case(case, SAME_AS_TORCH)
@@ -387,7 +390,7 @@ def test_multi_path_op_follows_the_exact_law(case, backend):
     assert_law(counts, expected, f"{reps.verify} emitted sequences")
 
 
-@pytest.mark.parametrize("backend", sorted(ON_CPU))
+@pytest.mark.parametrize("backend", SAME_AS_TORCH_BACKENDS)
 @pytest.mark.parametrize("case", list(TREE_LAW_CASES))
 def test_multi_path_law_replicas_same_as_torch(case, backend):
     _, reps = tree_law_case(case, SAME_AS_TORCH)
