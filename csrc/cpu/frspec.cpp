@@ -12,9 +12,10 @@
 //
 // One pass over the weight; the [M, V_sub] logits never reach memory. Tasks are
 // (tile of TILE_V subset rows) x (chunk of TILE_M hidden rows), tile-major, OpenMP
-// static over tasks. A task computes its [rows, TILE_V] logits with linear.h's register
-// blocks (the decode step's projection code: AVX512-BF16 vdpbf16ps for bf16, FMA on fp32
-// otherwise), then folds each row of them into
+// dynamic over tasks. A task computes its [rows, TILE_V] logits with linear.h's register
+// blocks (the decode step's projection code: AVX512-BF16 vdpbf16ps for bf16 — packed
+// inputs from 32 rows, dot products below —, FMA on fp32 otherwise), then folds each row
+// of them into
 //   - the tile's (max, Σ exp(s - max)), stored per (tile, row);
 //   - topk: the running top-k of the thread (a sorted list of keys per row); scores below
 //     the list's k-th never reach the list (one compare each);
