@@ -454,16 +454,16 @@ void paged_attention(const PagedAttention& a, const T* q, const T* k_cache, cons
       longest = std::max(longest, keys);
     }
   }
-  // keys per work unit (a multiple of 64): about 32 units in all (enough to balance the
-  // threads of a CPU; more cost merges), 64 .. 16384 keys each; num_splits: that many per
-  // longest list
+  // keys per work unit (a multiple of 64): about 16 units in all (enough to balance the
+  // threads of a small CPU; each unit costs its setup and a merge), 64 .. 16384 keys each;
+  // num_splits: that many per longest list
   int64_t split;
   if (a.num_splits > 0) {
     split = std::max<int64_t>(1, (longest + a.num_splits - 1) / a.num_splits);
   } else {
     int64_t total = 0;
     for (int64_t keys : n_keys) total += keys;
-    split = std::min<int64_t>(16384, std::max<int64_t>(64, (total + 31) / 32));
+    split = std::min<int64_t>(16384, std::max<int64_t>(64, (total + 15) / 16));
   }
   split = (split + PACK - 1) / PACK * PACK;
   std::vector<int64_t> first_unit(n_lists + 1, 0), first_q(n_lists + 1, 0);
@@ -550,13 +550,25 @@ void paged_attention(const PagedAttention& a, const T* q, const T* k_cache, cons
         vis[ti] &= bits;
       }
     };
+    // bf16 path: the first line of each row is loaded, not prefetched: rows of a sparse list
+    // sit on scattered 4 KiB pages, and a load (unlike a prefetch) also fills the TLB
+    // (measured: 7% on the sparse goal shape; not worth it for the fp32 decode step)
     auto prefetch = [&](const T* const* kp, const T* const* vp, int n) {
+      unsigned sink = 0;
       for (int j = 0; j < n; ++j)
-        if (kp[j])
-          for (int i = 0; i < D * int(sizeof(T)); i += 64) {
+        if (kp[j]) {
+          int i = 0;
+          if constexpr (packed) {
+            sink += *reinterpret_cast<const volatile unsigned char*>(kp[j]);
+            sink += *reinterpret_cast<const volatile unsigned char*>(vp[j]);
+            i = 64;
+          }
+          for (; i < D * int(sizeof(T)); i += 64) {
             __builtin_prefetch(reinterpret_cast<const char*>(kp[j]) + i);
             __builtin_prefetch(reinterpret_cast<const char*>(vp[j]) + i);
           }
+        }
+      asm volatile("" : : "r"(sink));
     };
     // Keys are rows far apart (a model's cache keeps all layers of a slot together), so
     // each is a cache miss: the next block's rows are located and prefetched while this
