@@ -871,3 +871,15 @@ def test_cpu_gumbel_noise_is_the_torch_backends():
     o0 = torch.tensor([(x << 8) | 0x5A for x in xs], dtype=torch.int64)
     u = (torch.tensor(xs, dtype=torch.float64) + 0.5) * 2.0**-24
     assert torch.equal(cpu_frspec.gumbel_of_bits(o0), (-torch.log(-torch.log(u))).float())
+
+
+@CPU_ONLY
+def test_cpu_gumbel_filter_bound_holds_for_every_bits():
+    """The sample kernel skips the logarithms of rows whose s + bound(x) cannot reach the best
+    so far: the bound is above the noise for every one of the 2^24 values of x = o0 >> 8."""
+    from fastverify.cpu import frspec as cpu_frspec
+
+    o0 = torch.arange(2**24, dtype=torch.int64) << 8
+    g, bound = cpu_frspec.gumbel_of_bits(o0, bound=True)
+    assert bool((bound >= g).all()) or bool((bound == float("-inf")).all())    # -inf: no filter in this build
+

@@ -149,15 +149,37 @@ inline __m256 gumbel_of_x(__m512d x) {  // x = o0 >> 8 as float64
   return _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_setzero_pd(), log_pd(e)));
 }
 
-// g of subset rows v0 .. v0 + 15
-inline __m512 gumbel_x16(uint64_t seed, uint64_t pos, uint32_t v0) {
+// x = o0 >> 8 of subset rows v0 .. v0 + 15
+inline __m512i gumbel_bits_x16(uint64_t seed, uint64_t pos, uint32_t v0) {
   const __m512i v = _mm512_add_epi32(_mm512_set1_epi32(int(v0)),
                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512i x = _mm512_srli_epi32(philox_o0_x16(seed, uint32_t(pos), uint32_t(pos >> 32), v, LM_HEAD_STREAM), 8);
+  return _mm512_srli_epi32(philox_o0_x16(seed, uint32_t(pos), uint32_t(pos >> 32), v, LM_HEAD_STREAM), 8);
+}
+
+// g of 16 lanes of x
+inline __m512 gumbel_of_bits_x16(__m512i x) {
   const __m256 lo = gumbel_of_x(_mm512_cvtepi32_pd(_mm512_castsi512_si256(x)));
   const __m256 hi = gumbel_of_x(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(x, 1)));
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
+
+// g of subset rows v0 .. v0 + 15
+inline __m512 gumbel_x16(uint64_t seed, uint64_t pos, uint32_t v0) {
+  return gumbel_of_bits_x16(gumbel_bits_x16(seed, pos, v0));
+}
+
+#if defined(__AVX512CD__)
+// An upper bound of g from the bits alone, without logarithms: -log u >= 1 - u, so
+// g = -log(-log u) <= -log(1 - u) = -log(z · 2^-25) with z = 2^25 - 2x - 1 >= 1, and
+// z >= 2^floor(log2 z) gives g <= (25 - floor(log2 z)) · ln 2. The margin covers the fp32
+// rounding of g (an ulp: < 2e-6).
+inline __m512 gumbel_bound_x16(__m512i x) {
+  const __m512i z = _mm512_sub_epi32(_mm512_set1_epi32((1 << 25) - 1), _mm512_slli_epi32(x, 1));
+  // 25 - floor(log2 z) = 25 - (31 - lzcnt z)
+  const __m512i e = _mm512_sub_epi32(_mm512_lzcnt_epi32(z), _mm512_set1_epi32(6));
+  return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(0.6931472f)), _mm512_set1_ps(1e-3f));
+}
+#endif
 #endif
 
 // g of subset rows v0 .. v0 + n - 1 (n <= 16) into g
@@ -226,12 +248,23 @@ inline void sample_fold(const float* __restrict__ s, int n, uint32_t v0, bool gr
     if (greedy) {
       for (int j = 0; j < len; ++j) noisy[j] = s[j0 + j];
     } else {
+#if defined(__AVX512CD__)
+      // the logarithms (most of the cost) only where some row's s + bound(g) reaches the best
+      const __mmask16 lanes = __mmask16((1u << len) - 1);
+      const __m512i x = gumbel_bits_x16(seed, pos, v0 + uint32_t(j0));
+      if (best.key) {
+        const __m512 reach = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, s + j0), gumbel_bound_x16(x));
+        if (!_mm512_mask_cmp_ps_mask(lanes, reach, _mm512_set1_ps(key_score(best.key)), _CMP_GE_OQ)) continue;
+      }
+      _mm512_mask_storeu_ps(noisy, lanes, gumbel_of_bits_x16(x));
+#else
       if (best.key) {
         float top = NEG_INF;
         for (int j = 0; j < len; ++j) top = std::max(top, s[j0 + j]);
         if (top + GUMBEL_MAX < key_score(best.key)) continue;  // then s + g < the best for all of them
       }
       gumbel_group(seed, pos, v0 + uint32_t(j0), len, noisy);
+#endif
       for (int j = 0; j < len; ++j) noisy[j] += s[j0 + j];
     }
     for (int j = 0; j < len; ++j) {
@@ -446,9 +479,17 @@ void fastverify_lm_head_gumbel(int64_t seed, int64_t position, int64_t v0, int64
 }
 
 // The fp32 noise of Philox outputs o0[0 .. n) (for tests: every x = o0 >> 8, the extremes
-// included, against the float64 formula).
-void fastverify_lm_head_gumbel_of_bits(const int64_t* o0, int64_t n, float* out) {
+// included, against the float64 formula), and with bound != null the upper bound the sample
+// kernel's filter uses (-inf where this build has no filter).
+void fastverify_lm_head_gumbel_of_bits(const int64_t* o0, int64_t n, float* out, float* bound) {
   for (int64_t i = 0; i < n; ++i) {
+    if (bound) {
+#if defined(__AVX512CD__)
+      bound[i] = _mm512_cvtss_f32(gumbel_bound_x16(_mm512_set1_epi32(int(uint32_t(o0[i]) >> 8))));
+#else
+      bound[i] = NEG_INF;
+#endif
+    }
 #if defined(__AVX512F__)
     const __m512d x = _mm512_set1_pd(double(uint32_t(o0[i]) >> 8));
     out[i] = _mm_cvtss_f32(_mm256_castps256_ps128(gumbel_of_x(x)));

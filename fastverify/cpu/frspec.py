@@ -87,10 +87,13 @@ def gumbel(seed: int, position: int, v0: int, n: int) -> torch.Tensor:
     return out
 
 
-def gumbel_of_bits(o0: torch.Tensor) -> torch.Tensor:
+def gumbel_of_bits(o0: torch.Tensor, *, bound: bool = False):
     """The fp32 noise of Philox outputs ``o0`` (int64 holding uint32 values): the kernel's
-    formula on chosen bits (for tests)."""
+    formula on chosen bits (for tests); with ``bound``, (noise, the upper bound the sample
+    kernel's filter uses — -inf in builds without the filter)."""
     o0 = o0.long().contiguous()
     out = torch.empty(o0.numel(), dtype=torch.float32)
-    function("fastverify_lm_head_gumbel_of_bits", None, ptr, i64, ptr)(o0.data_ptr(), o0.numel(), out.data_ptr())
-    return out
+    up = torch.empty(o0.numel(), dtype=torch.float32) if bound else None
+    function("fastverify_lm_head_gumbel_of_bits", None, ptr, i64, ptr, ptr)(o0.data_ptr(), o0.numel(), out.data_ptr(),
+                                                                         _ptr(up))
+    return (out, up) if bound else out
