@@ -19,6 +19,13 @@
 // s_c exp(m_c - M) first, then inside one chunk, with float64 running sums (the torch
 // spec sums in float64). The uniforms are the Philox lanes of every backend (philox.h).
 //
+// Top-k: one streaming pass keeps the keys above a rising lower bound (nth_element when
+// the buffer fills); top-p: the candidates' masses e^(z - max z), then the crossing key by
+// sorting (few candidates) or a 16-bit histogram and the crossing bin sorted. Rules with
+// draft_probs add one pass over a row and its draft-probs row per residual (the token
+// rule's rejected row, the block rule's draft rows, each child recursive rejection
+// rejects, multi-path's Z per inner node); typical adds the entropy sums to the row pass.
+//
 // Determinism: every sum runs in a fixed order over a fixed chunking that depends only on
 // V and chunk_size, and each request is computed by one thread, so the outputs do not
 // depend on the number of threads (nor on the batch around a request).
