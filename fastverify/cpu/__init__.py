@@ -164,5 +164,29 @@ def features() -> tuple:
     return tuple(name for i, name in enumerate(FEATURES) if bits >> i & 1)
 
 
+# element-type codes of csrc/cpu/common.h's Dtype
+DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+
+
+def dtype_code(t) -> int:
+    """The ``Dtype`` code of tensor ``t``'s element type (fp32, bf16, fp16)."""
+    return DTYPE_CODES[str(t.dtype)]
+
+
+def probs_rows(p):
+    """(first_bad [R] int64: the first column of each row of ``p [R, C]`` (fp32/bf16/fp16, CPU,
+    unit column stride) that is not finite or is negative, -1 if none; sums [R] float64), in
+    one pass (``csrc/cpu/checks.cpp``)."""
+    import torch
+
+    R, C = p.shape
+    first_bad = torch.empty(R, dtype=torch.int64)
+    sums = torch.empty(R, dtype=torch.float64)
+    function("fastverify_check_probs", None, ptr, i32, i64, i64, i64, ptr, ptr, i32)(
+        p.data_ptr(), dtype_code(p), R, C, p.stride(0), first_bad.data_ptr(), sums.data_ptr(),
+        torch.get_num_threads())
+    return first_bad, sums
+
+
 # ctypes shorthands for the family modules' signatures
 i32, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
