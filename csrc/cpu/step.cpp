@@ -23,12 +23,10 @@ namespace {
 // The step's attention (attention.h) on fp32 layer views of the model's cache: slots
 // slot_stride floats apart, pages of page_size slots, heads packed (D floats apart).
 // The step's block table names only pages of the cache (checked in Python).
-PagedAttention step_attention(int64_t N, int Hq, int Hkv, int D, int64_t slot_stride,
-                                     const int32_t* block_table, int64_t bt_stride, int page_size,
-                                     const int32_t* seq_lens, const int32_t* cu_nodes, int64_t B,
-                                     const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
-                                     const int32_t* chunk_ids, int64_t n_ids, int chunk_size, float sm_scale,
-                                     int threads) {
+PagedAttention step_attention(int64_t N, int Hq, int Hkv, int D, int64_t slot_stride, const int32_t* block_table,
+                              int64_t bt_stride, int page_size, const int32_t* seq_lens, const int32_t* cu_nodes,
+                              int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
+                              const int32_t* chunk_ids, int64_t n_ids, int chunk_size, float sm_scale, int threads) {
   PagedAttention a;
   a.N = N;
   a.Hq = Hq;
