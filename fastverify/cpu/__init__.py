@@ -36,6 +36,8 @@ import tempfile
 import threading
 import warnings
 
+import torch
+
 ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-march=haswell",), "portable": ("-march=x86-64", "-mtune=generic")}
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c++17")
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -165,20 +167,18 @@ def features() -> tuple:
 
 
 # element-type codes of csrc/cpu/common.h's Dtype
-DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def dtype_code(t) -> int:
     """The ``Dtype`` code of tensor ``t``'s element type (fp32, bf16, fp16)."""
-    return DTYPE_CODES[str(t.dtype)]
+    return DTYPE_CODES[t.dtype]
 
 
 def probs_rows(p):
     """(first_bad [R] int64: the first column of each row of ``p [R, C]`` (fp32/bf16/fp16, CPU,
     unit column stride) that is not finite or is negative, -1 if none; sums [R] float64), in
     one pass (``csrc/cpu/checks.cpp``)."""
-    import torch
-
     R, C = p.shape
     first_bad = torch.empty(R, dtype=torch.int64)
     sums = torch.empty(R, dtype=torch.float64)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import function, i32, i64, ptr
+from . import DTYPE_CODES, function, i32, i64, ptr
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _head_args(hidden, weight, token_map):
@@ -30,7 +29,7 @@ def _head_args(hidden, weight, token_map):
         token_map = token_map.contiguous()
     M, d = hidden.shape
     ldh = hidden.stride(0) if M > 1 else d
-    return (hidden, ldh, weight, _DTYPE_CODES[hidden.dtype], M, weight.shape[0], d, token_map,
+    return (hidden, ldh, weight, DTYPE_CODES[hidden.dtype], M, weight.shape[0], d, token_map,
             int(token_map is not None and token_map.dtype == torch.int64))
 
 

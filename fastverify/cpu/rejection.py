@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from .._layout import CHAIN_RULES, MAX_CHUNK, TREE_RULES, default_chunk
-from . import function, i32, i64, ptr
+from . import DTYPE_CODES, function, i32, i64, ptr
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _chain_fn():
@@ -65,7 +64,7 @@ def _chunk(chunk_size, V: int) -> int:
 def _common(target_logits, draft_probs, temperature, top_k, top_p, seed, positions):
     logits = _rows(target_logits)
     q = None if draft_probs is None else _rows(draft_probs)
-    if q is not None and q.dtype not in _DTYPE_CODES:
+    if q is not None and q.dtype not in DTYPE_CODES:
         q = q.float()
     params = (temperature.float().contiguous(), _opt(top_k, torch.int32), _opt(top_p, torch.float32),
               seed.long().contiguous(), positions.long().contiguous())
@@ -93,9 +92,9 @@ def rejection_sample(target_logits, draft_tokens, cu_num_draft, draft_probs, tem
     num = torch.empty(B, dtype=torch.int32)
     if B == 0:
         return out, num
-    rc = _chain_fn()(logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.stride(0), R, V,
+    rc = _chain_fn()(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.stride(0), R, V,
                      drafts.data_ptr(), int(drafts.dtype == torch.int64), drafts.numel(), cu.data_ptr(), B,
-                     _addr(q), _DTYPE_CODES[q.dtype] if q is not None else 0, q.stride(0) if q is not None else 0,
+                     _addr(q), DTYPE_CODES[q.dtype] if q is not None else 0, q.stride(0) if q is not None else 0,
                      temp.data_ptr(), _addr(tk), _addr(tp), sd.data_ptr(), ps.data_ptr(),
                      max_draft_len, rule, _addr(eps), _addr(delta), _chunk(chunk_size, V),
                      out.data_ptr(), num.data_ptr(), torch.get_num_threads())
@@ -122,10 +121,10 @@ def tree_rejection_sample(target_logits, tree_tokens, parents, cu_num_nodes, dra
     num = torch.empty(B, dtype=torch.int32)
     if B == 0:
         return acc, out, num
-    rc = _tree_fn()(logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.stride(0), T, V,
+    rc = _tree_fn()(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.stride(0), T, V,
                     tok.data_ptr(), int(tok.dtype == torch.int64), par.data_ptr(), int(par.dtype == torch.int64),
                     cu.data_ptr(), B,
-                    _addr(q), _DTYPE_CODES[q.dtype] if q is not None else 0, q.stride(0) if q is not None else 0,
+                    _addr(q), DTYPE_CODES[q.dtype] if q is not None else 0, q.stride(0) if q is not None else 0,
                     temp.data_ptr(), _addr(tk), _addr(tp), sd.data_ptr(), ps.data_ptr(),
                     max_depth, rule, _chunk(chunk_size, V), acc.data_ptr(), out.data_ptr(), num.data_ptr(),
                     torch.get_num_threads())

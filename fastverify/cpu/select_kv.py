@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import function, i32, i64, ptr
+from . import DTYPE_CODES, function, i32, i64, ptr
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -26,7 +25,7 @@ def select_kv_chunks(q, k_cache, block_table, seq_lens, chunk_size, num_chunks, 
     ids = torch.empty((B, Hkv, num_chunks), dtype=torch.int32)
     if B == 0 or num_chunks == 0:
         return ids
-    if k_cache.stride(-1) != 1 or k_cache.dtype not in _DTYPE_CODES:
+    if k_cache.stride(-1) != 1 or k_cache.dtype not in DTYPE_CODES:
         raise ValueError("select_kv_chunks (cpu): k_cache must be fp32/bf16/fp16 with stride(-1) == 1")
     q = _unit_stride(q.to(k_cache.dtype))
     block_table = _unit_stride(block_table.to(torch.int32))
@@ -38,7 +37,7 @@ def select_kv_chunks(q, k_cache, block_table, seq_lens, chunk_size, num_chunks, 
         means, NC, ms = None, block_table.shape[1] * page // chunk_size, (0, 0, 0)
     function("fastverify_select_kv_chunks", None, i32, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, i64, i64,
              i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64, ptr, i32)(
-        _DTYPE_CODES[k_cache.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), *k_cache.stride()[:3],
+        DTYPE_CODES[k_cache.dtype], q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), *k_cache.stride()[:3],
         P, page, None if means is None else means.data_ptr(), *ms, block_table.data_ptr(), block_table.stride(0),
         block_table.stride(1), lens.data_ptr(), B, Hq, Hkv, D, chunk_size, NC, num_chunks, num_sink_chunks,
         num_recent_chunks, ids.data_ptr(), torch.get_num_threads())

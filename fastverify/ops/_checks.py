@@ -113,7 +113,7 @@ def check_probs(p: torch.Tensor, name: str) -> None:
     if p.numel() == 0:
         return
     tol = 1e-3 if p.dtype == torch.float32 else 1e-2
-    if (p.device.type == "cpu" and p.dim() == 2 and p.stride(1) == 1 and str(p.dtype) in cpu.DTYPE_CODES
+    if (p.device.type == "cpu" and p.dim() == 2 and p.stride(1) == 1 and p.dtype in cpu.DTYPE_CODES
             and cpu.available()):
         first_bad, sums = cpu.probs_rows(p)   # one pass: five torch passes cost more than the op
         bad_rows = (first_bad >= 0).nonzero()
