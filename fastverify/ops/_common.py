@@ -39,10 +39,7 @@ def implementation(device: torch.device, family: str, name: str, torch_fn):
             raise RuntimeError(f"the cpu backend needs CPU tensors, got tensors on {device}")
         from .. import cpu
         if cpu.available():
-            try:  # TRANSITION: families without a cpu module yet run torch (removed when all have one)
-                return getattr(importlib.import_module(f"fastverify.cpu.{family}"), name)
-            except (ModuleNotFoundError, AttributeError):
-                return torch_fn
+            return getattr(importlib.import_module(f"fastverify.cpu.{family}"), name)
         if _backend.chosen():
             raise RuntimeError("the cpu backend was chosen but its C++ kernels could not be built "
                                "(see the warning above); use the torch backend")
