@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from . import f32, function, i32, i64, ptr
+from . import DTYPE_CODES, f32, function, i32, i64, ptr
 from .select_kv import select_kv_chunks  # noqa: F401
-from .tree_attention import DTYPE_CODES, cache_args, rows_unit_stride
+from .tree_attention import cache_args, rows_unit_stride
 
 
 def sparse_kv_attention(q, k_cache, v_cache, block_table, seq_lens, chunk_ids, chunk_size, sm_scale, *,

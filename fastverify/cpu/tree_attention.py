@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from . import f32, function, i32, i64, ptr
+from . import DTYPE_CODES, f32, function, i32, i64, ptr
 from .tree_structure import build_tree, compact_kv  # noqa: F401
-
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
