@@ -38,6 +38,10 @@ SHAPES = {
     "cpu": [(64, V, M, 32000, "fp32") for V in (4096, 16384) for M in (1, 8)],
 }
 GOAL = (4096, 32768, 64, 128256, "bf16")
+# on CPU (issue 18): compute-bound at M=64 (against the heads), bandwidth-bound at M=1
+CPU_TARGETS = {(4096, 32768, 64, 128256, "bf16"): {"lm_head_topk": {"speedup": {"full": 3.0, "subset": 0.9}}},
+               (4096, 32768, 1, 128256, "bf16"): {"lm_head_topk": {"pct_of_copy": 60.0},
+                                                  "lm_head_sample": {"pct_of_copy": 60.0}}}
 
 
 def inputs(d: int, V: int, M: int, Vf: int, dtype: str, device, seed: int = 0) -> dict:
@@ -93,12 +97,16 @@ def cases(size: str, device) -> list[Case]:
                                                               temperature=x["temperature"]))
         topk += [Impl("subset", lambda x: (lambda: topk_baseline(x, False)), kind="baseline"),
                  Impl("full", lambda x: (lambda: topk_baseline(x, True)), kind="baseline", checked=False)]
+        cpu_targets = CPU_TARGETS.get((d, V, M, Vf, dt), {})
+        flops = 2 * M * V * d if M >= 16 else 0       # few rows: bandwidth-bound, no GFLOP/s column
         out.append(Case(FAMILY, "lm_head_topk", shape, nbytes, build, topk, check=logprob_check(dt, d),
-                        targets=TARGETS if (d, V, M, Vf, dt) == GOAL else {}))
+                        targets=TARGETS if (d, V, M, Vf, dt) == GOAL else {},
+                        cpu_targets=cpu_targets.get("lm_head_topk", {}), flops=flops))
         sample = kernel_impls(lambda x: fastverify.lm_head_sample(
             x["hidden"], x["weight"], temperature=x["temperature"], seed=x["seed"], positions=x["positions"],
             token_map=x["token_map"]))
         sample += [Impl("subset", lambda x: (lambda: sample_baseline(x, False)), kind="baseline", checked=False),
                    Impl("full", lambda x: (lambda: sample_baseline(x, True)), kind="baseline", checked=False)]
-        out.append(Case(FAMILY, "lm_head_sample", shape, nbytes, build, sample, check=lambda o, r: exact(o[0], r[0])))
+        out.append(Case(FAMILY, "lm_head_sample", shape, nbytes, build, sample, check=lambda o, r: exact(o[0], r[0]),
+                        cpu_targets=cpu_targets.get("lm_head_sample", {}), flops=flops))
     return out
