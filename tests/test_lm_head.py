@@ -143,7 +143,7 @@ def case_id(c) -> str:
     return "-".join(str(v).replace("torch.", "") for v in parts)
 
 
-def params(cases, gpu_cases=(), *, slow_on=None, backends=BACKENDS) -> list:
+def params(cases, gpu_cases=(), *, slow_on=None, backends=BACKENDS, grid_backends=GRID_BACKENDS) -> list:
     """(backend, case) params: ``cases`` on every backend, but those in ``slow_on[backend]``
     (seconds for that backend's CPU stand-in: the interpreter, the emulator, the torch
     backend's float64 noise) go there as ``gpu_cases`` do: ``gpu_sized``, on GRID_BACKENDS."""
@@ -153,10 +153,10 @@ def params(cases, gpu_cases=(), *, slow_on=None, backends=BACKENDS) -> list:
         for b in backends:
             if c not in slow_on.get(b, ()):
                 out.append(pytest.param(b, c, id=f"{case_id(c)}-{b}"))
-            elif b in GRID_BACKENDS:
+            elif b in grid_backends:
                 out.append(pytest.param(b, c, id=f"{case_id(c)}-{b}", marks=pytest.mark.gpu_sized))
     out += [pytest.param(b, c, id=f"{case_id(c)}-{b}", marks=pytest.mark.gpu_sized)
-            for c in dict.fromkeys(gpu_cases) if c not in cases for b in backends if b in GRID_BACKENDS]
+            for c in dict.fromkeys(gpu_cases) if c not in cases for b in backends if b in grid_backends]
     return out
 
 
@@ -471,7 +471,14 @@ SAMPLE_SLOW = {"triton": {Case(300, 1000, 80, F16), Case(1, 49152, 80, BF16), Ca
                "torch": {Case(300, 1000, 80, F16), Case(1, 49152, 80, BF16)}}
 
 
-@pytest.mark.parametrize("backend,case", params(SAMPLE_CPU, SAMPLE_GRID, slow_on=SAMPLE_SLOW))
+# the sampling oracle is a float64 loop (~10 s per grid case on CPU): the grid runs on GPU
+# backends only; on CPU the cpu backend's paths are checked against it in the cpu tests below
+# and against the torch backend's draws (test_sample_kernels_draw_the_torch_backends_tokens)
+SAMPLE_GRID_BACKENDS = [b for b in GRID_BACKENDS if BACKEND_DEVICES[b] != "cpu"]
+
+
+@pytest.mark.parametrize("backend,case", params(SAMPLE_CPU, SAMPLE_GRID, slow_on=SAMPLE_SLOW,
+                                                grid_backends=SAMPLE_GRID_BACKENDS))
 def test_sample_matches_oracle(backend, case):
     x = case.head().to(BACKEND_DEVICES[backend])
     assert_sample(run_sample(x, backend), x, f"{case} on {backend}")
