@@ -466,21 +466,29 @@ def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     arch = _check_supported(gguf_file)
     config = _config(arch, gguf_file)
 
-    # llama.cpp's llama-arch files store Q/K in its rotary layout; qwen2/qwen3 files use Hugging Face's
-    rotary_heads = {}
-    if arch == "llama":
-        rotary_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    heads = rotary_heads(arch, config)
     state_dict = {}
     for name in gguf_file.tensors:
         if name == _ROPE_FREQS:
             continue
         tensor = gguf_file.tensor(name)
         role = name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.{role}.{weight|bias}
-        if role in rotary_heads:
-            tensor = unpermute_rotary(tensor, rotary_heads[role])
+        if role in heads:
+            tensor = unpermute_rotary(tensor, heads[role])
         state_dict[hf_tensor_name(name)] = tensor
+    return config, state_dict, tokenizer_spec(gguf_file)
 
-    tokenizer_metadata = {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")}
-    if "tokenizer.ggml.tokens" not in tokenizer_metadata:
-        return config, state_dict, None
-    return config, state_dict, {"format": "gguf", "metadata": tokenizer_metadata}
+
+def rotary_heads(arch: str, config: dict) -> dict[str, int]:
+    """{tensor role: heads} of the tensors stored in llama.cpp's rotary row order: Q and K of
+    llama-arch files (qwen2 / qwen3 files keep Hugging Face's order)."""
+    if arch != "llama":
+        return {}
+    return {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+
+
+def tokenizer_spec(gguf_file: GGUFFile) -> dict | None:
+    """``{"format": "gguf", "metadata": {every tokenizer.* key}}`` for ``Tokenizer.from_spec``,
+    None when the file holds no vocabulary."""
+    metadata = {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")}
+    return {"format": "gguf", "metadata": metadata} if "tokenizer.ggml.tokens" in metadata else None
