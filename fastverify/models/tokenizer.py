@@ -75,7 +75,12 @@ def _backend_from_gguf(metadata: dict) -> BackendTokenizer:
     # GGUF stores byte-level tokens spelled in GPT-2's byte alphabet, as tokenizer.json does
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
+    except Exception as error:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"GGUF tokenizer metadata 'tokenizer.ggml.tokens' / 'tokenizer.ggml.merges' do not form a "
+                         f"BPE vocabulary: {error}") from None
+    backend = BackendTokenizer(bpe)
     if normalizer is not None:
         backend.normalizer = normalizer
     backend.pre_tokenizer = pre_tokenizer
@@ -107,7 +112,10 @@ def _compile_chat_template(template: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(f"the chat template does not parse: {error} (line {error.lineno})") from None
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
