@@ -156,6 +156,10 @@ def _add_model_args(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights and activations")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) (CPU)")
+    p.add_argument("--weights", default=None, choices=("native", "dequant"),
+                   help="GGUF models: native keeps the file's quantized blocks and runs every projection on them "
+                        "(CPU, fp32 activations; the default there), dequant expands them to --dtype (the default "
+                        "on cuda or with --dtype bf16/fp16; Hugging Face folders are always dequant)")
 
 
 def _add_decoding_args(p) -> None:
@@ -219,20 +223,48 @@ def _decoding_options(args, model=None) -> dict:
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _load_model(args):
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_weights(args) -> None:
+    """``--weights native`` needs a GGUF file on the CPU in fp32: a clear error otherwise."""
+    if args.weights != "native":
+        return
+    from .models.loaders import resolve_source
+
+    source = resolve_source(args.model)
+    if not str(source).endswith(".gguf"):
+        raise ValueError(f"--weights native needs a .gguf model (its quantized blocks), got {args.model!r}; "
+                         f"use --weights dequant or leave --weights out")
+    device = _device(args)
+    if not device.startswith("cpu"):
+        raise ValueError(f"--weights native runs on the CPU only, got --device {device}; use --weights dequant")
+    if args.dtype != "fp32":
+        raise ValueError(f"--weights native runs with fp32 activations, got --dtype {args.dtype}; "
+                         f"use --weights dequant")
+
+
+def _load_model(args, weights: str | None = None):
+    """The model of ``--model`` with ``weights`` (default: ``--weights``, else load()'s default)."""
     import torch
 
     from . import models
 
+    _check_weights(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
+    weights = weights or args.weights
     t0 = time.perf_counter()
-    _log(f"loading {args.model} ({args.dtype}, {device}) ...")
-    model = models.load(args.model, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    _log(f"loading {args.model} ({args.dtype}, {device}{f', {weights} weights' if weights else ''}) ...")
+    model = models.load(args.model, weights=weights, dtype=getattr(torch, _DTYPES[args.dtype]), device=device)
+    model.load_s = time.perf_counter() - t0
     c = model.config
     _log(f"loaded {c.arch}: {c.n_layers} layers, d={c.dim}, heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size} "
-         f"in {time.perf_counter() - t0:.1f}s")
+         f"in {model.load_s:.1f}s")
     return model
 
 
@@ -245,6 +277,12 @@ def _drafter(args, model):
     return models.load(args.drafter, dtype=model.dtype, device=model.device)  # generate() wraps it (and its head)
 
 
+# `fastverify generate`'s method and drafter when --method is not given: the fastest
+# fastverify method of the measured compare table on CPU (perf/results/compare-*-cpu.md:
+# chain/ngram ahead of ar, tree/ngram and the layer-skip rows); revisit with new measurements.
+DEFAULT_GENERATE_METHOD = ("chain", "ngram")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a decoding method, streaming it, then print statistics",
                        description="Generate continuations of the prompts (batched) with autoregressive, chain or "
@@ -252,10 +290,13 @@ def _add_generate(sub) -> None:
                                    "the others print at the end, then a statistics table.")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--method", default="tree", choices=("ar", "chain", "tree", "selfspec"))
-    p.add_argument("--drafter", default=None, help="layerskip (default), ngram, selfspec (with --method tree: a "
-                                                   "tree along the sparse-KV self-draft), or a model (folder / .gguf) "
-                                                   "sharing the tokenizer")
+    p.add_argument("--method", default=None, choices=("ar", "chain", "tree", "selfspec"),
+                   help=f"default {DEFAULT_GENERATE_METHOD[0]} with {DEFAULT_GENERATE_METHOD[1]} drafts (the fastest "
+                        f"measured method on CPU)")
+    p.add_argument("--drafter", default=None,
+                   help=f"layerskip (the default with an explicit --method), ngram (the default without --method: "
+                        f"{DEFAULT_GENERATE_METHOD[0]}/{DEFAULT_GENERATE_METHOD[1]}), selfspec (with --method tree: "
+                        f"a tree along the sparse-KV self-draft), or a model (folder / .gguf) sharing the tokenizer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -267,9 +308,14 @@ def _add_generate(sub) -> None:
 
 
 def _cmd_generate(args) -> int:
+    from .compare import describe_weights, model_info
     from .decoding import generate
 
+    if args.method is None:
+        args.method = DEFAULT_GENERATE_METHOD[0]
+        args.drafter = args.drafter or DEFAULT_GENERATE_METHOD[1]
     model = _load_model(args)
+    _log(f"weights: {describe_weights(model_info(model))}")
     drafter = _drafter(args, model)
     tok = model.tokenizer
     stream = tok.stream_decoder() if tok is not None else None
@@ -323,7 +369,7 @@ def _cmd_generate(args) -> int:
 def _add_compare(sub) -> None:
     from . import compare
 
-    labels = [m[0] for m in compare.METHODS + compare.RULE_METHODS]
+    labels = [m[0] for m in compare.METHODS + compare.RULE_METHODS + compare.FP32_METHODS]
     p = sub.add_parser("compare", help="every decoding method vs transformers' generate (and llama.cpp) on the same "
                                        "prompts",
                        description="Run each decoding method (greedy, batch 1), Hugging Face transformers' generate "
@@ -331,12 +377,17 @@ def _add_compare(sub) -> None:
                                    "installed, llama.cpp on the same GGUF (plain and prompt lookup) on built-in "
                                    "summarising, code-editing, extraction and open prompts, same model, threads and "
                                    "machine; check every run's tokens against the autoregressive baseline; print a "
-                                   "table and the winner and write <out>/compare-<device>.{md,json,png}. The full "
-                                   "run takes about 10 minutes on 2 CPU cores; --quick about 1.5.")
+                                   "table and the winner and write <out>/compare-<device>.{md,json,png}. With a "
+                                   "GGUF on the CPU in fp32, fastverify runs on the file's blocks (--weights "
+                                   "native) and again, for ar and chain/ngram, on the file dequantized to fp32, "
+                                   "the weights transformers runs on. The report adds the agreement of "
+                                   "fastverify's greedy tokens with llama.cpp's and each engine's load time and "
+                                   "memory (fresh processes). The full run takes about 10 minutes on 2 CPU cores; "
+                                   "--quick about 2.")
     _add_model_args(p)
     p.add_argument("--quick", action="store_true",
-                   help="only ar, chain/ngram (the best n-gram method), transformers' generate and prompt lookup "
-                        "(and llama.cpp's two runs when installed)")
+                   help="only ar, chain/ngram (the best n-gram method), ar (fp32) with native weights, transformers' "
+                        "generate and prompt lookup (and llama.cpp's two runs when installed)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy, every run checked token for token against ar (default). > 0: sampled runs of every "
@@ -347,6 +398,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--hf", type=_csv(str, compare.HF_METHODS), default=None, help=",".join(compare.HF_METHODS))
     p.add_argument("--no-hf", action="store_true", help="skip transformers' runs")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's runs even when it is installed")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the load time and memory table (one fresh process per engine, ~10 s each)")
     p.add_argument("--prompts", type=_csv(str, tuple(compare.PROMPTS)), default=list(compare.PROMPTS),
                    help=",".join(compare.PROMPTS))
     p.add_argument("--out", default=None, help="output folder (default: perf/results of the checkout)")
@@ -361,30 +414,52 @@ def _cmd_compare(args) -> int:
     from . import bench, compare
 
     model = _load_model(args)
+    native = model.weights == "native"
     sampled = args.temperature > 0
     catalog = compare.RULE_METHODS if sampled else compare.METHODS
     default = (compare.QUICK_RULE_METHODS if sampled else compare.QUICK_METHODS) if args.quick else \
         [m[0] for m in catalog]
-    chosen = args.methods or default
+    if native and not sampled:
+        default = default + (compare.QUICK_FP32_METHODS if args.quick else [m[0] for m in compare.FP32_METHODS])
+    chosen = list(dict.fromkeys(args.methods or default))
+    fp32_labels = {m[0]: m for m in compare.FP32_METHODS}
+    if not native and any(label in fp32_labels for label in chosen):
+        raise ValueError(f"--methods {', '.join(lab for lab in chosen if lab in fp32_labels)}: fp32 rows run beside "
+                         f"native weights only (a GGUF with --weights native); here every row is {args.dtype}")
     known = {m[0]: m for m in compare.METHODS + compare.RULE_METHODS}
-    methods = [known[label] for label in dict.fromkeys(chosen)]
-    if methods[0][0] != "ar":
+    methods = [known[label] for label in chosen if label in known]
+    fp32_methods = [fp32_labels[label] for label in chosen if label in fp32_labels]
+    if not methods or methods[0][0] != "ar":
         methods = [compare.METHODS[0]] + methods  # the baseline every check refers to
     hf = [] if args.no_hf else (args.hf or (compare.QUICK_HF_METHODS if args.quick else compare.HF_METHODS))
+    # the dequantized twin of a native model: fp32 rows and transformers' weights
+    fp32_model = _load_model(args, weights="dequant") if native and (fp32_methods or hf) else None
     why_no_llama = "skipped (--no-llama-cpp)" if args.no_llama_cpp else compare.llama_cpp_available(model)
     llama = [] if why_no_llama else compare.LLAMA_CPP_METHODS
     prompts = {k: compare.PROMPTS[k] for k in args.prompts}
     device = bench.device_name(model.device)
     how = f"temperature {args.temperature}, seed {args.seed}" if sampled else "greedy"
-    _log(f"compare on {device}: {len(methods)} fastverify methods + {len(hf)} transformers + {len(llama)} llama.cpp "
-         f"runs x {len(prompts)} prompts, {how}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
+    _log(f"compare on {device}: {len(methods)} fastverify methods ({model.weights} weights)"
+         + (f" + {len(fp32_methods)} on fp32 weights" if fp32_methods else "")
+         + f" + {len(hf)} transformers + {len(llama)} llama.cpp runs x {len(prompts)} prompts, {how}, "
+           f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads"
          + (f"\nllama.cpp: {why_no_llama}" if why_no_llama else ""))
     report = compare.run(model, prompts=prompts, methods=methods, hf_methods=hf, llama_methods=llama,
+                         fp32_model=fp32_model, fp32_methods=fp32_methods,
                          max_new_tokens=args.max_new_tokens, options=_decoding_options(args, model),
                          temperature=args.temperature, seed=args.seed)
+    for m in (model, fp32_model):
+        if m is not None and m.weights in report["models"]:
+            report["models"][m.weights]["load_s"] = m.load_s   # in this process, library already loaded
+    del fp32_model
+    if not args.no_memory:
+        kinds = [k for k in compare.MEMORY_KINDS if k != "llama.cpp" or llama] if report["file"] else None
+        _log(f"measuring load time and memory: {', '.join(kinds or ['fastverify fp32'])}, one fresh process each ...")
+        report["memory"] = compare.measure_memory(model.source, torch.get_num_threads(), kinds)
+        report["memory_threads"] = torch.get_num_threads()
     if why_no_llama:
         report["notes"] = [f"llama.cpp rows: not run — {why_no_llama}."]
-    report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {device}"
+    report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {model.weights} weights, {device}"
     report["header"] = (f"# {report['title']}\n\ncommand: `{args.command}`  \nversions: "
                         + ", ".join(f"{k} {v}" for k, v in bench.versions().items())
                         + f"  \ngit: {bench.git_revision()}  \nmachine: {device}; "

@@ -11,12 +11,20 @@ divergence is reported. At a sampling temperature (``temperature > 0``) the rows
 verification rules (RULE_METHODS) on sampled runs: their tokens differ from the baseline's
 by the draws, so the table states each rule's output law instead — the target's (every
 lossless rule, proven in tests/test_verify_rules.py) or LOSSY (typical acceptance).
+
+Weights: a GGUF model loaded with its blocks kept (``weights="native"``) runs fastverify's
+rows on those blocks, and a few fp32 rows (:data:`FP32_METHODS`) on the same file
+dequantized to fp32, beside transformers on those fp32 weights. Each kind of weights has
+its own autoregressive baseline for the same-tokens check. The report also states how many
+of llama.cpp's greedy tokens each baseline reproduces (:func:`agreement`) and the memory
+and load time of each engine in a fresh process (:func:`measure_memory`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .decoding import encode_prompts, generate
 from .models import unfuse_hf
+from .models.quantized import BLOCK_TYPES, QuantizedEmbedding, QuantizedLinear, is_native, weight_bytes
 
 # Prompts of the kinds speculative decoding is judged on: summarising and editing
 # (much of the answer copies the prompt) and open questions (little does).
@@ -81,8 +90,15 @@ RULE_METHODS = [
 QUICK_RULE_METHODS = ["ar", "chain/layerskip token", "chain/layerskip block", "paths/layerskip block"]
 HF_METHODS = ["hf", "hf/prompt-lookup", "hf/early-exit"]
 LLAMA_CPP_METHODS = ["llama.cpp", "llama.cpp/prompt-lookup"]
+# With native (GGUF block) weights: these rows again on the file dequantized to fp32, the
+# weights transformers runs on; the first is their baseline.
+FP32_METHODS = [
+    ("ar (fp32)", "ar", None),
+    ("chain/ngram (fp32)", "chain", "ngram"),
+]
 # --quick: the baseline, the best n-gram method on CPU, and the references' plain and prompt-lookup runs
 QUICK_METHODS = ["ar", "chain/ngram"]
+QUICK_FP32_METHODS = ["ar (fp32)"]
 QUICK_HF_METHODS = ["hf", "hf/prompt-lookup"]
 REFERENCE_PREFIXES = ("hf", "llama.cpp")
 
@@ -102,6 +118,7 @@ class Row:
     per_prompt: dict = field(default_factory=dict)  # prompt -> [tokens, seconds]
     ties: list = field(default_factory=list)        # (prompt, position, margin) accepted near-ties
     divergences: list = field(default_factory=list)  # (prompt, position, margin) real mismatches
+    weights: str = "dequant"     # "native" (GGUF blocks), "dequant" (float weights) or "llama.cpp" (its own)
 
     @property
     def tokens_per_s(self) -> float:
@@ -200,78 +217,168 @@ def first_divergence(model, prompt: list[int], base: list[int], other: list[int]
     return pos, float(top[0] - top[1])
 
 
-def run(model, *, prompts: dict[str, str] | None = None, methods=None, hf_methods=None, llama_methods=None,
-        max_new_tokens: int = 64, tie_tolerance: float = 1e-3, options: dict | None = None,
-        progress_bar: bool = True, temperature: float = 0.0, seed: int = 0) -> dict:
+def weights_kind(model) -> str:
+    """"native" (projections on GGUF blocks) or "dequant" (float weights)."""
+    return getattr(model, "weights", None) or ("native" if is_native(model) else "dequant")
+
+
+def model_info(model) -> dict:
+    """What a report states of a model's weights: their kind, the activations' dtype, the
+    ggml block types it keeps (none when dequantized) and the bytes a decode step reads."""
+    types = set()
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            types.update(m.part_types)
+        elif isinstance(m, QuantizedEmbedding):
+            types.add(m.ggml_type)
+    return {"weights": weights_kind(model), "dtype": str(model.dtype).removeprefix("torch."),
+            "block_types": sorted(BLOCK_TYPES[t] for t in types), "weight_bytes": weight_bytes(model)}
+
+
+def describe_weights(info: dict) -> str:
+    """One line for :func:`model_info`'s dict, e.g. "native (Q4_1, Q8_0 blocks, 98 MB)"."""
+    size = f"{info['weight_bytes'] / 1e6:.0f} MB"
+    if info["weights"] == "native":
+        return f"native ({', '.join(info['block_types'])} blocks, {size})"
+    return f"dequant ({info['dtype']}, {size})"
+
+
+def gguf_file_info(path: str) -> dict | None:
+    """The GGUF file's size and the count of its tensors of each ggml type (None: not a GGUF)."""
+    from .models import gguf
+
+    if not str(path).endswith(".gguf") or not os.path.isfile(path):
+        return None
+    types: dict[str, int] = {}
+    for info in gguf.open_gguf(path).tensors.values():
+        name = gguf.ggml_type_name(info.ggml_type)
+        types[name] = types.get(name, 0) + 1
+    return {"path": str(path), "bytes": os.path.getsize(path), "tensor_types": types}
+
+
+def agreement(ours: list[int], theirs: list[int]) -> dict:
+    """How far two greedy runs agree: the common prefix, the positions holding the same
+    token, out of the longer run's length (a run cut short by EOS disagrees on the rest)."""
+    prefix = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    equal = sum(a == b for a, b in zip(ours, theirs))
+    return {"prefix": prefix, "equal": equal, "length": max(len(ours), len(theirs))}
+
+
+def run(model, *, prompts: dict | None = None, methods=None, hf_methods=None, llama_methods=None,
+        fp32_model=None, fp32_methods=None, max_new_tokens: int = 64, tie_tolerance: float = 1e-3,
+        options: dict | None = None, progress_bar: bool = True, temperature: float = 0.0, seed: int = 0) -> dict:
     """Run every method on every prompt (greedy, or sampled at ``temperature``; batch 1),
-    streaming a line per run under a progress bar; returns the report dict."""
+    streaming a line per run under a progress bar; returns the report dict.
+
+    ``prompts``: name -> text (or token-id list). ``methods`` run on ``model`` (native or
+    dequantized weights); ``fp32_methods`` (labels of their own, e.g. "ar (fp32)") on
+    ``fp32_model``, the same checkpoint dequantized, which transformers' rows also use
+    (needed when ``model`` is native and either list is non-empty). Greedy rows are checked
+    against the first row of their own weights (fp32 rows and transformers: the fp32 ar;
+    llama.cpp: the native ar when there is one)."""
     prompts = prompts or PROMPTS
     methods = methods if methods is not None else METHODS
     hf_methods = hf_methods if hf_methods is not None else HF_METHODS
+    llama_methods = list(llama_methods or [])
+    fp32_methods = list(fp32_methods or [])
     options = options or {}
+    kind = weights_kind(model)
+    if kind == "native" and (hf_methods or fp32_methods):
+        if fp32_model is None:
+            raise ValueError("fp32_model: transformers' rows and fp32 rows need the checkpoint dequantized "
+                             "(models.load(source, weights='dequant')) beside the native model")
+        if weights_kind(fp32_model) != "dequant":
+            raise ValueError("fp32_model must hold dequantized weights (weights='dequant')")
+        if temperature == 0 and hf_methods and (not fp32_methods or fp32_methods[0][1] != "ar"):
+            fp32_methods = [FP32_METHODS[0]] + fp32_methods  # transformers' baseline: ar on the same weights
+    if kind == "dequant":
+        if fp32_methods:
+            raise ValueError(f"fp32_methods ({', '.join(m[0] for m in fp32_methods)}) need a model with native "
+                             f"weights; this model is already dequantized")
+        fp32_model = model
     ids = {name: encode_prompts(model, [text])[0] for name, text in prompts.items()}
     eos = sorted(model.config.eos_ids)
     rows: dict[str, Row] = {}
-    base: dict[str, list[int]] = {}
-    llama_methods = list(llama_methods or [])
-    total = len(prompts) * (len(methods) + len(hf_methods) + len(llama_methods))
+    # per kind of weights: the model that scores a divergence, and its baseline's tokens per prompt
+    scorers = {kind: model, "dequant": fp32_model}
+    base: dict[str, dict[str, list[int]]] = {kind: {}, "dequant": {}}
+    llama_tokens: dict[str, list[int]] = {}
+    total = len(prompts) * (len(methods) + len(fp32_methods) + len(hf_methods) + len(llama_methods))
     bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=not progress_bar)
 
     def progress(label, name, tokens, seconds):
         bar.update(1)
         bar.write(f"{label:<24} {name:<10} {tokens:>4} tokens {tokens / seconds:6.1f} tok/s")
 
-    generate(model, [ids[next(iter(ids))]], max_new_tokens=4)   # warm up kernels and allocator
-    for label, method, drafter, *extra in methods:   # extra: options of this method only
-        row = rows.setdefault(label, Row(label))
-        for name, prompt in ids.items():
-            r = generate(model, [prompt], method=method, drafter=drafter, max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed, **{**options, **(extra[0] if extra else {})})
-            s = r.stats
-            row.tokens += s.new_tokens
-            row.seconds += s.seconds
-            row.per_prompt[name] = [s.new_tokens, s.seconds]
-            row.steps += s.steps
-            row.accepted += sum(s.accepted[0])
-            for k in ("draft_s", "verify_s", "sample_s", "prefill_s"):
-                setattr(row, k, getattr(row, k) + getattr(s, k))
-            if temperature == 0:
-                _check(model, row, name, prompt, base, r.tokens[0], tie_tolerance)
-            progress(label, name, s.new_tokens, s.seconds)
+    def check(row, name, prompt, tokens, against):
+        if temperature == 0:
+            _check(scorers[against], row, name, prompt, base[against], tokens, tie_tolerance)
+
+    for runs, target in ((methods, model), (fp32_methods, fp32_model)):
+        if not runs:
+            continue
+        target_kind = weights_kind(target)
+        generate(target, [ids[next(iter(ids))]], max_new_tokens=4)   # warm up kernels and allocator
+        for label, method, drafter, *extra in runs:   # extra: options of this method only
+            row = rows.setdefault(label, Row(label, weights=target_kind))
+            for name, prompt in ids.items():
+                r = generate(target, [prompt], method=method, drafter=drafter, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed, **{**options, **(extra[0] if extra else {})})
+                s = r.stats
+                row.tokens += s.new_tokens
+                row.seconds += s.seconds
+                row.per_prompt[name] = [s.new_tokens, s.seconds]
+                row.steps += s.steps
+                row.accepted += sum(s.accepted[0])
+                for k in ("draft_s", "verify_s", "sample_s", "prefill_s"):
+                    setattr(row, k, getattr(row, k) + getattr(s, k))
+                check(row, name, prompt, r.tokens[0], target_kind)
+                progress(label, name, s.new_tokens, s.seconds)
     if hf_methods:
-        hf = hf_twin(model)
+        hf = hf_twin(fp32_model)
         early_exit = max(1, model.config.n_layers // 2)
         with torch.no_grad():
             _hf_generate(hf, ids[next(iter(ids))], "hf", 4, eos, early_exit)
-            for kind in hf_methods:
-                row = rows.setdefault(kind, Row(kind))
+            for hf_kind in hf_methods:
+                row = rows.setdefault(hf_kind, Row(hf_kind, weights="dequant"))
                 for name, prompt in ids.items():
-                    out, seconds = _hf_generate(hf, prompt, kind, max_new_tokens, eos, early_exit, temperature)
+                    out, seconds = _hf_generate(hf, prompt, hf_kind, max_new_tokens, eos, early_exit, temperature)
                     row.tokens += len(out)
                     row.seconds += seconds
                     row.per_prompt[name] = [len(out), seconds]
-                    if temperature == 0:
-                        _check(model, row, name, prompt, base, out, tie_tolerance)
-                    progress(kind, name, len(out), seconds)
-    for kind in llama_methods:
-        llm = llama_cpp_model(model, torch.get_num_threads(), prompt_lookup=kind.endswith("prompt-lookup"))
+                    check(row, name, prompt, out, "dequant")
+                    progress(hf_kind, name, len(out), seconds)
+        del hf
+    fastverify_base = {k: dict(v) for k, v in base.items()}   # before llama.cpp could set an empty one
+    for llama_kind in llama_methods:
+        llm = llama_cpp_model(model, torch.get_num_threads(), prompt_lookup=llama_kind.endswith("prompt-lookup"))
         _llama_cpp_generate(llm, ids[next(iter(ids))], 4, eos)                # warm up
-        row = rows.setdefault(kind, Row(kind))
+        row = rows.setdefault(llama_kind, Row(llama_kind, weights="llama.cpp"))
         for name, prompt in ids.items():
             out, seconds = _llama_cpp_generate(llm, prompt, max_new_tokens, eos, temperature)
             row.tokens += len(out)
             row.seconds += seconds
             row.per_prompt[name] = [len(out), seconds]
-            if temperature == 0:
-                _check(model, row, name, prompt, base, out, tie_tolerance)
-            progress(kind, name, len(out), seconds)
+            check(row, name, prompt, out, kind)   # the same file's weights when native
+            if llama_kind == "llama.cpp":
+                llama_tokens[name] = out
+            progress(llama_kind, name, len(out), seconds)
         del llm
     bar.close()
-    return {"rows": [dict(asdict(r), tokens_per_s=r.tokens_per_s, tokens_per_step=r.tokens_per_step)
-                     for r in rows.values()],
-            "prompts": {k: len(v) for k, v in ids.items()}, "max_new_tokens": max_new_tokens,
-            "tie_tolerance": tie_tolerance, "threads": torch.get_num_threads(), "dtype": str(model.dtype),
-            "temperature": temperature, "seed": seed}
+    report = {"rows": [dict(asdict(r), tokens_per_s=r.tokens_per_s, tokens_per_step=r.tokens_per_step)
+                       for r in rows.values()],
+              "prompts": {k: len(v) for k, v in ids.items()}, "max_new_tokens": max_new_tokens,
+              "tie_tolerance": tie_tolerance, "threads": torch.get_num_threads(), "dtype": str(model.dtype),
+              "temperature": temperature, "seed": seed, "weights": kind,
+              "models": {kind: model_info(model)}, "file": gguf_file_info(getattr(model, "source", ""))}
+    if fp32_model is not model and (fp32_methods or hf_methods):
+        report["models"]["dequant"] = model_info(fp32_model)
+    if temperature == 0 and llama_tokens:
+        # fastverify's ar of each kind of weights (its baseline) against llama.cpp's ar, per prompt
+        report["agreement"] = {k: {name: agreement(fastverify_base[k][name], llama_tokens[name])
+                                   for name in llama_tokens if name in fastverify_base[k]}
+                               for k in dict.fromkeys((kind, "dequant")) if fastverify_base[k]}
+    return report
 
 
 def _check(model, row: Row, name: str, prompt, base: dict, tokens: list[int], tol: float) -> None:
@@ -306,16 +413,91 @@ def winner(report: dict) -> str:
     return line
 
 
+def _weights_cell(report: dict, weights: str, short: bool = False) -> str:
+    """A row's weights in words, from the report's model info ("Q4_1/Q8_0 blocks", "float32")."""
+    if weights == "llama.cpp":
+        return "GGUF" if short else "the GGUF's own (llama.cpp)"
+    info = report.get("models", {}).get(weights)
+    if info is None:
+        return weights
+    if weights == "native":
+        return "/".join(info["block_types"]) + ("" if short else " blocks")
+    return info["dtype"]
+
+
+def _mb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:.0f} MB"
+
+
+def render_models(report: dict) -> list[str]:
+    """Lines: the file's tensor types and each loaded model's weights."""
+    lines = []
+    f = report.get("file")
+    if f:
+        types = ", ".join(f"{n}× {t}" for t, n in sorted(f["tensor_types"].items(), key=lambda kv: -kv[1]))
+        lines += [f"GGUF file: {os.path.basename(f['path'])}, {_mb(f['bytes'])}; tensors {types}", ""]
+    models = report.get("models", {})
+    if models:
+        lines += ["| weights | activations | block types | weight bytes read per step |", "|---|---|---|---:|"]
+        for kind, info in models.items():
+            lines.append(f"| {kind} | {info['dtype']} | {', '.join(info['block_types']) or '– (dense)'} | "
+                         f"{_mb(info['weight_bytes'])} |")
+    return lines
+
+
+def render_agreement(report: dict) -> list[str]:
+    """Lines: per prompt, how many of llama.cpp's greedy tokens each fastverify ar reproduces."""
+    agree = report.get("agreement")
+    if not agree:
+        return []
+    kinds = list(agree)
+    label = {"native": "fastverify ar (native)", "dequant": "fastverify ar (fp32)"}
+    lines = ["agreement with llama.cpp's greedy tokens (common prefix, equal positions / generated length; "
+             "reported, never required — different arithmetic, and fp32 differs from the file's blocks):", "",
+             "| prompt | " + " | ".join(label.get(k, k) for k in kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    names = list(dict.fromkeys(n for k in kinds for n in agree[k]))
+    for name in names:
+        cells = []
+        for k in kinds:
+            a = agree[k].get(name)
+            cells.append(f"prefix {a['prefix']}, equal {a['equal']} / {a['length']}" if a else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_memory(report: dict) -> list[str]:
+    """Lines: load time and resident memory of each engine, each in a fresh process."""
+    memory = report.get("memory")
+    if not memory:
+        return []
+    lines = [f"memory and load time, each in a fresh python process ({report.get('memory_threads', '?')} threads; "
+             "RSS = VmRSS; the baseline is the same interpreter after its imports):", "",
+             "| engine | load | RSS after imports | RSS after load | above imports | RSS after 4 tokens |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in memory:
+        if "error" in m:
+            lines.append(f"| {m['kind']} | failed: {m['error']} | | | | |")
+            continue
+        lines.append(f"| {m['kind']} | {m['load_s']:.2f} s | {_mb(m['rss_imports'])} | {_mb(m['rss_load'])} | "
+                     f"{_mb(m['above_imports'])} | {_mb(m['rss_generate'])} |")
+    if any(m["kind"] == "llama.cpp" and "error" not in m for m in memory):
+        lines += ["", "llama.cpp maps the GGUF file (mmap): its RSS counts only the file pages it has touched "
+                      "(few right after loading, the weights once a step has read them), and those pages are the "
+                      "page cache's, shared and reclaimable; fastverify copies the weights into its own memory."]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     rows = report["rows"]
     hf = next((r for r in rows if r["label"] == "hf"), None)
     ar = rows[0]
     n = len(report["prompts"])
     sampled = report.get("temperature", 0) > 0
+    native = report.get("weights") == "native"
     lines = [
-        "| method | tokens/s | tokens per target forward | vs transformers generate | vs fastverify ar "
-        "| draft / verify / sample share | " + ("output law |" if sampled else "same tokens as ar |"),
-        "|---|---:|---:|---:|---:|---|---|",
+        "| method | weights | tokens/s | tokens per target forward | vs transformers generate | vs fastverify ar "
+        "| draft / verify / sample share | " + ("output law |" if sampled else "same tokens as ar of its weights |"),
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         tps = r["tokens_per_s"]
@@ -328,22 +510,36 @@ def render_markdown(report: dict) -> str:
         if r["ties"]:
             same += f" (+{len(r['ties'])} near-tie)"
         if r["label"].startswith("llama.cpp"):
-            same += " (its own quantized weights: not expected to match)"
+            same += (" vs native ar (same blocks, its own arithmetic: not expected to match)" if native else
+                     " (its own quantized weights: not expected to match)")
         elif r["divergences"]:
             same += f" — {len(r['divergences'])} DIVERGED"
         if sampled:
             same = ("LOSSY (typical acceptance)" if lossy(r["label"]) else
                     "its own sampler" if r["label"].startswith(REFERENCE_PREFIXES) else "the target's (lossless)")
-        lines.append(f"| {r['label']} | {tps:.1f} | {tau} | {vs_hf} | {vs_ar} | {shares} | {same} |")
+        weights = _weights_cell(report, r.get("weights", "dequant"))
+        lines.append(f"| {r['label']} | {weights} | {tps:.1f} | {tau} | {vs_hf} | {vs_ar} | {shares} | {same} |")
     names = list(report["prompts"])
     lines += ["", "tokens/s per prompt:", "", "| method | " + " | ".join(names) + " |",
               "|---|" + "---:|" * len(names)]
     for r in rows:
         cells = [f"{t / sec:.1f}" if sec else "–" for t, sec in (r["per_prompt"].get(n, (0, 0)) for n in names)]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    for section in (render_models(report), render_agreement(report), render_memory(report)):
+        if section:
+            lines += [""] + section
     for note in report.get("notes", []):
         lines += ["", note]
     return "\n".join(lines + ["", winner(report)])
+
+
+def _bar_color(report: dict, row: dict) -> str:
+    """transformers gray, llama.cpp orange, fastverify blue (lighter: its fp32 rows beside native ones)."""
+    if row["label"].startswith("hf"):
+        return "tab:gray"
+    if row["label"].startswith("llama.cpp"):
+        return "tab:orange"
+    return "tab:blue" if row.get("weights", "dequant") == report.get("weights", "dequant") else "tab:cyan"
 
 
 def write_report(report: dict, path_stem: str) -> list[str]:
@@ -364,10 +560,9 @@ def write_report(report: dict, path_stem: str) -> list[str]:
         return out
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
-    labels = [r["label"] for r in rows]
+    labels = [f"{r['label']} [{_weights_cell(report, r.get('weights', 'dequant'), short=True)}]" for r in rows]
     ax.barh(labels[::-1], [r["tokens_per_s"] for r in rows][::-1],
-            color=["tab:gray" if lab.startswith("hf") else "tab:orange" if lab.startswith("llama.cpp") else "tab:blue"
-                   for lab in labels][::-1])
+            color=[_bar_color(report, r) for r in rows][::-1])
     t = report.get("temperature", 0)
     ax.set_xlabel(f"tokens/s ({f'temperature {t:g}' if t else 'greedy'}, batch 1)")
     ax.set_title(report.get("title", "fastverify compare"), fontsize=9)
@@ -385,3 +580,93 @@ def _atomic_write(path: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- memory and load time
+
+MEMORY_KINDS = ("fastverify native", "fastverify fp32", "llama.cpp")
+_MEMORY_MARK = "fastverify-memory: "
+
+# Run in a fresh interpreter: the resident size after the imports (the baseline), after
+# loading the model (timed) and after generating a few tokens (weights a lazy loader, such
+# as llama.cpp's mmap, reads only when a step first touches them).
+_MEMORY_SCRIPT = r"""
+import json, sys, time
+
+def rss():
+    # VmRSS = RssAnon (allocated memory) + RssFile (mapped file pages) + RssShmem
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+kind, source, threads, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+prompt = [1, 2, 3, 4]
+if kind == "llama.cpp":
+    import llama_cpp
+    imported = rss()
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=source, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          verbose=False)
+    load_s = time.perf_counter() - t0
+    loaded = rss()
+    for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)):
+        if i + 1 >= new_tokens:
+            break
+else:
+    import torch
+    import fastverify.models
+    from fastverify import cpu
+    from fastverify.decoding import generate
+    torch.set_num_threads(threads)
+    cpu.available()   # the kernel library loaded (built, if its cache is cold) before the clock starts
+    imported = rss()
+    t0 = time.perf_counter()
+    model = fastverify.models.load(source, weights="native" if kind.endswith("native") else "dequant")
+    load_s = time.perf_counter() - t0
+    loaded = rss()
+    generate(model, [prompt], max_new_tokens=new_tokens)
+generated = rss()
+print("fastverify-memory: " + json.dumps({"load_s": load_s, "imported": imported, "loaded": loaded,
+                                          "generated": generated}), flush=True)
+"""
+
+
+def measure_memory(source: str, threads: int, kinds=None, new_tokens: int = 4, timeout: float = 600.0) -> list[dict]:
+    """Load time and resident memory of each engine on the model ``source`` (a .gguf file or
+    a Hugging Face folder), each in a fresh ``python`` process with ``threads`` threads.
+
+    ``kinds``: a subset of :data:`MEMORY_KINDS` (default: all three for a GGUF, "fastverify
+    fp32" for a folder). Returns one dict per kind: ``load_s``; ``rss_imports``, ``rss_load``,
+    ``rss_generate`` (bytes of VmRSS after the imports, after loading, after generating
+    ``new_tokens`` tokens from a 4-token prompt); ``above_imports`` (rss_load - rss_imports);
+    ``file_load`` (the mapped file's pages in rss_load, RssFile). A process that fails gives
+    ``{"kind", "error"}`` instead."""
+    from .models.loaders import resolve_source
+
+    path = resolve_source(source)
+    gguf = str(path).endswith(".gguf")
+    kinds = list(kinds) if kinds is not None else (list(MEMORY_KINDS) if gguf else ["fastverify fp32"])
+    bad = [k for k in kinds if k not in MEMORY_KINDS]
+    if bad:
+        raise ValueError(f"kinds: {bad} not in {MEMORY_KINDS}")
+    if not gguf and any(k != "fastverify fp32" for k in kinds):
+        raise ValueError(f"kinds: native weights and llama.cpp need a .gguf source, got {source!r}")
+    out = []
+    for kind in kinds:
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, kind, str(path), str(threads), str(new_tokens)],
+                              capture_output=True, text=True, timeout=timeout)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(_MEMORY_MARK)), None)
+        if proc.returncode != 0 or line is None:
+            tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            out.append({"kind": kind, "error": tail[:300]})
+            continue
+        m = json.loads(line[len(_MEMORY_MARK):])
+        out.append({"kind": kind, "load_s": m["load_s"], "rss_imports": m["imported"]["VmRSS"],
+                    "rss_load": m["loaded"]["VmRSS"], "rss_generate": m["generated"]["VmRSS"],
+                    "above_imports": m["loaded"]["VmRSS"] - m["imported"]["VmRSS"],
+                    "file_load": m["loaded"].get("RssFile", 0) - m["imported"].get("RssFile", 0)})
+    return out
