@@ -694,17 +694,19 @@ def _config(arch: str, gguf_file: GGUFFile) -> dict:
     # key_length is written when head_dim is not hidden_size / num_heads (Qwen3); llama.cpp's default otherwise
     if f"{arch}.attention.key_length" in metadata:
         head_dim = int_key("attention.key_length")
+        head_dim_source = f"'{arch}.attention.key_length'"
     elif hidden % num_heads:
         raise GGUFError(f"{path}: GGUF metadata '{arch}.embedding_length' ({hidden}) is not a multiple of "
                         f"'{arch}.attention.head_count' ({num_heads}), and no '{arch}.attention.key_length' "
                         f"gives the head size")
     else:
         head_dim = hidden // num_heads
+        head_dim_source = f"'{arch}.embedding_length' / '{arch}.attention.head_count'"
     # the models rotate every dimension of a head, in halves, and give V the head size of K
     for name in ("attention.value_length", "rope.dimension_count"):
         if int_key(name, head_dim) != head_dim:
             raise GGUFError(f"{path}: GGUF metadata '{arch}.{name}' is {metadata[f'{arch}.{name}']}, but the head "
-                            f"size is {head_dim}: fastverify's models need them equal")
+                            f"size is {head_dim} ({head_dim_source}): fastverify's models need them equal")
     if head_dim % 2:
         raise GGUFError(f"{path}: the head size {head_dim} is odd; rotary embeddings need it even")
     intermediate = int_key("feed_forward_length")
@@ -751,7 +753,10 @@ def _check_supported(gguf_file: GGUFFile) -> str:
                             f"which fastverify cannot dequantize (supported: "
                             f"{', '.join(t.name for t in GGML_TYPES.values())})")
         if info.name != _ROPE_FREQS:
-            hf_tensor_name(info.name)
+            try:
+                hf_tensor_name(info.name)
+            except ValueError as error:
+                raise GGUFError(f"{gguf_file.path}: {error}") from None
         if info.offset + info.num_bytes > len(gguf_file.buffer):
             raise GGUFError(f"{gguf_file.path}: tensor {info.name!r} ends past the end of the file (truncated?)")
     for required in ("token_embd.weight", "blk.0.attn_q.weight"):
