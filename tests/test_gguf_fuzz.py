@@ -251,6 +251,11 @@ def test_random_byte_flips_in_the_header(loader_name, original, expected_states,
 
 # --------------------------------------------------------------------------- targeted corruptions
 
+def _first_of_type(fields: dict, data: bytes, ggml_type: int) -> str:
+    tensors = fields["tensors"]
+    return next(name for name in fields["tensor_order"] if get(data, tensors[name]["type"], "<I") == ggml_type)
+
+
 def targeted_cases(data: bytes, fields: dict) -> list[tuple[str, bytes, str]]:
     """(case, corrupted bytes, regex the error message must match)."""
     kv, tensors, order = fields["kv"], fields["tensors"], fields["tensor_order"]
@@ -325,10 +330,6 @@ def targeted_cases(data: bytes, fields: dict) -> list[tuple[str, bytes, str]]:
          "architecture 'mlama' is not supported"),
     ]
     return cases
-
-
-def _first_of_type(fields: dict, data: bytes, ggml_type: int) -> str:
-    return next(name for name in fields["tensor_order"] if get(data, fields["tensors"][name]["type"], "<I") == ggml_type)
 
 
 @pytest.mark.parametrize("loader_name", list(LOADERS))

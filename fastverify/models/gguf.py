@@ -14,6 +14,10 @@ File layout (GGUF v2/v3, little-endian):
 A tensor's ``ne`` lists dimensions innermost first, so a torch shape is ``ne`` reversed;
 quantized types pack the innermost dimension in blocks of ``block_size`` values.
 
+``open_gguf`` checks the layout as ggml's gguf.cpp does (and ``_config`` the metadata and tensor
+shapes a model needs) before anything is allocated or read: a malformed file raises ``GGUFError``,
+a ValueError naming the field or tensor at fault.
+
 Only this module reads the format: the ``gguf`` package serves as an oracle in the tests.
 """
 
@@ -102,20 +106,20 @@ class _Cursor:
     def string(self, what: str, index: int | None = None) -> str:
         """A string (u64 length + UTF-8 bytes). ``index``, an array element's, joins ``what`` in
         error messages only: labelling every token of a vocabulary would cost more than reading it."""
-        if self.remaining >= 8:
-            length = struct.unpack_from("<Q", self.buffer, self.offset)[0]
-            start = self.offset + 8
-            if length <= len(self.buffer) - start:
-                try:
-                    text = self.buffer[start:start + length].decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise self.error(f"{_label(what, index)} at byte {start} is not valid UTF-8 "
-                                     f"({error.reason} at its byte {error.start})") from None
-                self.offset = start + length
-                return text
+        if self.remaining < 8:
+            self.need(8, f"the length of {_label(what, index)}")  # raises
+        length = struct.unpack_from("<Q", self.buffer, self.offset)[0]
+        start = self.offset + 8
+        if length > len(self.buffer) - start:
             raise self.error(f"{_label(what, index)} at byte {start} claims {length} bytes, but the file ends "
                              f"{len(self.buffer) - start} bytes later (truncated?)")
-        self.need(8, f"the length of {_label(what, index)}")
+        try:
+            text = self.buffer[start:start + length].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise self.error(f"{_label(what, index)} at byte {start} is not valid UTF-8 "
+                             f"({error.reason} at its byte {error.start})") from None
+        self.offset = start + length
+        return text
 
     def value(self, value_type: int, what: str, depth: int = 0) -> Any:
         if value_type == _STRING:
@@ -714,7 +718,10 @@ def _config(arch: str, gguf_file: GGUFFile) -> dict:
     vocab = _check_tensor_shapes(arch, gguf_file, hidden, num_heads, num_kv_heads, head_dim, intermediate, layers)
 
     rope_theta = _metadata_float(gguf_file, f"{arch}.rope.freq_base", 10000.0)
-    token_id = lambda key: _metadata_int(gguf_file, key, None, minimum=0, maximum=vocab - 1)  # noqa: E731
+
+    def token_id(key: str) -> int | None:
+        return _metadata_int(gguf_file, key, None, minimum=0, maximum=vocab - 1)
+
     config = {
         "architectures": [SUPPORTED_ARCHITECTURES[arch]],
         "model_type": arch,
