@@ -2,9 +2,11 @@
 
     fastverify bench [--family rejection,tree_attention,lm_head,sparse_kv] [--size goal|grid|smoke]
                      [--backends torch,triton,cuda] [--no-baselines] [--out DIR]
-    fastverify generate [--model smollm2|FOLDER|FILE.gguf] --prompt TEXT [--prompt ...] [--method ar|chain|tree|selfspec]
-                        [--drafter layerskip|ngram|MODEL] [--temperature T] [--max-new-tokens N] ...
-    fastverify compare [--model ...] [--max-new-tokens N] [--methods ...] [--temperature T] [--no-hf] [--out DIR]
+    fastverify generate [--model smollm2|FOLDER|FILE.gguf] [--weights native|dequant] --prompt TEXT [--prompt ...]
+                        [--method ar|chain|tree|selfspec] [--drafter layerskip|ngram|MODEL] [--temperature T]
+                        [--max-new-tokens N] ...
+    fastverify compare [--model ...] [--weights native|dequant] [--quick] [--max-new-tokens N] [--methods ...]
+                       [--temperature T] [--no-hf] [--no-llama-cpp] [--no-memory] [--out DIR]
     fastverify info
 
 Each subcommand is a ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
@@ -247,6 +249,17 @@ def _check_weights(args) -> None:
                          f"use --weights dequant")
 
 
+def _weights(args) -> str:
+    """The weights ``--model`` will load with: ``--weights``, else load()'s default (native for a
+    GGUF on the CPU in fp32)."""
+    if args.weights:
+        return args.weights
+    from .models.loaders import resolve_source
+
+    gguf = args.model == "smollm2" or str(resolve_source(args.model)).endswith(".gguf")
+    return "native" if gguf and args.dtype == "fp32" and _device(args).startswith("cpu") else "dequant"
+
+
 def _load_model(args, weights: str | None = None):
     """The model of ``--model`` with ``weights`` (default: ``--weights``, else load()'s default)."""
     import torch
@@ -413,8 +426,7 @@ def _cmd_compare(args) -> int:
 
     from . import bench, compare
 
-    model = _load_model(args)
-    native = model.weights == "native"
+    native = _weights(args) == "native"
     sampled = args.temperature > 0
     catalog = compare.RULE_METHODS if sampled else compare.METHODS
     default = (compare.QUICK_RULE_METHODS if sampled else compare.QUICK_METHODS) if args.quick else \
@@ -431,6 +443,12 @@ def _cmd_compare(args) -> int:
     fp32_methods = [fp32_labels[label] for label in chosen if label in fp32_labels]
     if not methods or methods[0][0] != "ar":
         methods = [compare.METHODS[0]] + methods  # the baseline every check refers to
+    model = _load_model(args)
+    if native and model.weights != "native":   # a GGUF without block-typed matrices (all F32 / F16)
+        if args.methods and fp32_methods:
+            raise ValueError(f"--methods {', '.join(m[0] for m in fp32_methods)}: {args.model} holds no quantized "
+                             f"blocks, so every row already runs on float weights")
+        native, fp32_methods = False, []
     hf = [] if args.no_hf else (args.hf or (compare.QUICK_HF_METHODS if args.quick else compare.HF_METHODS))
     # the dequantized twin of a native model: fp32 rows and transformers' weights
     fp32_model = _load_model(args, weights="dequant") if native and (fp32_methods or hf) else None

@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -415,8 +416,10 @@ def winner(report: dict) -> str:
 
 def _weights_cell(report: dict, weights: str, short: bool = False) -> str:
     """A row's weights in words, from the report's model info ("Q4_1/Q8_0 blocks", "float32")."""
-    if weights == "llama.cpp":
-        return "GGUF" if short else "the GGUF's own (llama.cpp)"
+    if weights == "llama.cpp":   # the file's own blocks, on llama.cpp's kernels
+        f = report.get("file") or {}
+        types = "/".join(sorted(t for t in f.get("tensor_types", {}) if t not in ("F32", "F16", "BF16"))) or "GGUF"
+        return types if short else f"the file's {types} (llama.cpp)"
     info = report.get("models", {}).get(weights)
     if info is None:
         return weights
@@ -438,10 +441,12 @@ def render_models(report: dict) -> list[str]:
         lines += [f"GGUF file: {os.path.basename(f['path'])}, {_mb(f['bytes'])}; tensors {types}", ""]
     models = report.get("models", {})
     if models:
-        lines += ["| weights | activations | block types | weight bytes read per step |", "|---|---|---|---:|"]
+        lines += ["| weights | activations | block types | weight bytes read per step | load time (this run) |",
+                  "|---|---|---|---:|---:|"]
         for kind, info in models.items():
+            load = f"{info['load_s']:.1f} s" if "load_s" in info else "–"
             lines.append(f"| {kind} | {info['dtype']} | {', '.join(info['block_types']) or '– (dense)'} | "
-                         f"{_mb(info['weight_bytes'])} |")
+                         f"{_mb(info['weight_bytes'])} | {load} |")
     return lines
 
 
@@ -472,7 +477,8 @@ def render_memory(report: dict) -> list[str]:
         return []
     lines = [f"memory and load time, each in a fresh python process ({report.get('memory_threads', '?')} threads; "
              "RSS = VmRSS; the baseline is the same interpreter after its imports):", "",
-             "| engine | load | RSS after imports | RSS after load | above imports | RSS after 4 tokens |",
+             "| engine | load | RSS after imports | RSS after load | above imports | RSS after "
+             f"{memory[0].get('new_tokens', 4)} tokens |",
              "|---|---:|---:|---:|---:|---:|"]
     for m in memory:
         if "error" in m:
@@ -565,7 +571,7 @@ def write_report(report: dict, path_stem: str) -> list[str]:
             color=[_bar_color(report, r) for r in rows][::-1])
     t = report.get("temperature", 0)
     ax.set_xlabel(f"tokens/s ({f'temperature {t:g}' if t else 'greedy'}, batch 1)")
-    ax.set_title(report.get("title", "fastverify compare"), fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(report.get("title", "fastverify compare"), 80)), fontsize=9)
     fig.tight_layout()
     tmp = path_stem + ".png.tmp"
     fig.savefig(tmp, format="png", dpi=120)
@@ -643,8 +649,8 @@ def measure_memory(source: str, threads: int, kinds=None, new_tokens: int = 4, t
     fp32" for a folder). Returns one dict per kind: ``load_s``; ``rss_imports``, ``rss_load``,
     ``rss_generate`` (bytes of VmRSS after the imports, after loading, after generating
     ``new_tokens`` tokens from a 4-token prompt); ``above_imports`` (rss_load - rss_imports);
-    ``file_load`` (the mapped file's pages in rss_load, RssFile). A process that fails gives
-    ``{"kind", "error"}`` instead."""
+    ``file_load`` (the growth of RssFile, mapped file pages, during the load). A process that
+    fails gives ``{"kind", "error"}`` instead."""
     from .models.loaders import resolve_source
 
     path = resolve_source(source)
@@ -667,6 +673,6 @@ def measure_memory(source: str, threads: int, kinds=None, new_tokens: int = 4, t
         m = json.loads(line[len(_MEMORY_MARK):])
         out.append({"kind": kind, "load_s": m["load_s"], "rss_imports": m["imported"]["VmRSS"],
                     "rss_load": m["loaded"]["VmRSS"], "rss_generate": m["generated"]["VmRSS"],
-                    "above_imports": m["loaded"]["VmRSS"] - m["imported"]["VmRSS"],
+                    "above_imports": m["loaded"]["VmRSS"] - m["imported"]["VmRSS"], "new_tokens": new_tokens,
                     "file_load": m["loaded"].get("RssFile", 0) - m["imported"].get("RssFile", 0)})
     return out

@@ -21,6 +21,36 @@ def test_generate_streams_text_and_prints_statistics(capsys):
     out = capsys.readouterr().out
     assert "Paris" in out
     assert "| tokens | seconds | tokens/s |" in out
+    assert "weights: native (Q4_1, Q8_0 blocks, " in out     # a GGUF on the CPU in fp32: the file's blocks
+
+
+@needs_smollm2
+def test_generate_defaults_to_the_fastest_measured_method(capsys):
+    assert cli.main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "4",
+                     "--weights", "dequant"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cli.DEFAULT_GENERATE_METHOD[0]} with {cli.DEFAULT_GENERATE_METHOD[1]} drafts" in out
+    assert "weights: dequant (float32, " in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "FOLDER"], "--weights native needs a .gguf model"),
+    (["--model", "m.gguf", "--dtype", "bf16"], "--weights native runs with fp32 activations, got --dtype bf16"),
+    (["--model", "m.gguf", "--device", "cuda"], "--weights native runs on the CPU only, got --device cuda"),
+], ids=["folder", "dtype", "device"])
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_weights_native_needs_a_gguf_on_the_cpu_in_fp32(command, args, message, tmp_path, capsys):
+    args = [str(tmp_path) if a == "FOLDER" else str(tmp_path / a) if a.endswith(".gguf") else a for a in args]
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    assert cli.main([command, *prompt, "--weights", "native", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_weights_takes_native_or_dequant(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "hi", "--weights", "int8"])
+    assert "--weights: invalid choice: 'int8'" in capsys.readouterr().err
 
 
 @needs_smollm2
@@ -38,15 +68,26 @@ def test_generate_selfspec(args, capsys):
 @needs_smollm2
 def test_compare_checks_methods_and_writes_reports(tmp_path, capsys):
     code = cli.main(["compare", "--max-new-tokens", "6", "--prompts", "code-edit", "--methods", "ar,tree/ngram",
-                     "--hf", "hf,hf/prompt-lookup", "--out", str(tmp_path)])
+                     "--hf", "hf,hf/prompt-lookup", "--no-memory", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "| tree/ngram |" in out and "| hf/prompt-lookup |" in out
+    assert "| tree/ngram | Q4_1/Q8_0 blocks |" in out and "| hf/prompt-lookup | float32 |" in out
+    assert "| ar (fp32) | float32 |" in out   # transformers' rows are checked against the ar of their weights
     (report,) = tmp_path.glob("compare-*.json")
-    rows = {r["label"]: r for r in json.loads(report.read_text())["rows"]}
-    assert all(r["same_as_ar"] == 1 for r in rows.values())  # greedy: everyone emits the baseline's tokens
+    report = json.loads(report.read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert [rows[k]["weights"] for k in ("ar", "tree/ngram", "ar (fp32)", "hf")] == ["native"] * 2 + ["dequant"] * 2
+    assert report["models"]["native"]["block_types"] == ["Q4_1", "Q8_0"]
+    # greedy: everyone emits its baseline's tokens (llama.cpp too, on these few tokens)
+    assert all(r["same_as_ar"] == 1 for r in rows.values()), rows
     assert not list(tmp_path.glob("*.tmp"))
     assert list(tmp_path.glob("compare-*.png")) and list(tmp_path.glob("compare-*.md"))
+
+
+def test_compare_fp32_rows_need_native_weights(tmp_path, capsys):
+    assert cli.main(["compare", "--model", str(tmp_path / "m.gguf"), "--weights", "dequant", "--methods",
+                     "ar,ar (fp32)"]) == 2
+    assert "fp32 rows run beside native weights only" in capsys.readouterr().err
 
 
 @needs_smollm2
