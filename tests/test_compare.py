@@ -88,3 +88,13 @@ def test_measure_memory_in_fresh_processes(tiny_gguf):
         assert r["rss_load"] >= r["rss_imports"] - 5e6 and r["above_imports"] == r["rss_load"] - r["rss_imports"]
     with pytest.raises(ValueError, match="kinds"):
         compare.measure_memory(tiny_gguf, threads=1, kinds=["vllm"])
+
+
+def test_dequant_weights_give_one_kind_of_rows(tiny_gguf):
+    fp32 = models.load(tiny_gguf, weights="dequant")
+    report = compare.run(fp32, prompts=PROMPTS, methods=[compare.METHODS[0], compare.METHODS[1]], hf_methods=["hf"],
+                         max_new_tokens=6, progress_bar=False)
+    assert [(r["label"], r["weights"], r["same_as_ar"] + len(r["ties"])) for r in report["rows"]] == \
+        [("ar", "dequant", 2), ("chain/ngram", "dequant", 2), ("hf", "dequant", 2)]
+    assert report["weights"] == "dequant" and list(report["models"]) == ["dequant"]
+    assert "| ar | float32 |" in compare.render_markdown(report)
