@@ -141,162 +141,384 @@ inline void dequantize_row(const uint8_t* row, int wtype, int64_t K, float* out)
   }
 }
 
-// ---------------------------------------------------------------------------- quantized inputs
+// ---------------------------------------------------------------------------- layout
+//
+// A "dot block" is the unit with one weight scale: 32 values (Q6_K: its 16-value
+// sub-blocks). Its integer dot product with the quantized input is exact:
+//     D_j = Σ_i w_i · q_i − zero_point · Σ_i q_i          (w_i the unsigned weight codes)
+// Dot blocks go in groups of 16, dot block j of a row to lane j % 16. Lane j of an output's
+// accumulator adds, group after group, by fused multiply-adds,
+//     float(D_j) · (w_scale_j · d_x,j)        then, for formats with a min,   w_min_j · (d_x,j · Σ q)
+// and one fixed pairwise tree (lanes j + 8, + 4, + 2, + 1) reduces the 16 lanes. Every
+// output is computed this way whatever M is, whichever rows share its tile and whichever
+// thread runs it, so a row's result has the same bits alone or among many rows. The integer
+// dots are exact in every path, and the AVX-512 and AVX2 paths make the same float
+// operations (same bits); the portable path has no FMA (its own bits).
+//
+// AVX-512 VNNI: the 16 dot blocks of a group are gathered so that vector k holds dword k
+// (values 4k .. 4k+3) of every block, lane j for block j; the inputs are stored the same way
+// once per call, so one vpdpbusd per dword adds 4 products to each block's lane and D_j
+// needs no horizontal sum. Other builds decode one block at a time (AVX2: vpmaddubsw,
+// vpmaddwd and a horizontal sum; plain C++ loops).
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FASTVERIFY_QUANT_VNNI 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define FASTVERIFY_QUANT_AVX2 1
 #endif
 
-constexpr int QCHUNK = 64;  // values per chunk
+constexpr int QLANES = 16;  // dot blocks per group, one per accumulator lane
 
-// One chunk of 64 input values quantized for the dot products (lanes of 4 values).
-struct alignas(64) InputChunk {
-  int8_t q[QCHUNK];  // round(x / d_x) of the block's scale, in [-127, 127]
-  int32_t bias[16];  // lane 4j: −zero_point · Σ q over values 16j .. 16j+15; other lanes 0
-  float dx[16];      // lane l: d_x of the 32-value block holding values 4l .. 4l+3
-  float xs[16];      // lane 8h: d_x · Σ q of block h (the min term's input); other lanes 0
-};
+// values per dot block
+constexpr int dot_block(int wtype) { return wtype == QUANT_Q6_K ? 16 : 32; }
 
-// The integer zero point the dot products subtract (times the input sums) for each format:
-// its unsigned weight bytes are q + zero_point.
+// The weight codes are q + zero_point (unsigned): the dot products take zero_point · Σ q back.
 constexpr int zero_point(int wtype) {
 #if defined(FASTVERIFY_QUANT_VNNI)
-  return wtype == QUANT_Q4_0 ? 8 : wtype == QUANT_Q6_K ? 32 : wtype == QUANT_Q8_0 ? 128 : 0;
-#else  // AVX2 and plain C++ multiply Q8_0's signed bytes as they are
-  return wtype == QUANT_Q4_0 ? 8 : wtype == QUANT_Q6_K ? 32 : 0;
+  return wtype == QUANT_Q4_0 ? 8 : wtype == QUANT_Q6_K ? 32 : wtype == QUANT_Q8_0 ? 128 : 0;  // Q8_0: its bytes + 128
+#else
+  return wtype == QUANT_Q4_0 ? 8 : wtype == QUANT_Q6_K ? 32 : 0;  // Q8_0's signed bytes multiply as they are
 #endif
 }
 
-// The chunks of one input row of K values (K a multiple of 32; a last half chunk is zero
-// padded, scales 0).
-inline void quantize_row(const float* __restrict__ x, int64_t K, int zp, InputChunk* __restrict__ out) {
-  const int64_t chunks = (K + QCHUNK - 1) / QCHUNK;
-  for (int64_t c = 0; c < chunks; ++c) {
-    InputChunk& ch = out[c];
-    std::memset(&ch, 0, sizeof ch);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k0 = c * QCHUNK + 32 * h;
-      if (k0 >= K) break;
-      const float* xb = x + k0;
-      int8_t* q = ch.q + 32 * h;
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-#if defined(__AVX2__)
-      for (int i = 0; i < 32; i += 8) {  // round half to even, as nearbyint
-        const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), _mm256_set1_ps(id)));
-        const __m256i c127 = _mm256_min_epi32(_mm256_max_epi32(r, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
-        alignas(32) int32_t v[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(v), c127);
-        for (int j = 0; j < 8; ++j) q[i + j] = int8_t(v[j]);
-      }
+constexpr bool has_min(int wtype) { return wtype == QUANT_Q4_1 || wtype == QUANT_Q4_K; }
+
+// Bytes of one row's group of quantized inputs: the 16·BV int8 values, then 16 lanes each of
+//     int32 bias = −zero_point · Σ q,   float d_x,   float d_x · Σ q.
+// Values: VNNI [BV/4 dwords][16 blocks][4]; other builds, and a last group of fewer than 16
+// blocks, [16 blocks][BV].
+constexpr int64_t group_bytes(int BV) { return 16 * BV + 3 * 64; }
+
+struct alignas(64) Line64 {
+  uint8_t b[64];
+};
+
+// The groups of one input row of K values (K a multiple of the dot block and of 32): int8 per
+// 32 values, d_x = max|x| / 127, q = round(x / d_x) (half to even). Missing blocks of a last
+// partial group stay zero.
+inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint8_t* __restrict__ out) {
+  const int BV = dot_block(wtype), zp = zero_point(wtype);
+  const int64_t nb = K / BV, groups = (nb + QLANES - 1) / QLANES, gb = group_bytes(BV);
+  std::memset(out, 0, size_t(groups * gb));
+#if defined(FASTVERIFY_QUANT_VNNI)
+  constexpr bool transposed = true;  // but a last group of fewer than 16 blocks keeps value order
 #else
-      for (int i = 0; i < 32; ++i) q[i] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * id))));
+  constexpr bool transposed = false;
 #endif
-      int sum32 = 0;
-      for (int j = 0; j < 2; ++j) {
-        int s = 0;
-        for (int i = 0; i < 16; ++i) s += q[16 * j + i];
-        ch.bias[8 * h + 4 * j] = -zp * s;
-        sum32 += s;
+  const int64_t full_groups = nb / QLANES;
+  alignas(32) int8_t q[32];
+  for (int64_t b32 = 0; b32 < K / 32; ++b32) {
+    const float* xb = x + 32 * b32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+#if defined(__AVX2__)
+    for (int i = 0; i < 32; i += 8) {  // cvtps rounds half to even, as nearbyint
+      __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), _mm256_set1_ps(id)));
+      r = _mm256_min_epi32(_mm256_max_epi32(r, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+      alignas(32) int32_t v[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(v), r);
+      for (int j = 0; j < 8; ++j) q[i + j] = int8_t(v[j]);
+    }
+#else
+    for (int i = 0; i < 32; ++i) q[i] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * id))));
+#endif
+    for (int h = 0; h < 32 / BV; ++h) {  // the dot blocks of these 32 values
+      const int64_t j = b32 * (32 / BV) + h;
+      const int lane = int(j % QLANES);
+      uint8_t* grp = out + (j / QLANES) * gb;
+      int8_t* gq = reinterpret_cast<int8_t*>(grp);
+      int s = 0;
+      for (int i = 0; i < BV; ++i) {
+        const int8_t v = q[h * BV + i];
+        s += v;
+        if (transposed && j / QLANES < full_groups)
+          gq[((i / 4) * QLANES + lane) * 4 + i % 4] = v;
+        else
+          gq[lane * BV + i] = v;
       }
-      for (int l = 0; l < 8; ++l) ch.dx[8 * h + l] = d;
-      ch.xs[8 * h] = d * float(sum32);
+      reinterpret_cast<int32_t*>(grp + 16 * BV)[lane] = -zp * s;
+      reinterpret_cast<float*>(grp + 16 * BV + 64)[lane] = d;
+      reinterpret_cast<float*>(grp + 16 * BV + 128)[lane] = d * float(s);
     }
   }
 }
 
-// ---------------------------------------------------------------------------- weight chunks
-//
-// unpack<wtype>(row, c, half): chunk c of a weight row as 64 bytes in value order, scales and
-// mins per lane (half: only the first 32-value block of the chunk exists; the rest is zero).
-
-template <int wtype>
-constexpr bool has_min() {
-  return wtype == QUANT_Q4_1 || wtype == QUANT_Q4_K;
-}
+// ---------------------------------------------------------------------------- weight groups
 
 #if defined(FASTVERIFY_QUANT_VNNI)
-struct WeightChunk {
-  __m512i w;
+// One group of a weight row: w[k] = dword k of the 16 dot blocks (unsigned codes, lane j for
+// block j; BV/4 of them), their scales and mins (0 in lanes past the row's last block).
+struct WeightGroup {
+  __m512i w[8];
   __m512 scale, min;
 };
 
-// [a ×8 | b ×8]
-inline __m512 halves(float a, float b) {
-  return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+inline __m512i lane_offsets(int stride, int add) {
+  return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(stride)),
+                          _mm512_set1_epi32(add));
 }
 
-template <int wtype>
-inline WeightChunk unpack(const uint8_t* __restrict__ row, int64_t c, bool half) {
-  WeightChunk wc;
-  if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
-    constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : 20, qoff = wtype == QUANT_Q4_0 ? 2 : 4;
-    const uint8_t* b0 = row + 2 * c * bytes;
-    const uint8_t* b1 = b0 + bytes;
-    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + qoff));
-    const __m128i q1 = half ? _mm_setzero_si128() : _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + qoff));
-    // [q0 | q0 | q1 | q1], the second and fourth quarters shifted to their high nibbles
-    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(q0, q0)), _mm256_set_m128i(q1, q1), 1);
-    v = _mm512_mask_srli_epi16(v, __mmask32(0xFF00FF00u), v, 4);
-    wc.w = _mm512_and_si512(v, _mm512_set1_epi8(15));
-    const float d0 = f16_at(b0), d1 = half ? 0.f : f16_at(b1);
-    wc.scale = halves(d0, d1);
-    if constexpr (wtype == QUANT_Q4_1) wc.min = halves(f16_at(b0 + 2), half ? 0.f : f16_at(b1 + 2));
-  } else if constexpr (wtype == QUANT_Q8_0) {
-    const uint8_t* b0 = row + 2 * c * 34;
-    const uint8_t* b1 = b0 + 34;
-    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
-    const __m256i q1 = half ? _mm256_setzero_si256() : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
-    // signed bytes + 128 as unsigned (the input sums take the 128 back)
-    wc.w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8(char(0x80)));
-    wc.scale = halves(f16_at(b0), half ? 0.f : f16_at(b1));
-  } else if constexpr (wtype == QUANT_Q4_K) {
-    const uint8_t* blk = row + (c / 4) * 144;
-    const int cc = int(c % 4);
-    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * cc));
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(qs), _mm256_srli_epi16(qs, 4), 1);
-    wc.w = _mm512_and_si512(v, _mm512_set1_epi8(15));
-    const float d = f16_at(blk), dmin = f16_at(blk + 2);
-    int sc0, m0, sc1, m1;
-    q4_k_scale_min(blk + 4, 2 * cc, sc0, m0);
-    q4_k_scale_min(blk + 4, 2 * cc + 1, sc1, m1);
-    wc.scale = halves(d * float(sc0), d * float(sc1));
-    wc.min = halves(-(dmin * float(m0)), -(dmin * float(m1)));
-  } else {  // Q6_K
-    const uint8_t* blk = row + (c / 4) * 210;
-    const int h = int(c % 4) / 2, p = int(c % 2);
-    const __m512i ql = _mm512_loadu_si512(blk + 64 * h);
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
-    // [qh | qh >> 2]: bits 0-1 (p = 0) or 4-5 (p = 1) are the high bits of values 0-31 | 32-63
-    const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-    const __m512i lo = p ? _mm512_srli_epi16(ql, 4) : ql;
-    const __m512i hi = p ? _mm512_srli_epi16(qh2, 4) : qh2;
-    wc.w = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi8(15)),
-                           _mm512_slli_epi16(_mm512_and_si512(hi, _mm512_set1_epi8(3)), 4));
-    const float d = f16_at(blk + 208);
-    int32_t s4;
-    std::memcpy(&s4, blk + 192 + 8 * h + 4 * p, 4);
-    const __m128 s = _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(s4))), _mm_set1_ps(d));
-    const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    wc.scale = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(s));
+inline __m512i gather(const uint8_t* base, __m512i offsets, __mmask16 mask) {
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, base, 1);
+}
+
+// fp16 in the low (high = false) or high 16 bits of each dword, as floats
+inline __m512 f16_lanes(__m512i v, bool high) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(high ? _mm512_srli_epi32(v, 16) : v));
+}
+
+// z[i] lane 4L + c = dword c of row i + 4L  ->  z[k] lane 4L + i = dword k of row i + 4L
+// (a 4x4 transpose of dwords within each 128-bit lane)
+inline void transpose_4x4(__m512i (&z)[4]) {
+  const __m512i a = _mm512_unpacklo_epi32(z[0], z[1]), b = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i c = _mm512_unpacklo_epi32(z[2], z[3]), d = _mm512_unpackhi_epi32(z[2], z[3]);
+  z[0] = _mm512_unpacklo_epi64(a, c);
+  z[1] = _mm512_unpackhi_epi64(a, c);
+  z[2] = _mm512_unpacklo_epi64(b, d);
+  z[3] = _mm512_unpackhi_epi64(b, d);
+}
+
+// z[i] = [row i (8 dwords) | row i + 8]  ->  z[k] lane j = dword k of row j (an 8x8 transpose
+// of dwords within each 256-bit half)
+inline void transpose_8x8(__m512i (&z)[8]) {
+  __m512i a[8], b[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
   }
-  return wc;
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  // b[c] (c < 4), 128-bit lane 2h + e: dword 4e + c of rows 8h + 0..3; b[4 + c]: of rows 8h + 4..7
+  const __m512i lo = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), hi = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    z[c] = _mm512_permutex2var_epi64(b[c], lo, b[4 + c]);
+    z[c + 4] = _mm512_permutex2var_epi64(b[c], hi, b[4 + c]);
+  }
 }
 
-// acc += the chunk's terms against one input chunk
+// Dword idx[j] (< 32·NP) of the group's first nbytes bytes in lane j (0 past nbytes): loads and
+// dword permutes (a gather of the 16 block heads cost a fifth of a one-row Q4_1 projection)
+template <int NP>
+inline __m512i dwords_at(const uint8_t* base, int64_t nbytes, __m512i idx) {
+  __m512i out = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+    __m512i r[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(64, nbytes - 64 * (2 * p + h)));
+      r[h] = _mm512_maskz_loadu_epi8(valid == 64 ? ~__mmask64(0) : (__mmask64(1) << valid) - 1, base + 64 * (2 * p + h));
+    }
+    const __mmask16 lanes = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(idx, 5), _mm512_set1_epi32(p));
+    out = _mm512_mask_blend_epi32(lanes, out, _mm512_permutex2var_epi32(r[0], idx, r[1]));
+  }
+  return out;
+}
+
+// group g (count blocks, 1..16) of a weight row
+template <int wtype, bool FULL>
+inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count_, WeightGroup& wg) {
+  const int count = FULL ? QLANES : count_;  // FULL: a constant, the masks fold away
+  const __mmask16 mask = __mmask16((1u << count) - 1);
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
+    // z[i], 128-bit lane L: the 16 qs bytes of block i + 4L; transposed, w[k] holds dword k of
+    // every block (lane j for block j): its low nibbles are values 4k.., the high ones 16 + 4k..
+    constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : 20, qoff = wtype == QUANT_Q4_0 ? 2 : 4;
+    const uint8_t* base = row + g * QLANES * bytes;
+    __m512i z[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      auto block = [&](int b) { return _mm_maskz_loadu_epi32(__mmask8(b < count ? 0xF : 0), base + b * bytes + qoff); };
+      z[i] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(block(i)), block(i + 4), 1),
+                                                   block(i + 8), 2),
+                                block(i + 12), 3);
+    }
+    transpose_4x4(z);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      wg.w[k] = _mm512_and_si512(z[k], nib);
+      wg.w[k + 4] = _mm512_and_si512(_mm512_srli_epi32(z[k], 4), nib);
+    }
+    if constexpr (wtype == QUANT_Q4_1) {  // block j: dword 5j = d | m
+      const __m512i head = dwords_at<3>(base, count * 20, lane_offsets(5, 0));
+      wg.scale = f16_lanes(head, false);
+      wg.min = f16_lanes(head, true);
+    } else {  // block j's d: the low half of dword 9·(j / 2) for even j, the high half of 9·(j / 2) + 4 for odd j
+      const __m512i head = dwords_at<3>(base, count * 18, _mm512_set_epi32(67, 63, 58, 54, 49, 45, 40, 36, 31, 27, 22,
+                                                                            18, 13, 9, 4, 0));
+      wg.scale = f16_lanes(_mm512_mask_srli_epi32(head, 0xAAAA, head, 16), false);
+    }
+  } else if constexpr (wtype == QUANT_Q8_0) {
+    // z[i]: the 32 bytes of blocks i | i + 8, transposed to w[k] = dword k of every block
+    const uint8_t* base = row + g * QLANES * 34;
+    __m512i z[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      auto block = [&](int b) { return _mm256_maskz_loadu_epi32(__mmask8(b < count ? 0xFF : 0), base + b * 34 + 2); };
+      z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(block(i)), block(i + 8), 1);
+    }
+    transpose_8x8(z);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) wg.w[k] = _mm512_xor_si512(z[k], _mm512_set1_epi32(int(0x80808080u)));  // + 128: unsigned
+    // block j's d: the low half of dword 17·(j / 2) for even j, the high half of 17·(j / 2) + 8 for odd j
+    const __m512i head = dwords_at<4>(base, count * 34, _mm512_set_epi32(127, 119, 110, 102, 93, 85, 76, 68, 59, 51, 42,
+                                                                          34, 25, 17, 8, 0));
+    wg.scale = f16_lanes(_mm512_mask_srli_epi32(head, 0xAAAA, head, 16), false);
+  } else if constexpr (wtype == QUANT_Q4_K) {
+    // lane j: superblock j / 8, sub-block s = j % 8 in the low (s even) or high nibbles of qs
+    // bytes 32·(s / 2) ..; a group is two superblocks (one for a last group of 8)
+    const uint8_t* base = row + g * 2 * 144;
+    const __m512i at = _mm512_set_epi32(144 + 112, 144 + 112, 144 + 80, 144 + 80, 144 + 48, 144 + 48, 144 + 16,
+                                        144 + 16, 112, 112, 80, 80, 48, 48, 16, 16);
+    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) wg.w[k] = _mm512_and_si512(_mm512_srlv_epi32(gather(base + 4 * k, at, mask), shift), nib);
+    alignas(64) float scale[QLANES] = {}, min[QLANES] = {};
+    for (int sb = 0; sb < count / 8; ++sb) {
+      const uint8_t* blk = base + sb * 144;
+      const float d = f16_at(blk), dmin = f16_at(blk + 2);
+      for (int s = 0; s < 8; ++s) {
+        int sc, m;
+        q4_k_scale_min(blk + 4, s, sc, m);
+        scale[8 * sb + s] = d * float(sc);
+        min[8 * sb + s] = -(dmin * float(m));
+      }
+    }
+    wg.scale = _mm512_load_ps(scale);
+    wg.min = _mm512_load_ps(min);
+  } else {  // Q6_K: a group is one superblock; lane j = 16-value sub-block j
+    // sub-block j: half h = j / 8, t = (j % 8) / 2, values l0 = 16·(j % 2) .. of 32·t .. in the
+    // half: low bits from ql[64h + 32·(t % 2) + l] >> 4·(t / 2), high bits qh[32h + l] >> 2t
+    const uint8_t* base = row + g * 210;
+    const __m512i at_l = _mm512_set_epi32(64 + 48, 64 + 32, 64 + 16, 64, 64 + 48, 64 + 32, 64 + 16, 64, 48, 32, 16,
+                                          0, 48, 32, 16, 0);
+    const __m512i shift_l = _mm512_set_epi32(4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0);
+    const __m512i at_h = _mm512_set_epi32(160 + 16, 160, 160 + 16, 160, 160 + 16, 160, 160 + 16, 160, 128 + 16, 128,
+                                          128 + 16, 128, 128 + 16, 128, 128 + 16, 128);
+    const __m512i shift_h = _mm512_set_epi32(6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(gather(base + 4 * k, at_l, mask), shift_l), nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(gather(base + 4 * k, at_h, mask), shift_h),
+                                          _mm512_set1_epi32(0x03030303));
+      wg.w[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+    }
+    const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 192));
+    wg.scale = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s)), _mm512_set1_ps(f16_at(base + 208)));
+  }
+}
+
+// A last group of fewer than 16 dot blocks (32-value blocks): pairs of blocks in value order
+// against inputs in value order, each pair's 16 dword sums reduced to one per block — the
+// same D_j as the transposed layout, without 16-lane work for a few blocks (K = 576 has 18).
+struct TailGroup {
+  __m512i w[QLANES / 2];  // pair p: blocks 2p | 2p + 1, codes in value order
+  __m512 scale, min;
+  int pairs;
+};
+
 template <int wtype>
-inline __m512 chunk_dot(const WeightChunk& wc, const InputChunk& x, __m512 acc) {
-  const __m512i dot = _mm512_dpbusd_epi32(_mm512_load_si512(x.bias), wc.w, _mm512_load_si512(x.q));
-  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wc.scale, _mm512_load_ps(x.dx)), acc);
-  if constexpr (has_min<wtype>()) acc = _mm512_fmadd_ps(wc.min, _mm512_load_ps(x.xs), acc);
-  return acc;
+inline void unpack_tail(const uint8_t* __restrict__ row, int64_t g, int count, TailGroup& t) {
+  alignas(64) float scale[QLANES] = {}, min[QLANES] = {};
+  t.pairs = (count + 1) / 2;
+  const __m512i nib = _mm512_set1_epi8(15);
+  for (int p = 0; p < t.pairs; ++p) {
+    const int64_t b0 = g * QLANES + 2 * p;
+    const bool second = 2 * p + 1 < count;
+    if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
+      constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : 20, qoff = wtype == QUANT_Q4_0 ? 2 : 4;
+      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b0 * bytes + qoff));
+      const __m128i q1 = _mm_maskz_loadu_epi32(__mmask8(second ? 0xF : 0), row + (b0 + 1) * bytes + qoff);
+      // [q0 | q0 | q1 | q1], the second and fourth quarters shifted to their high nibbles
+      __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(q0, q0)), _mm256_set_m128i(q1, q1), 1);
+      v = _mm512_mask_srli_epi16(v, __mmask32(0xFF00FF00u), v, 4);
+      t.w[p] = _mm512_and_si512(v, nib);
+    } else if constexpr (wtype == QUANT_Q8_0) {
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b0 * 34 + 2));
+      const __m256i q1 = _mm256_maskz_loadu_epi32(__mmask8(second ? 0xFF : 0), row + (b0 + 1) * 34 + 2);
+      t.w[p] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8(char(0x80)));
+    } else if constexpr (wtype == QUANT_Q4_K) {  // sub-blocks 2c, 2c + 1: the low and high nibbles of 32 bytes
+      const __m256i qs = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(row + (b0 / 8) * 144 + 16 + 32 * ((b0 % 8) / 2)));
+      t.w[p] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(qs), _mm256_srli_epi16(qs, 4), 1), nib);
+    }
+  }
+  for (int j = 0; j < count; ++j) {
+    const int64_t b = g * QLANES + j;
+    if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
+      const uint8_t* blk = row + b * (wtype == QUANT_Q4_0 ? 18 : 20);
+      scale[j] = f16_at(blk);
+      if constexpr (wtype == QUANT_Q4_1) min[j] = f16_at(blk + 2);
+    } else if constexpr (wtype == QUANT_Q8_0) {
+      scale[j] = f16_at(row + b * 34);
+    } else if constexpr (wtype == QUANT_Q4_K) {
+      const uint8_t* blk = row + (b / 8) * 144;
+      int sc, m;
+      q4_k_scale_min(blk + 4, int(b % 8), sc, m);
+      scale[j] = f16_at(blk) * float(sc);
+      min[j] = -(f16_at(blk + 2) * float(m));
+    }
+  }
+  t.scale = _mm512_load_ps(scale);
+  t.min = _mm512_load_ps(min);
 }
 
 using Acc = __m512;
 inline Acc acc_zero() { return _mm512_setzero_ps(); }
+
+// acc += the group's terms for one input row (its group of quantized inputs at xg)
+template <int wtype, bool SPLIT>
+inline Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc acc) {
+  constexpr int BV = dot_block(wtype), NQ = BV / 4;
+  const __m512i bias = zero_point(wtype) ? _mm512_load_si512(xg + 16 * BV) : _mm512_setzero_si512();
+  __m512i dot;
+  if constexpr (SPLIT) {  // two dependency chains (integer sums: the same result)
+    __m512i even = bias, odd = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int k = 0; k < NQ; k += 2) {
+      even = _mm512_dpbusd_epi32(even, wg.w[k], _mm512_load_si512(xg + 64 * k));
+      odd = _mm512_dpbusd_epi32(odd, wg.w[k + 1], _mm512_load_si512(xg + 64 * (k + 1)));
+    }
+    dot = _mm512_add_epi32(even, odd);
+  } else {
+    dot = bias;
+#pragma GCC unroll 8
+    for (int k = 0; k < NQ; ++k) dot = _mm512_dpbusd_epi32(dot, wg.w[k], _mm512_load_si512(xg + 64 * k));
+  }
+  const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(xg + 16 * BV + 64));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wg.scale, dx), acc);
+  if constexpr (has_min(wtype))
+    acc = _mm512_fmadd_ps(wg.min, _mm512_load_ps(reinterpret_cast<const float*>(xg + 16 * BV + 128)), acc);
+  return acc;
+}
+
+template <int wtype>
+inline Acc tail_dot(const TailGroup& t, const uint8_t* __restrict__ xg, Acc acc) {
+  constexpr int BV = 32;
+  __m512i dot = zero_point(wtype) ? _mm512_load_si512(xg + 16 * BV) : _mm512_setzero_si512();
+  for (int p = 0; p < t.pairs; ++p) {
+    __m512i v = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t.w[p], _mm512_load_si512(xg + 64 * p));
+    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));
+    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_CDAB));
+    v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0xB1));  // lanes 0-7: block 2p's sum, 8-15: block 2p + 1's
+    const __m512i to = _mm512_set1_epi32(0);
+    const __m512i from = _mm512_mask_set1_epi32(to, __mmask16(0xAAAA), 8);  // odd lanes take lane 8, even lane 0
+    dot = _mm512_mask_add_epi32(dot, __mmask16(3u << (2 * p)), dot, _mm512_permutexvar_epi32(from, v));
+  }
+  const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(xg + 16 * BV + 64));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(t.scale, dx), acc);
+  if constexpr (has_min(wtype))
+    acc = _mm512_fmadd_ps(t.min, _mm512_load_ps(reinterpret_cast<const float*>(xg + 16 * BV + 128)), acc);
+  return acc;
+}
+
 // the fixed tree: lanes j + 8, then + 4, + 2, + 1
 inline float acc_sum(Acc a) {
   const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -306,176 +528,125 @@ inline float acc_sum(Acc a) {
   return _mm_cvtss_f32(s1);
 }
 
-#elif defined(FASTVERIFY_QUANT_AVX2)
-// the chunk as two 32-value halves
-struct WeightChunk {
-  __m256i w[2];
-  __m256 scale[2], min[2];
+#else  // AVX2 or plain C++: one dot block at a time
+struct WeightGroup {
+  alignas(32) uint8_t w[QLANES][32];  // codes (Q8_0: its signed bytes)
+  float scale[QLANES], min[QLANES];
 };
 
+// dot block j of a weight row: codes, scale, min
 template <int wtype>
-inline WeightChunk unpack(const uint8_t* __restrict__ row, int64_t c, bool half) {
-  WeightChunk wc;
-  const __m256i nib = _mm256_set1_epi8(15);
+inline void unpack_block(const uint8_t* __restrict__ row, int64_t j, uint8_t* __restrict__ w, float& scale,
+                         float& min) {
   if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
-    constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : 20, qoff = wtype == QUANT_Q4_0 ? 2 : 4;
-    const uint8_t* b[2] = {row + 2 * c * bytes, row + (2 * c + 1) * bytes};
-    for (int h = 0; h < 2; ++h) {
-      const bool there = h == 0 || !half;
-      const __m128i q = there ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[h] + qoff)) : _mm_setzero_si128();
-      wc.w[h] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), nib);
-      wc.scale[h] = _mm256_set1_ps(there ? f16_at(b[h]) : 0.f);
-      if constexpr (wtype == QUANT_Q4_1) wc.min[h] = _mm256_set1_ps(there ? f16_at(b[h] + 2) : 0.f);
+    const uint8_t* blk = row + j * (wtype == QUANT_Q4_0 ? 18 : 20);
+    const uint8_t* qs = blk + (wtype == QUANT_Q4_0 ? 2 : 4);
+    for (int i = 0; i < 16; ++i) {
+      w[i] = qs[i] & 15;
+      w[i + 16] = qs[i] >> 4;
     }
+    scale = f16_at(blk);
+    min = wtype == QUANT_Q4_1 ? f16_at(blk + 2) : 0.f;
   } else if constexpr (wtype == QUANT_Q8_0) {
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* b = row + (2 * c + h) * 34;
-      const bool there = h == 0 || !half;
-      wc.w[h] = there ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)) : _mm256_setzero_si256();
-      wc.scale[h] = _mm256_set1_ps(there ? f16_at(b) : 0.f);
-    }
+    const uint8_t* blk = row + j * 34;
+    std::memcpy(w, blk + 2, 32);
+    scale = f16_at(blk);
+    min = 0.f;
   } else if constexpr (wtype == QUANT_Q4_K) {
-    const uint8_t* blk = row + (c / 4) * 144;
-    const int cc = int(c % 4);
-    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * cc));
-    wc.w[0] = _mm256_and_si256(qs, nib);
-    wc.w[1] = _mm256_and_si256(_mm256_srli_epi16(qs, 4), nib);
-    const float d = f16_at(blk), dmin = f16_at(blk + 2);
-    for (int h = 0; h < 2; ++h) {
-      int sc, m;
-      q4_k_scale_min(blk + 4, 2 * cc + h, sc, m);
-      wc.scale[h] = _mm256_set1_ps(d * float(sc));
-      wc.min[h] = _mm256_set1_ps(-(dmin * float(m)));
-    }
+    const uint8_t* blk = row + (j / 8) * 144;
+    const int s = int(j % 8);
+    const uint8_t* qs = blk + 16 + 32 * (s / 2);
+    for (int i = 0; i < 32; ++i) w[i] = (qs[i] >> (4 * (s % 2))) & 15;
+    int sc, m;
+    q4_k_scale_min(blk + 4, s, sc, m);
+    scale = f16_at(blk) * float(sc);
+    min = -(f16_at(blk + 2) * float(m));
   } else {  // Q6_K
-    const uint8_t* blk = row + (c / 4) * 210;
-    const int h = int(c % 4) / 2, p = int(c % 2);
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
-    const float d = f16_at(blk + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192 + 8 * h + 4 * p);
-    for (int g = 0; g < 2; ++g) {  // values 32g .. 32g+31 of the chunk
-      const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32 * g));
-      const __m256i lo = _mm256_and_si256(p ? _mm256_srli_epi16(ql, 4) : ql, nib);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 4 * p + 2 * g), _mm256_set1_epi8(3));
-      wc.w[g] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-      wc.scale[g] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(d * float(scales[2 * g]))),
-                                         _mm_set1_ps(d * float(scales[2 * g + 1])), 1);
+    const uint8_t* blk = row + (j / 16) * 210;
+    const int s = int(j % 16), h = s / 8, t = (s % 8) / 2, l0 = 16 * (s % 2);
+    for (int i = 0; i < 16; ++i) {
+      const int l = l0 + i;
+      w[i] = uint8_t(((blk[64 * h + 32 * (t % 2) + l] >> (4 * (t / 2))) & 15) | ((blk[128 + 32 * h + l] >> (2 * t)) & 3) << 4);
     }
+    scale = f16_at(blk + 208) * float(int8_t(blk[192 + s]));
+    min = 0.f;
   }
-  return wc;
+}
+
+template <int wtype, bool FULL>
+inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count, WeightGroup& wg) {
+  std::memset(&wg, 0, sizeof wg);
+  for (int j = 0; j < count; ++j) unpack_block<wtype>(row, g * QLANES + j, wg.w[j], wg.scale[j], wg.min[j]);
+}
+
+// Σ w_i · q_i over a dot block (unsigned codes, or Q8_0's signed bytes)
+template <int wtype>
+inline int32_t block_dot(const uint8_t* __restrict__ w, const int8_t* __restrict__ q) {
+  constexpr int BV = dot_block(wtype);
+#if defined(__AVX2__)
+  if constexpr (BV == 32) {
+    const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i prod = wtype == QUANT_Q8_0  // |w| · (q · sign w): unsigned × signed without saturation
+                             ? _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(qv, wv))
+                             : _mm256_maddubs_epi16(wv, qv);
+    const __m256i s = _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4E));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
+    return _mm_cvtsi128_si32(r);
+  } else {
+    const __m128i s = _mm_madd_epi16(_mm_maddubs_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(w)),
+                                                       _mm_load_si128(reinterpret_cast<const __m128i*>(q))),
+                                     _mm_set1_epi16(1));
+    __m128i r = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
+    return _mm_cvtsi128_si32(r);
+  }
+#else
+  int32_t s = 0;
+  for (int i = 0; i < BV; ++i) s += (wtype == QUANT_Q8_0 ? int32_t(int8_t(w[i])) : int32_t(w[i])) * int32_t(q[i]);
+  return s;
+#endif
 }
 
 struct Acc {
-  __m256 h[2];
-};
-inline Acc acc_zero() { return {{_mm256_setzero_ps(), _mm256_setzero_ps()}}; }
-
-template <int wtype>
-inline Acc chunk_dot(const WeightChunk& wc, const InputChunk& x, Acc acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; ++h) {
-    const __m256i xq = _mm256_load_si256(reinterpret_cast<const __m256i*>(x.q + 32 * h));
-    __m256i prod;
-    if constexpr (wtype == QUANT_Q8_0) {  // |w| · (x · sign w): unsigned × signed without saturation
-      prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wc.w[h], wc.w[h]), _mm256_sign_epi8(xq, wc.w[h]));
-    } else {
-      prod = _mm256_maddubs_epi16(wc.w[h], xq);
-    }
-    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(prod, ones),
-                                         _mm256_load_si256(reinterpret_cast<const __m256i*>(x.bias + 8 * h)));
-    acc.h[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wc.scale[h], _mm256_load_ps(x.dx + 8 * h)),
-                               acc.h[h]);
-    if constexpr (has_min<wtype>()) acc.h[h] = _mm256_fmadd_ps(wc.min[h], _mm256_load_ps(x.xs + 8 * h), acc.h[h]);
-  }
-  return acc;
-}
-
-inline float acc_sum(Acc a) {
-  const __m256 s8 = _mm256_add_ps(a.h[0], a.h[1]);
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-  return _mm_cvtss_f32(s1);
-}
-
-#else  // plain C++ (not inlined into the tiles: 80 unrolled copies took half a minute to compile)
-#define FASTVERIFY_QUANT_PLAIN_INLINE __attribute__((noinline))
-struct WeightChunk {
-  int16_t w[QCHUNK];  // signed for Q8_0
-  float scale[16], min[16];
-};
-
-template <int wtype>
-FASTVERIFY_QUANT_PLAIN_INLINE WeightChunk unpack(const uint8_t* __restrict__ row, int64_t c, bool half) {
-  WeightChunk wc{};
-  if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1 || wtype == QUANT_Q8_0) {
-    constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : wtype == QUANT_Q4_1 ? 20 : 34;
-    for (int h = 0; h < (half ? 1 : 2); ++h) {
-      const uint8_t* b = row + (2 * c + h) * bytes;
-      int16_t* w = wc.w + 32 * h;
-      if constexpr (wtype == QUANT_Q8_0) {
-        for (int i = 0; i < 32; ++i) w[i] = int8_t(b[2 + i]);
-      } else {
-        const uint8_t* qs = b + (wtype == QUANT_Q4_0 ? 2 : 4);
-        for (int i = 0; i < 16; ++i) {
-          w[i] = qs[i] & 15;
-          w[i + 16] = qs[i] >> 4;
-        }
-      }
-      for (int l = 0; l < 8; ++l) {
-        wc.scale[8 * h + l] = f16_at(b);
-        if constexpr (wtype == QUANT_Q4_1) wc.min[8 * h + l] = f16_at(b + 2);
-      }
-    }
-  } else if constexpr (wtype == QUANT_Q4_K) {
-    const uint8_t* blk = row + (c / 4) * 144;
-    const int cc = int(c % 4);
-    const uint8_t* qs = blk + 16 + 32 * cc;
-    const float d = f16_at(blk), dmin = f16_at(blk + 2);
-    for (int h = 0; h < 2; ++h) {
-      int sc, m;
-      q4_k_scale_min(blk + 4, 2 * cc + h, sc, m);
-      for (int i = 0; i < 32; ++i) wc.w[32 * h + i] = (qs[i] >> (4 * h)) & 15;
-      for (int l = 0; l < 8; ++l) {
-        wc.scale[8 * h + l] = d * float(sc);
-        wc.min[8 * h + l] = -(dmin * float(m));
-      }
-    }
-  } else {  // Q6_K
-    const uint8_t* blk = row + (c / 4) * 210;
-    const int h = int(c % 4) / 2, p = int(c % 2);
-    const uint8_t* ql = blk + 64 * h;
-    const uint8_t* qh = blk + 128 + 32 * h;
-    const float d = f16_at(blk + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192 + 8 * h + 4 * p);
-    for (int i = 0; i < QCHUNK; ++i) {
-      const int g = i / 32, l = i % 32;  // value 64p + 32g + l of the half
-      wc.w[i] = int16_t(((ql[32 * g + l] >> (4 * p)) & 15) | ((qh[l] >> (4 * p + 2 * g)) & 3) << 4);
-    }
-    for (int l = 0; l < 16; ++l) wc.scale[l] = d * float(scales[l / 4]);
-  }
-  return wc;
-}
-
-struct Acc {
-  float v[16];
+  float v[QLANES];
 };
 inline Acc acc_zero() { return Acc{}; }
 
-template <int wtype>
-FASTVERIFY_QUANT_PLAIN_INLINE Acc chunk_dot(const WeightChunk& wc, const InputChunk& x, Acc acc) {
-  for (int l = 0; l < 16; ++l) {
-    int32_t dot = x.bias[l];
-    for (int j = 0; j < 4; ++j) dot += int32_t(wc.w[4 * l + j]) * int32_t(x.q[4 * l + j]);
-    const float scale = wc.scale[l] * x.dx[l];
-    acc.v[l] = acc.v[l] + float(dot) * scale;
-    if constexpr (has_min<wtype>()) acc.v[l] = acc.v[l] + wc.min[l] * x.xs[l];
+inline float fused(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;  // no FMA instruction: two roundings
+#endif
+}
+
+// (the portable build keeps it out of line: inlined into 16 tile sizes it took half a minute to compile)
+template <int wtype, bool SPLIT>
+#if defined(__AVX2__)
+inline
+#else
+__attribute__((noinline))
+#endif
+Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc acc) {
+  constexpr int BV = dot_block(wtype);
+  const int8_t* q = reinterpret_cast<const int8_t*>(xg);
+  const int32_t* bias = reinterpret_cast<const int32_t*>(xg + 16 * BV);
+  const float* dx = reinterpret_cast<const float*>(xg + 16 * BV + 64);
+  const float* xs = reinterpret_cast<const float*>(xg + 16 * BV + 128);
+  for (int j = 0; j < QLANES; ++j) {
+    const int32_t dot = block_dot<wtype>(wg.w[j], q + j * BV) + bias[j];
+    const float scale = wg.scale[j] * dx[j];
+    acc.v[j] = fused(float(dot), scale, acc.v[j]);
+    if constexpr (has_min(wtype)) acc.v[j] = fused(wg.min[j], xs[j], acc.v[j]);
   }
   return acc;
 }
 
 inline float acc_sum(Acc a) {
-  for (int h = 8; h > 0; h /= 2)
+  for (int h = QLANES / 2; h > 0; h /= 2)
     for (int j = 0; j < h; ++j) a.v[j] += a.v[j + h];
   return a.v[0];
 }
@@ -485,58 +656,47 @@ inline float acc_sum(Acc a) {
 
 constexpr int QUANT_MT = 16;  // input rows per tile
 
-// Weight rows interleaved per step for MT input rows: several independent accumulator
-// chains hide the FMA latency when the tile has few rows.
-constexpr int quant_rows_per_step(int MT) { return MT <= 2 ? 4 : MT <= 6 ? 2 : 1; }
-
-// Outputs y[m, n0 .. n0+R-1] for the MT input rows of x (chunks per row: chunks) against R
-// weight rows starting at w (row_bytes apart): every weight chunk is unpacked once for all
-// MT rows.
-template <int wtype, int MT, int R>
-inline void qtile(const InputChunk* __restrict__ x, int64_t chunks, bool half_last, const uint8_t* __restrict__ w,
-                  int64_t row_bytes, float* __restrict__ y, int64_t ldy, const float* __restrict__ bias,
-                  const float* __restrict__ res, int64_t ldr) {
-  Acc acc[R][MT];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
+// y[m, n0 .. n1) for the MT input rows of a tile (their groups at x, groups · gb bytes a row)
+// against weight rows n0 .. n1: each weight group is unpacked once for the MT rows.
+template <int wtype, int MT>
+void qtile_rows(const uint8_t* __restrict__ x, int64_t groups, int last_count, const uint8_t* __restrict__ w,
+                int64_t row_bytes, float* __restrict__ y, int64_t ldy, const float* __restrict__ bias,
+                const float* __restrict__ res, int64_t ldr, int64_t n0, int64_t n1) {
+  constexpr int64_t gb = group_bytes(dot_block(wtype));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = w + n * row_bytes;
+    Acc acc[MT];
 #pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) acc[r][m] = acc_zero();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const bool half = half_last && c == chunks - 1;
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const WeightChunk wc = unpack<wtype>(w + r * row_bytes, c, half);
+    for (int m = 0; m < MT; ++m) acc[m] = acc_zero();
+    for (int64_t g = 0; g < groups; ++g) {
+#if defined(FASTVERIFY_QUANT_VNNI)
+      if constexpr (dot_block(wtype) == 32) {
+        if (g == groups - 1 && last_count < QLANES) {
+          TailGroup t;
+          unpack_tail<wtype>(wrow, g, last_count, t);
+          for (int m = 0; m < MT; ++m) acc[m] = tail_dot<wtype>(t, x + (m * groups + g) * gb, acc[m]);
+          continue;
+        }
+      }
+#endif
+      WeightGroup wg;
+      if (g < groups - 1 || last_count == QLANES)
+        unpack_group<wtype, true>(wrow, g, QLANES, wg);
+      else
+        unpack_group<wtype, false>(wrow, g, last_count, wg);
 #pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m) acc[r][m] = chunk_dot<wtype>(wc, x[m * chunks + c], acc[r][m]);
+      for (int m = 0; m < MT; ++m) acc[m] = group_dot<wtype, (MT <= 4)>(wg, x + (m * groups + g) * gb, acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      float s = acc_sum(acc[m]);
+      if (bias) s += bias[n];
+      if (res) s = res[m * ldr + n] + s;
+      y[m * ldy + n] = s;
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) {
-      float s = acc_sum(acc[r][m]);
-      if (bias) s += bias[r];
-      if (res) s = res[m * ldr + r] + s;
-      y[m * ldy + r] = s;
-    }
 }
 
-using QTile = void (*)(const InputChunk*, int64_t, bool, const uint8_t*, int64_t, float*, int64_t, const float*,
-                       const float*, int64_t);
-
-// y[m0 .. m0+MT, n0 .. n1) for one tile of input rows
-template <int wtype, int MT>
-void qtile_rows(const InputChunk* x, int64_t chunks, bool half_last, const uint8_t* w, int64_t row_bytes, float* y,
-                int64_t ldy, const float* bias, const float* res, int64_t ldr, int64_t n0, int64_t n1) {
-  constexpr int R = quant_rows_per_step(MT);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R)
-    qtile<wtype, MT, R>(x, chunks, half_last, w + n * row_bytes, row_bytes, y + n, ldy, bias ? bias + n : nullptr,
-                        res ? res + n : nullptr, ldr);
-  for (; n < n1; ++n)
-    qtile<wtype, MT, 1>(x, chunks, half_last, w + n * row_bytes, row_bytes, y + n, ldy, bias ? bias + n : nullptr,
-                        res ? res + n : nullptr, ldr);
-}
-
-using QTileRows = void (*)(const InputChunk*, int64_t, bool, const uint8_t*, int64_t, float*, int64_t, const float*,
+using QTileRows = void (*)(const uint8_t*, int64_t, int, const uint8_t*, int64_t, float*, int64_t, const float*,
                            const float*, int64_t, int64_t, int64_t);
 template <int wtype, std::size_t... I>
 constexpr std::array<QTileRows, sizeof...(I)> qtile_table(std::index_sequence<I...>) {
@@ -571,10 +731,12 @@ inline int qlinear(const float* x, int64_t ldx, const uint8_t* w, int wtype, con
   if (K < 1 || K % f.block_size) return 2;
   if (M < 1) return 3;
   if (N < 1) return 0;
-  const int64_t chunks = (K + QCHUNK - 1) / QCHUNK, row_bytes = K / f.block_size * f.block_bytes;
-  const bool half_last = K % QCHUNK != 0;
-  const int zp = zero_point(wtype);
-  std::vector<InputChunk> xq(size_t(M * chunks));
+  const int BV = dot_block(wtype);
+  const int64_t nb = K / BV, groups = (nb + QLANES - 1) / QLANES, gb = group_bytes(BV);
+  const int last_count = int(nb - (groups - 1) * QLANES);
+  const int64_t row_bytes = K / f.block_size * f.block_bytes, x_row_bytes = groups * gb;
+  std::vector<Line64> xq(size_t(M * x_row_bytes / 64));
+  uint8_t* xqb = xq.data()->b;
   const auto& tiles = *qtiles(wtype);
   const int64_t tasks = (N + QUANT_ROWS_PER_TASK - 1) / QUANT_ROWS_PER_TASK;
 #pragma omp parallel num_threads(threads)
@@ -593,14 +755,14 @@ inline int qlinear(const float* x, int64_t ldx, const uint8_t* w, int wtype, con
         }
         xm = pre.data();
       }
-      quantize_row(xm, K, zp, xq.data() + m * chunks);
+      quantize_row(xm, K, wtype, xqb + m * x_row_bytes);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n0 = t * QUANT_ROWS_PER_TASK, n1 = std::min(N, n0 + QUANT_ROWS_PER_TASK);
       for (int64_t m0 = 0; m0 < M; m0 += QUANT_MT) {
         const int mt = int(std::min<int64_t>(QUANT_MT, M - m0));
-        tiles[mt - 1](xq.data() + m0 * chunks, chunks, half_last, w, row_bytes, y + m0 * ldy, ldy, bias,
+        tiles[mt - 1](xqb + m0 * x_row_bytes, groups, last_count, w, row_bytes, y + m0 * ldy, ldy, bias,
                       residual ? residual + m0 * ldr : nullptr, ldr, n0, n1);
       }
     }
