@@ -49,7 +49,7 @@ def _hms(seconds: float) -> str:
 
 
 def _add_bench(sub) -> None:
-    from .bench import ADAPTERS, FAMILIES, KERNEL_BACKENDS, SIZES
+    from .bench import ADAPTERS, CPU_FAMILIES, FAMILIES, KERNEL_BACKENDS, SIZES
     p = sub.add_parser(
         "bench", help="time the ops against their baselines and write a report",
         description="Time each selected op family on the kernel backends of this device against its baselines "
@@ -57,9 +57,10 @@ def _add_bench(sub) -> None:
                     "FlexAttention; lm_head: unfused subset and full-vocabulary heads; sparse_kv: full decode "
                     "attention and gather-then-SDPA), stream one line per measurement and write "
                     "<out>/<name>.{md,json,png}. Speed is reported, never asserted.")
-    p.add_argument("--family", type=_csv(str, FAMILIES + (ADAPTERS,)), default=list(FAMILIES),
-                   help=f"subset of {','.join(FAMILIES + (ADAPTERS,))} (default: the four op families; "
-                        f"{ADAPTERS}: the engine entry points' cost over the raw ops)")
+    p.add_argument("--family", type=_csv(str, FAMILIES + (ADAPTERS,) + CPU_FAMILIES), default=list(FAMILIES),
+                   help=f"subset of {','.join(FAMILIES + (ADAPTERS,) + CPU_FAMILIES)} (default: the four op families; "
+                        f"{ADAPTERS}: the engine entry points' cost over the raw ops; quant: the CPU projections "
+                        "on GGUF quantized blocks)")
     p.add_argument("--size", choices=SIZES, default=None,
                    help="goal: the target shapes (default on a GPU); grid: a sweep (default on CPU: a CPU sweep); "
                         "smoke: tiny shapes, every backend (on CPU: Triton interpreter, CUDA emulator)")

@@ -24,12 +24,13 @@ from .core import KERNEL_BACKENDS, SIZES, Case, Impl, Row, default_device, devic
 
 FAMILIES = ("rejection", "tree_attention", "lm_head", "sparse_kv")
 ADAPTERS = "integrations"           # the engine entry points' cost over the raw ops
+CPU_FAMILIES = ("quant",)           # CPU-only kernels (GGUF quantized projections), on request
 
 
 def family(name: str):
     """The benchmark module of an op family."""
-    if name not in FAMILIES + (ADAPTERS,):
-        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES + (ADAPTERS,)}")
+    if name not in FAMILIES + (ADAPTERS,) + CPU_FAMILIES:
+        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES + (ADAPTERS,) + CPU_FAMILIES}")
     return importlib.import_module(f"{__name__}.{name}")
 
 
@@ -44,5 +45,5 @@ def run(families, size: str, device, **kwargs) -> list[Row]:
     return core.run(cases(families, size, device), device, **kwargs)
 
 
-__all__ = ["ADAPTERS", "FAMILIES", "KERNEL_BACKENDS", "SIZES", "Case", "Impl", "Row", "cases", "core", "default_device",
-           "device_name", "family", "git_revision", "machine", "report", "run", "versions"]
+__all__ = ["ADAPTERS", "CPU_FAMILIES", "FAMILIES", "KERNEL_BACKENDS", "SIZES", "Case", "Impl", "Row", "cases", "core",
+           "default_device", "device_name", "family", "git_revision", "machine", "report", "run", "versions"]
