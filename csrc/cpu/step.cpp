@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "common.h"
 #include "linear.h"
+#include "quant.h"
 
 namespace {
 
@@ -54,6 +55,40 @@ PagedAttention step_attention(int64_t N, int Hq, int Hkv, int D, int64_t slot_st
   a.sm_scale = sm_scale;
   a.threads = threads;
   return a;
+}
+
+// A projection of the decode step: row blocks ("parts") of one weight matrix, each fp32
+// (ggml type 0) or GGUF blocks (quant.h), stacked in order. Mirrors fastverify/cpu/step.py.
+constexpr int MAX_PARTS = 3;
+struct Projection {
+  int64_t n_parts;
+  struct {
+    int64_t address, ggml_type, rows;
+  } part[MAX_PARTS];
+};
+constexpr int64_t LAYER_RECORD = 7 + 4 * (sizeof(Projection) / sizeof(int64_t));
+static_assert(sizeof(Projection) == (1 + 3 * MAX_PARTS) * sizeof(int64_t), "Projection is read from int64 records");
+
+// y[M, :] = residual + prologue(x) · Wᵀ + bias over the parts of p (K inputs). fp32 parts take
+// up to 16 rows (linear_f32); GGUF blocks any number, each row computed alike.
+int project(const Projection& p, const float* x, int64_t ldx, const float* bias, const float* res, int64_t ldr,
+            float* y, int64_t ldy, int64_t M, int64_t K, const float* norm_w, float eps, int swiglu, int threads) {
+  int64_t n0 = 0;
+  for (int64_t i = 0; i < p.n_parts; ++i) {
+    const auto& part = p.part[i];
+    const float* b = bias ? bias + n0 : nullptr;
+    const float* r = res ? res + n0 : nullptr;
+    if (part.ggml_type == 0) {
+      if (M > MAX_ROWS) return 1;
+      linear_f32(x, ldx, reinterpret_cast<const float*>(part.address), b, r, ldr, y + n0, ldy, M, part.rows, K, norm_w,
+                 eps, swiglu, threads);
+    } else if (qlinear(x, ldx, reinterpret_cast<const uint8_t*>(part.address), int(part.ggml_type), b, r, ldr, y + n0,
+                       ldy, M, part.rows, K, norm_w, eps, swiglu, threads)) {
+      return 2;
+    }
+    n0 += part.rows;
+  }
+  return 0;
 }
 
 }  // namespace
@@ -114,32 +149,36 @@ void fastverify_paged_attention_f32(const float* q, int64_t N, int Hq, int Hkv, 
 // Decoder layers over N tokens in one call: per layer the six calls of the model's
 // DecoderLayer.forward_cpu (projections, q/k/v + cache write, paged attention in tree mode),
 // so a decode step crosses from Python once instead of six times per layer. x [N, d] is
-// updated in place. Per layer l, ptrs[l·11 + i] holds the addresses of: 0 Wqkv [(Hq+2Hkv)·D, d],
-// 1 its bias or 0, 2 Wo [d, Hq·D], 3 W13 [2·I, d], 4 Wdown [d, I], 5 input norm [d],
-// 6 post-attention norm [d], 7 q norm [D] or 0, 8 k norm or 0, 9 / 10 the layer's K / V cache
-// views (slots slot_stride apart). Returns 1 when N is outside 1..16.
-int fastverify_decoder_layers_f32(float* x, int64_t N, int64_t n_layers, const int64_t* ptrs, int64_t d, int64_t I,
-                                  int Hq, int Hkv, int D, float eps, const float* cos, const float* sin,
-                                  int64_t slot_stride, const int64_t* slots, const int32_t* block_table,
-                                  int64_t bt_stride, int page_size, const int32_t* seq_lens, const int32_t* cu_nodes,
-                                  int64_t B, const int64_t* tree_mask, int64_t mask_words, const int64_t* rows,
-                                  float sm_scale, int threads) {
-  if (N < 1 || N > MAX_ROWS) return 1;
+// updated in place. Per layer l, the LAYER_RECORD int64s at records + l·LAYER_RECORD hold
+// the addresses of: 0 input norm [d], 1 post-attention norm [d], 2 q norm [D] or 0, 3 k norm
+// or 0, 4 / 5 the layer's K / V cache views (slots slot_stride apart), 6 the qkv bias or 0;
+// then the projections Wqkv [(Hq+2Hkv)·D, d], Wo [d, Hq·D], W13 [2·I, d], Wdown [d, I] as
+// Projection records. Returns 1 when fp32 weights get more than 16 tokens, 2 for an
+// unsupported weight type.
+int fastverify_decoder_layers(float* x, int64_t N, int64_t n_layers, const int64_t* records, int64_t d, int64_t I,
+                              int Hq, int Hkv, int D, float eps, const float* cos, const float* sin,
+                              int64_t slot_stride, const int64_t* slots, const int32_t* block_table, int64_t bt_stride,
+                              int page_size, const int32_t* seq_lens, const int32_t* cu_nodes, int64_t B,
+                              const int64_t* tree_mask, int64_t mask_words, const int64_t* rows, float sm_scale,
+                              int threads) {
+  if (N < 1) return 1;
   const int64_t QKV = int64_t(Hq + 2 * Hkv) * D, HD = int64_t(Hq) * D;
   std::vector<float> qkv(N * QKV), q(N * HD), attn(N * HD), x2(N * d), h(N * 2 * I);
   auto f = [](int64_t a) { return reinterpret_cast<float*>(a); };
   for (int64_t l = 0; l < n_layers; ++l) {
-    const int64_t* w = ptrs + l * 11;
-    linear_f32(x, d, f(w[0]), f(w[1]), nullptr, 0, qkv.data(), QKV, N, QKV, d, f(w[5]), eps, 0, threads);
-    fastverify_qkv_rope_f32(qkv.data(), QKV, N, Hq, Hkv, D, cos, sin, f(w[7]), f(w[8]), eps, q.data(), f(w[9]),
-                            f(w[10]), slot_stride, slots);
+    const int64_t* r = records + l * LAYER_RECORD;
+    const Projection* proj = reinterpret_cast<const Projection*>(r + 7);
+    int rc = project(proj[0], x, d, f(r[6]), nullptr, 0, qkv.data(), QKV, N, d, f(r[0]), eps, 0, threads);
+    if (rc) return rc;
+    fastverify_qkv_rope_f32(qkv.data(), QKV, N, Hq, Hkv, D, cos, sin, f(r[2]), f(r[3]), eps, q.data(), f(r[4]),
+                            f(r[5]), slot_stride, slots);
     paged_attention<float>(step_attention(N, Hq, Hkv, D, slot_stride, block_table, bt_stride, page_size, seq_lens,
                                           cu_nodes, B, tree_mask, mask_words, rows, nullptr, 0, 0, sm_scale, threads),
-                           q.data(), f(w[9]), f(w[10]), attn.data());
-    linear_f32(attn.data(), HD, f(w[2]), nullptr, x, d, x2.data(), d, N, d, HD, nullptr, 0.f, 0, threads);
-    linear_f32(x2.data(), d, f(w[3]), nullptr, nullptr, 0, h.data(), 2 * I, N, 2 * I, d, f(w[6]), eps, 0,
-                          threads);
-    linear_f32(h.data(), 2 * I, f(w[4]), nullptr, x2.data(), d, x, d, N, d, I, nullptr, 0.f, 1, threads);
+                           q.data(), f(r[4]), f(r[5]), attn.data());
+    if ((rc = project(proj[1], attn.data(), HD, nullptr, x, d, x2.data(), d, N, HD, nullptr, 0.f, 0, threads))) return rc;
+    if ((rc = project(proj[2], x2.data(), d, nullptr, nullptr, 0, h.data(), 2 * I, N, d, f(r[1]), eps, 0, threads)))
+      return rc;
+    if ((rc = project(proj[3], h.data(), 2 * I, nullptr, x2.data(), d, x, d, N, I, nullptr, 0.f, 1, threads))) return rc;
   }
   return 0;
 }

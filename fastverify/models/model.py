@@ -193,6 +193,11 @@ class Linear(nn.Linear):
             return cpu_kernels.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def project(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode step's fused projection (:func:`fastverify.cpu.step.linear`), 1–16 rows of fp32."""
+        return cpu_kernels.linear(x, self.weight, self.bias, norm=norm, eps=eps, swiglu=swiglu, residual=residual)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -311,19 +316,28 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, step: Step) -> torch.Tensor:
         """x [N, d] -> x + attn(n1 x), then + mlp(n2 x); cache layer ``layer``."""
-        if self.cpu_kernel and cache.k.dtype == torch.float32 and cpu_kernels.supports(x):
+        if self.cpu_kernel and cache.k.dtype == torch.float32 and self.fused_rows(x):
             return self.forward_cpu(x, cos, sin, cache, layer, step)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fused_rows(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_cpu` takes ``x``: fp32 rows on the CPU kernels, 1–16 of them
+        with fp32 weights, any number with GGUF blocks (their kernels tile the rows, each row
+        computed alike, so a prefill is the same arithmetic as a decode step)."""
+        if any(isinstance(p, Linear) for p in (self.self_attn.wqkv, self.self_attn.o_proj, self.mlp.w13,
+                                               self.mlp.down_proj)):
+            return cpu_kernels.supports(x)
+        return x.shape[0] >= 1 and cpu_kernels.usable(x)
+
     def forward_cpu(self, x, cos, sin, cache: KVCache, layer: int, step: Step) -> torch.Tensor:
-        """The same layer as six calls of the CPU decode kernels (fp32, 1–16 tokens): a
+        """The same layer as six calls of the CPU decode kernels (fp32 activations): a
         torch layer is ~40 small ops whose fixed costs outweigh its matmuls on CPU."""
         attn, mlp, a = self.self_attn, self.mlp, self.self_attn.args
         N = x.shape[0]
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         k_cache, v_cache = cache.k[:, :, layer], cache.v[:, :, layer]
-        qkv = cpu_kernels.linear(x, attn.wqkv.weight, attn.wqkv.bias, norm=n1.weight, eps=n1.eps)
+        qkv = attn.wqkv.project(x, norm=n1.weight, eps=n1.eps)
         q = cpu_kernels.qkv_rope(qkv, cos.view(N, -1), sin.view(N, -1), k_cache, v_cache, step.slots, a.n_heads,
                                  q_norm=attn.q_norm.weight if a.qk_norm else None,
                                  k_norm=attn.k_norm.weight if a.qk_norm else None, eps=a.norm_eps)
@@ -334,9 +348,9 @@ class DecoderLayer(nn.Module):
         else:
             out = cpu_kernels.paged_attention(q, k_cache, v_cache, step.block_table, step.seq_lens,
                                               cu_num_nodes=step.cu_num_nodes, tree_mask=step.tree_mask, rows=step.rows)
-        x = cpu_kernels.linear(out.view(N, -1), attn.o_proj.weight, residual=x)
-        h = cpu_kernels.linear(x, mlp.w13.weight, norm=n2.weight, eps=n2.eps)
-        return cpu_kernels.linear(h, mlp.down_proj.weight, swiglu=True, residual=x)
+        x = attn.o_proj.project(out.view(N, -1), residual=x)
+        h = mlp.w13.project(x, norm=n2.weight, eps=n2.eps)
+        return mlp.down_proj.project(h, swiglu=True, residual=x)
 
 
 class Transformer(nn.Module):
@@ -363,11 +377,12 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The dtype of activations and of the KV cache (GGUF blocks keep their own)."""
+        return self.model.norm.weight.dtype
 
     def rope(self, positions: torch.Tensor):
         """cos, sin [..., 1, D] at integer positions [...]."""
@@ -404,8 +419,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(step.positions)
         layers = [self.model.layers[i] for i in self.layer_ids]
-        if (layers[0].cpu_kernel and step.sparse is None and cache.k.dtype == torch.float32
-                and cpu_kernels.supports(x)):
+        if layers[0].cpu_kernel and step.sparse is None and cache.k.dtype == torch.float32 and layers[0].fused_rows(x):
             # every layer's forward_cpu in one call (nothing in Python between the layers)
             n = len(layers)
             x = cpu_kernels.decoder_layers(layers, x, cos.view(x.shape[0], -1), sin.view(x.shape[0], -1),
