@@ -252,10 +252,11 @@ struct WeightGroup {
   __m512 scale, min;
 };
 
+// lane j: stride · j + add
 inline __m512i lane_offsets(int stride, int add) {
-  return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(stride)),
-                          _mm512_set1_epi32(add));
+  const int s = stride, a = add;
+  return _mm512_setr_epi32(a, s + a, 2 * s + a, 3 * s + a, 4 * s + a, 5 * s + a, 6 * s + a, 7 * s + a, 8 * s + a,
+                           9 * s + a, 10 * s + a, 11 * s + a, 12 * s + a, 13 * s + a, 14 * s + a, 15 * s + a);
 }
 
 inline __m512i gather(const uint8_t* base, __m512i offsets, __mmask16 mask) {
@@ -327,7 +328,36 @@ inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count_,
   const int count = FULL ? QLANES : count_;  // FULL: a constant, the masks fold away
   const __mmask16 mask = __mmask16((1u << count) - 1);
   const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
-  if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
+  if constexpr (wtype == QUANT_Q4_1) {
+    // 16 blocks of 5 dwords (d | m, then qs): dword c of block j is dword 5j + c of the group,
+    // picked from the 5 vectors of its 320 bytes by permutes (fewer shuffles than transposing)
+    const uint8_t* base = row + g * QLANES * 20;
+    __m512i r[5];
+#pragma GCC unroll 5
+    for (int i = 0; i < 5; ++i) {
+      const int valid = std::max(0, std::min(16, 5 * count - 16 * i));  // dwords inside the row's blocks
+      r[i] = _mm512_maskz_loadu_epi32(__mmask16((1u << valid) - 1), base + 64 * i);
+    }
+    __m512i dw[5];
+#pragma GCC unroll 5
+    for (int c = 0; c < 5; ++c) {
+      const __m512i idx = lane_offsets(5, c);  // lane j: 5j + c (permutes use its low 5 / 4 bits)
+      __mmask16 second = 0, third = 0;  // lanes whose dword lies in r[2..3] / r[4]
+      for (int j = 0; j < QLANES; ++j) {
+        second |= __mmask16((5 * j + c >= 32 && 5 * j + c < 64) << j);
+        third |= __mmask16((5 * j + c >= 64) << j);
+      }
+      __m512i v = _mm512_permutex2var_epi32(r[0], idx, r[1]);
+      v = _mm512_mask_blend_epi32(second, v, _mm512_permutex2var_epi32(r[2], idx, r[3]));
+      dw[c] = _mm512_mask_permutexvar_epi32(v, third, idx, r[4]);
+    }
+    for (int k = 0; k < 4; ++k) {
+      wg.w[k] = _mm512_and_si512(dw[k + 1], nib);
+      wg.w[k + 4] = _mm512_and_si512(_mm512_srli_epi32(dw[k + 1], 4), nib);
+    }
+    wg.scale = f16_lanes(dw[0], false);
+    wg.min = f16_lanes(dw[0], true);
+  } else if constexpr (wtype == QUANT_Q4_0) {
     // z[i], 128-bit lane L: the 16 qs bytes of block i + 4L; transposed, w[k] holds dword k of
     // every block (lane j for block j): its low nibbles are values 4k.., the high ones 16 + 4k..
     constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : 20, qoff = wtype == QUANT_Q4_0 ? 2 : 4;
@@ -426,7 +456,6 @@ struct TailGroup {
 
 template <int wtype>
 inline void unpack_tail(const uint8_t* __restrict__ row, int64_t g, int count, TailGroup& t) {
-  alignas(64) float scale[QLANES] = {}, min[QLANES] = {};
   t.pairs = (count + 1) / 2;
   const __m512i nib = _mm512_set1_epi8(15);
   for (int p = 0; p < t.pairs; ++p) {
@@ -450,24 +479,27 @@ inline void unpack_tail(const uint8_t* __restrict__ row, int64_t g, int count, T
       t.w[p] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(qs), _mm256_srli_epi16(qs, 4), 1), nib);
     }
   }
+  // lane j of the scales and mins (set lane by lane: scalar stores read back as a vector stall)
+  t.scale = t.min = _mm512_setzero_ps();
   for (int j = 0; j < count; ++j) {
     const int64_t b = g * QLANES + j;
+    float scale = 0.f, min = 0.f;
     if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
       const uint8_t* blk = row + b * (wtype == QUANT_Q4_0 ? 18 : 20);
-      scale[j] = f16_at(blk);
-      if constexpr (wtype == QUANT_Q4_1) min[j] = f16_at(blk + 2);
+      scale = f16_at(blk);
+      if constexpr (wtype == QUANT_Q4_1) min = f16_at(blk + 2);
     } else if constexpr (wtype == QUANT_Q8_0) {
-      scale[j] = f16_at(row + b * 34);
+      scale = f16_at(row + b * 34);
     } else if constexpr (wtype == QUANT_Q4_K) {
       const uint8_t* blk = row + (b / 8) * 144;
       int sc, m;
       q4_k_scale_min(blk + 4, int(b % 8), sc, m);
-      scale[j] = f16_at(blk) * float(sc);
-      min[j] = -(f16_at(blk + 2) * float(m));
+      scale = f16_at(blk) * float(sc);
+      min = -(f16_at(blk + 2) * float(m));
     }
+    t.scale = _mm512_mask_broadcastss_ps(t.scale, __mmask16(1u << j), _mm_set_ss(scale));
+    if constexpr (has_min(wtype)) t.min = _mm512_mask_broadcastss_ps(t.min, __mmask16(1u << j), _mm_set_ss(min));
   }
-  t.scale = _mm512_load_ps(scale);
-  t.min = _mm512_load_ps(min);
 }
 
 using Acc = __m512;
@@ -685,7 +717,7 @@ void qtile_rows(const uint8_t* __restrict__ x, int64_t groups, int last_count, c
       else
         unpack_group<wtype, false>(wrow, g, last_count, wg);
 #pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m) acc[m] = group_dot<wtype, (MT <= 4)>(wg, x + (m * groups + g) * gb, acc[m]);
+      for (int m = 0; m < MT; ++m) acc[m] = group_dot<wtype, (MT <= 1)>(wg, x + (m * groups + g) * gb, acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
       float s = acc_sum(acc[m]);
