@@ -1,11 +1,12 @@
 """Time one target forward of the reference model over M tokens per step (a decode
-step is M = 1; verifying k drafts is M = k + 1), with the CPU decode kernels of
-``fastverify.models`` (``csrc/cpu/step.cpp``, 1–16 rows) and with its torch layers
-(``F.linear``, ``tree_attention``), after a 200-token prompt:
+step is M = 1; verifying k drafts is M = k + 1) after a 200-token prompt: on the GGUF's
+own blocks (``weights="native"``: the block kernels of ``csrc/cpu/quant.h`` in the fused
+step) and on the weights dequantized to fp32 with the fused CPU step (``csrc/cpu/step.cpp``,
+1–16 rows) and with the torch layers (``F.linear``, ``tree_attention``):
 
     python perf/decode_step.py [--model smollm2] [--threads N] [--rows 1,2,4,8,16,32]
 
-Prints a markdown table of median ms per forward and the speedup.
+Prints a markdown table of median ms per forward and the speedups.
 """
 
 import argparse
@@ -44,14 +45,16 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.model)
-    print(f"{args.model}, fp32, {torch.get_num_threads()} threads\n")
-    print("| rows M | torch layers ms | CPU decode kernels ms | speedup |")
-    print("|--:|--:|--:|--:|")
+    model = load(args.model, weights="dequant")
+    native = load(args.model, weights="native") if args.model.endswith(".gguf") or args.model == "smollm2" else None
+    print(f"{args.model}, {torch.get_num_threads()} threads\n")
+    print("| rows M | fp32 torch layers ms | fp32 fused step ms | native blocks, fused step ms | native vs fp32 fused |")
+    print("|--:|--:|--:|--:|--:|")
     for rows in (int(r) for r in args.rows.split(",")):
         fast = time_forward(model.use_cpu_kernels(True), rows)
         plain = time_forward(model.use_cpu_kernels(False), rows)
-        print(f"| {rows} | {plain:.1f} | {fast:.1f} | {plain / fast:.2f}× |", flush=True)
+        blocks = time_forward(native, rows) if native is not None else float("nan")
+        print(f"| {rows} | {plain:.1f} | {fast:.1f} | {blocks:.1f} | {fast / blocks:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

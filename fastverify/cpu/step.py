@@ -187,32 +187,45 @@ def _projection_record(proj) -> list[int]:
     return record
 
 
-def decoder_layers(layers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_caches, v_caches,
-                   step) -> torch.Tensor:
-    """``x [N, d]`` through the decoder ``layers`` (fastverify.models.DecoderLayer with fp32
-    or GGUF-block projections) of one step (``step``: a fastverify.models.Step without a
-    sparse draft), layer i writing and reading the cache views ``k_caches[i]``,
-    ``v_caches[i]``; the same math as each layer's ``forward_cpu``. ``cos``/``sin [N, D]``.
-    fp32 projections take 1–16 rows, GGUF blocks any number."""
-    a = layers[0].self_attn.args
+class LayerPlan:
+    """What :func:`decoder_layers` hands the C code for a list of layers over one cache: the
+    per-layer records (addresses of weights, norms and cache views) and the cache layout.
+    Built once per (layers, cache): addresses do not move, and rebuilding the records from
+    the modules costs ~3 ms per step in Python."""
+
+    def __init__(self, layers, k_caches, v_caches):
+        a = layers[0].self_attn.args
+        records = []
+        for layer, kc, vc in zip(layers, k_caches, v_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            records += [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                        attn.q_norm.weight.data_ptr() if a.qk_norm else 0,
+                        attn.k_norm.weight.data_ptr() if a.qk_norm else 0,
+                        kc.data_ptr(), vc.data_ptr(), _ptr(attn.wqkv.bias) or 0]
+            for proj in (attn.wqkv, attn.o_proj, mlp.w13, mlp.down_proj):
+                records += _projection_record(proj)
+        self.args = a
+        self.n_layers = len(layers)
+        self.records = torch.tensor(records, dtype=torch.int64)
+        self.slot_stride = _slot_stride(k_caches[0], v_caches[0])
+        self.page_size = k_caches[0].shape[1]
+
+
+def decoder_layers(plan: LayerPlan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
+    """``x [N, d]`` through the decoder layers of ``plan`` (fastverify.models.DecoderLayer
+    with fp32 or GGUF-block projections, each writing and reading its cache view) for one
+    step (``step``: a fastverify.models.Step without a sparse draft); the same math as each
+    layer's ``forward_cpu``. ``cos``/``sin [N, D]``. fp32 projections take 1–16 rows, GGUF
+    blocks any number."""
+    a = plan.args
     N, d = x.shape
-    records = []
-    for layer, kc, vc in zip(layers, k_caches, v_caches):
-        attn, mlp = layer.self_attn, layer.mlp
-        records += [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                    attn.q_norm.weight.data_ptr() if a.qk_norm else 0, attn.k_norm.weight.data_ptr() if a.qk_norm else 0,
-                    kc.data_ptr(), vc.data_ptr(), _ptr(attn.wqkv.bias) or 0]
-        for proj in (attn.wqkv, attn.o_proj, mlp.w13, mlp.down_proj):
-            records += _projection_record(proj)
-    records = torch.tensor(records, dtype=torch.int64)
     slots, table, lens, cu, mask, rows = _step_tensors(step)
     x = x.contiguous().clone()
     rc = _bind()[3](
-        x.data_ptr(), N, len(layers), records.data_ptr(), d, a.intermediate_size, a.n_heads, a.n_kv_heads,
-        a.head_dim, a.norm_eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-        _slot_stride(k_caches[0], v_caches[0]), slots.data_ptr(), table.data_ptr(), table.stride(0),
-        k_caches[0].shape[1], lens.data_ptr(), cu.data_ptr(), table.shape[0], mask.data_ptr(), mask.shape[1],
-        _ptr(rows), a.head_dim ** -0.5, torch.get_num_threads())
+        x.data_ptr(), N, plan.n_layers, plan.records.data_ptr(), d, a.intermediate_size, a.n_heads, a.n_kv_heads,
+        a.head_dim, a.norm_eps, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), plan.slot_stride,
+        slots.data_ptr(), table.data_ptr(), table.stride(0), plan.page_size, lens.data_ptr(), cu.data_ptr(),
+        table.shape[0], mask.data_ptr(), mask.shape[1], _ptr(rows), a.head_dim ** -0.5, torch.get_num_threads())
     if rc:
         raise ValueError(f"decoder_layers: {N} tokens through fp32 weights (1..{MAX_ROWS}) or an unsupported "
                          f"weight type (code {rc})")

@@ -421,16 +421,28 @@ class Transformer(nn.Module):
         layers = [self.model.layers[i] for i in self.layer_ids]
         if layers[0].cpu_kernel and step.sparse is None and cache.k.dtype == torch.float32 and layers[0].fused_rows(x):
             # every layer's forward_cpu in one call (nothing in Python between the layers)
-            n = len(layers)
-            x = cpu_kernels.decoder_layers(layers, x, cos.view(x.shape[0], -1), sin.view(x.shape[0], -1),
-                                           [cache.k[:, :, i] for i in range(n)], [cache.v[:, :, i] for i in range(n)],
-                                           step)
+            x = cpu_kernels.decoder_layers(self._layer_plan(layers, cache), x, cos.view(x.shape[0], -1),
+                                           sin.view(x.shape[0], -1), step)
         else:
             for i, layer in enumerate(layers):
                 x = layer(x, cos, sin, cache, i, step)
         if rows is not None:
             x = x[rows]
         return self.model.norm(x)
+
+    def _layer_plan(self, layers, cache: KVCache) -> "cpu_kernels.LayerPlan":
+        """The fused step's records of ``layers`` over ``cache``, kept per (layers, cache
+        addresses): a record holds only addresses, so equal keys give equal records."""
+        key = (tuple(self.layer_ids), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(), cache.k.shape[1])
+        plans = self.__dict__.setdefault("_layer_plans", {})
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) >= 16:  # caches come and go: keep the latest few
+                plans.pop(next(iter(plans)))
+            n = len(layers)
+            plan = plans[key] = cpu_kernels.LayerPlan(layers, [cache.k[:, :, i] for i in range(n)],
+                                                      [cache.v[:, :, i] for i in range(n)])
+        return plan
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
