@@ -477,19 +477,21 @@ def render_memory(report: dict) -> list[str]:
         return []
     lines = [f"memory and load time, each in a fresh python process ({report.get('memory_threads', '?')} threads; "
              "RSS = VmRSS; the baseline is the same interpreter after its imports):", "",
-             "| engine | load | RSS after imports | RSS after load | above imports | RSS after "
-             f"{memory[0].get('new_tokens', 4)} tokens |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| engine | load | RSS after imports | RSS after load | above imports | of which mapped file pages "
+             f"| RSS after {memory[0].get('new_tokens', 4)} tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for m in memory:
         if "error" in m:
-            lines.append(f"| {m['kind']} | failed: {m['error']} | | | | |")
+            lines.append(f"| {m['kind']} | failed: {m['error']} | | | | | |")
             continue
         lines.append(f"| {m['kind']} | {m['load_s']:.2f} s | {_mb(m['rss_imports'])} | {_mb(m['rss_load'])} | "
-                     f"{_mb(m['above_imports'])} | {_mb(m['rss_generate'])} |")
+                     f"{_mb(m['above_imports'])} | {_mb(m.get('file_load', 0))} | {_mb(m['rss_generate'])} |")
     if any(m["kind"] == "llama.cpp" and "error" not in m for m in memory):
         lines += ["", "llama.cpp maps the GGUF file (mmap): its RSS counts only the file pages it has touched "
                       "(few right after loading, the weights once a step has read them), and those pages are the "
-                      "page cache's, shared and reclaimable; fastverify copies the weights into its own memory."]
+                      "page cache's, shared and reclaimable; fastverify copies the weights into its own memory. "
+                      "llama.cpp also allocates its KV cache for n_ctx=4096 when it loads; fastverify allocates "
+                      "its cache when it generates."]
     return lines
 
 

@@ -56,7 +56,7 @@ def test_report_renders_weights_models_agreement_and_memory(native_report, tmp_p
     assert "| ar | Q4_0/Q4_1/Q8_0 blocks |" in text and "| ar (fp32) | float32 |" in text
     assert "| native | float32 | Q4_0, Q4_1, Q8_0 | " in text and "tensors " in text
     assert "| short | prefix 2, equal 3 / 4 |" in text
-    assert "| fastverify native | 0.50 s | 300 MB | 310 MB | 10 MB | 312 MB |" in text
+    assert "| fastverify native | 0.50 s | 300 MB | 310 MB | 10 MB | 0 MB | 312 MB |" in text
     assert "| llama.cpp | failed: no tokenizer |" in text and "RSS after 4 tokens" in text
     paths = compare.write_report(report, str(tmp_path / "r"))
     assert json.loads((tmp_path / "r.json").read_text())["rows"][2]["weights"] == "dequant"
