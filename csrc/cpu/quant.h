@@ -263,6 +263,9 @@ struct WeightGroup {
   __m512 scale, min;
 };
 
+// [a ×8 | b ×8]
+inline __m512 halves(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
+
 // lane j: stride · j + add
 inline __m512i lane_offsets(int stride, int add) {
   const int s = stride, a = add;
@@ -414,26 +417,42 @@ inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count_,
     wg.scale = f16_lanes(_mm512_mask_srli_epi32(head, 0xAAAA, head, 16), false);
   } else if constexpr (wtype == QUANT_Q4_K) {
     // lane j: superblock j / 8, sub-block s = j % 8 in the low (s even) or high nibbles of qs
-    // bytes 32·(s / 2) ..; a group is two superblocks (one for a last group of 8)
+    // bytes 32·(s / 2) ..; a group is two superblocks (one for a last group of 8). The 128 qs
+    // bytes of a superblock are two vectors; dword k of sub-block s is their dword 8·(s / 2) + k.
     const uint8_t* base = row + g * 2 * 144;
-    const __m512i at = _mm512_set_epi32(144 + 112, 144 + 112, 144 + 80, 144 + 80, 144 + 48, 144 + 48, 144 + 16,
-                                        144 + 16, 112, 112, 80, 80, 48, 48, 16, 16);
+    const __m512i q0 = _mm512_loadu_si512(base + 16), q1 = _mm512_loadu_si512(base + 80);
+    const __m512i q2 = count > 8 ? _mm512_loadu_si512(base + 144 + 16) : _mm512_setzero_si512();
+    const __m512i q3 = count > 8 ? _mm512_loadu_si512(base + 144 + 80) : _mm512_setzero_si512();
+    const __m512i at = _mm512_set_epi32(24, 24, 16, 16, 8, 8, 0, 0, 24, 24, 16, 16, 8, 8, 0, 0);
     const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
 #pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) wg.w[k] = _mm512_and_si512(_mm512_srlv_epi32(gather(base + 4 * k, at, mask), shift), nib);
-    alignas(64) float scale[QLANES] = {}, min[QLANES] = {};
-    for (int sb = 0; sb < count / 8; ++sb) {
-      const uint8_t* blk = base + sb * 144;
-      const float d = f16_at(blk), dmin = f16_at(blk + 2);
-      for (int s = 0; s < 8; ++s) {
-        int sc, m;
-        q4_k_scale_min(blk + 4, s, sc, m);
-        scale[8 * sb + s] = d * float(sc);
-        min[8 * sb + s] = -(dmin * float(m));
-      }
+    for (int k = 0; k < 8; ++k) {
+      const __m512i idx = _mm512_add_epi32(at, _mm512_set1_epi32(k));
+      const __m512i v = _mm512_mask_blend_epi32(__mmask16(0xFF00), _mm512_permutex2var_epi32(q0, idx, q1),
+                                                _mm512_permutex2var_epi32(q2, idx, q3));
+      wg.w[k] = _mm512_and_si512(_mm512_srlv_epi32(v, shift), nib);
     }
-    wg.scale = _mm512_load_ps(scale);
-    wg.min = _mm512_load_ps(min);
+    // the 6-bit scales and mins (q4_k_scale_min, all lanes at once): each 128-bit lane holds a
+    // superblock's first 16 bytes (scales at bytes 4..15); lane j gets, for s = j % 8 < 4, the
+    // bytes [scales[s], scales[s + 4]], else [scales[s + 4], scales[s - 4], scales[s]]
+    const bool two = count > 8;
+    const __m128i h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base));
+    const __m128i h1 = two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 144)) : _mm_setzero_si128();
+    const __m512i heads = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(h0, h0)), _mm256_set_m128i(h1, h1), 1);
+    const __m128i lo4 = _mm_setr_epi8(4, 8, -1, -1, 5, 9, -1, -1, 6, 10, -1, -1, 7, 11, -1, -1);
+    const __m128i hi4 = _mm_setr_epi8(12, 4, 8, -1, 13, 5, 9, -1, 14, 6, 10, -1, 15, 7, 11, -1);
+    const __m512i ctrl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(hi4, lo4)), _mm256_set_m128i(hi4, lo4), 1);
+    const __m512i b = _mm512_shuffle_epi8(heads, ctrl);
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two_bits = _mm512_set1_epi32(3);
+    const __mmask16 upper = 0xF0F0;  // s >= 4
+    __m512i sc = _mm512_and_si512(b, six), mn = _mm512_and_si512(_mm512_srli_epi32(b, 8), six);
+    sc = _mm512_mask_or_epi32(sc, upper, _mm512_and_si512(b, four),
+                              _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 14), two_bits), 4));
+    mn = _mm512_mask_or_epi32(mn, upper, _mm512_and_si512(_mm512_srli_epi32(b, 4), four),
+                              _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 22), two_bits), 4));
+    wg.scale = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), halves(f16_at(base), two ? f16_at(base + 144) : 0.f));
+    wg.min = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_cvtepi32_ps(mn),
+                                                                halves(f16_at(base + 2), two ? f16_at(base + 146) : 0.f)));
   } else {  // Q6_K: a group is one superblock; lane j = 16-value sub-block j
     // sub-block j: half h = j / 8, t = (j % 8) / 2, values l0 = 16·(j % 2) .. of 32·t .. in the
     // half: low bits from ql[64h + 32·(t % 2) + l] >> 4·(t / 2), high bits qh[32h + l] >> 2t
@@ -444,10 +463,17 @@ inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count_,
     const __m512i at_h = _mm512_set_epi32(160 + 16, 160, 160 + 16, 160, 160 + 16, 160, 160 + 16, 160, 128 + 16, 128,
                                           128 + 16, 128, 128 + 16, 128, 128 + 16, 128);
     const __m512i shift_h = _mm512_set_epi32(6, 6, 4, 4, 2, 2, 0, 0, 6, 6, 4, 4, 2, 2, 0, 0);
+    // ql (two vectors) and qh (one): the dwords at_l / 4 + k and (at_h − 128) / 4 + k
+    const __m512i ql0 = _mm512_loadu_si512(base), ql1 = _mm512_loadu_si512(base + 64);
+    const __m512i qh = _mm512_loadu_si512(base + 128);
+    const __m512i dl = _mm512_srli_epi32(at_l, 2), dh = _mm512_srli_epi32(_mm512_sub_epi32(at_h, _mm512_set1_epi32(128)), 2);
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
-      const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(gather(base + 4 * k, at_l, mask), shift_l), nib);
-      const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(gather(base + 4 * k, at_h, mask), shift_h),
+      const __m512i kk = _mm512_set1_epi32(k);
+      const __m512i vl = _mm512_permutex2var_epi32(ql0, _mm512_add_epi32(dl, kk), ql1);
+      const __m512i vh = _mm512_permutexvar_epi32(_mm512_add_epi32(dh, kk), qh);
+      const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(vl, shift_l), nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(vh, shift_h),
                                           _mm512_set1_epi32(0x03030303));
       wg.w[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
     }
@@ -467,9 +493,6 @@ struct ShortGroup {
   __m512 scale[2], min[2];
   int pairs;
 };
-
-// [a ×8 | b ×8]
-inline __m512 halves(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
 
 template <int wtype>
 inline void unpack_short(const uint8_t* __restrict__ row, int64_t g, int count, ShortGroup& t) {
