@@ -179,11 +179,12 @@ def check_all_types(seed: int = 0) -> None:
 @needs_library
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_odd_sizes_match_oracle_and_rows_are_independent(ggml_type):
-    """K = 1, 2, 3 blocks, N = 1, 7, 33, M = 1..16 and 37: within the bound, and each M-row call
-    the first M rows of the 37-row one, bit for bit (tiles of 16 rows, remainders)."""
+    """K = 1, 2, 3 blocks (and 10, 21 blocks of 32: the kernels' groups of 16 blocks, partial),
+    N = 1, 7, 33, M = 1..16 and 37: within the bound, and each M-row call the first M rows of
+    the 37-row one, bit for bit (tiles of 16 rows, remainders)."""
     bs = BLOCK[ggml_type][0]
     gen = torch.Generator().manual_seed(ggml_type)
-    for nblocks in (1, 2, 3):
+    for nblocks in (1, 2, 3) + ((10, 21) if bs == 32 else ()):
         K = nblocks * bs
         for N in (1, 7, 33):
             blocks = random_blocks(ggml_type, N, K, seed=100 * nblocks + N)
