@@ -216,6 +216,21 @@ def test_model_shape_rows_alone_equal_rows_together(ggml_type):
 
 @needs_library
 @pytest.mark.parametrize("ggml_type", TYPES)
+def test_non_finite_inputs_propagate(ggml_type):
+    """A NaN in a row makes that row's outputs NaN, an inf non-finite (as the fp32 product would),
+    and leaves the other rows alone."""
+    K = 256 if BLOCK[ggml_type][0] == 256 else 96
+    blocks = random_blocks(ggml_type, 9, K, seed=4)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3))
+    clean = quant.linear(x, blocks, ggml_type, K)
+    x[0, 5], x[2, K - 1] = float("nan"), float("inf")
+    y = quant.linear(x, blocks, ggml_type, K)
+    assert torch.isnan(y[0]).all() and not torch.isfinite(y[2]).any()
+    assert torch.equal(y[1], clean[1])
+
+
+@needs_library
+@pytest.mark.parametrize("ggml_type", TYPES)
 def test_thread_counts_give_the_same_bits(ggml_type):
     K = 512 if BLOCK[ggml_type][0] == 256 else 576
     blocks = random_blocks(ggml_type, 101, K, seed=3)

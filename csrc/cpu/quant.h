@@ -207,8 +207,11 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint
   for (int64_t b32 = 0; b32 < K / 32; ++b32) {
     const float* xb = x + 32 * b32;
     float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    for (int i = 0; i < 32; ++i) {  // a NaN sticks (then d_x, and the row's outputs, are NaN)
+      const float a = std::fabs(xb[i]);
+      amax = a > amax || a != a ? a : amax;
+    }
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;  // an inf makes d_x inf: outputs inf / NaN
 #if defined(__AVX2__)
     for (int i = 0; i < 32; i += 8) {  // cvtps rounds half to even, as nearbyint
       __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), _mm256_set1_ps(id)));
