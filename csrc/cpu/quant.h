@@ -16,6 +16,8 @@
 // block row and group against ~4 other vector instructions.
 #pragma once
 
+#include <memory>
+
 #include "common.h"
 
 namespace {
@@ -770,8 +772,8 @@ inline int qlinear(const float* x, int64_t ldx, const uint8_t* w, int wtype, con
   const int64_t nb = K / BV, groups = (nb + QLANES - 1) / QLANES, gb = group_bytes(BV);
   const int last_count = int(nb - (groups - 1) * QLANES);
   const int64_t row_bytes = K / f.block_size * f.block_bytes, x_row_bytes = groups * gb;
-  std::vector<Line64> xq(size_t(M * x_row_bytes / 64));
-  uint8_t* xqb = xq.data()->b;
+  std::unique_ptr<Line64[]> xq(new Line64[size_t(M * x_row_bytes / 64)]);  // (quantize_row writes every byte)
+  uint8_t* xqb = xq[0].b;
   const auto& tiles = *qtiles(wtype);
   const int64_t tasks = (N + QUANT_ROWS_PER_TASK - 1) / QUANT_ROWS_PER_TASK;
 #pragma omp parallel num_threads(threads)
