@@ -26,10 +26,16 @@ QUANT_TYPES = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34), 12
                14: ("Q6_K", 256, 210)}
 
 
+_bound = None
+
+
 def _bind():
-    return (function("fastverify_qlinear", i32, ptr, i64, ptr, i32, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr, f32,
-                     i32, i32),
-            function("fastverify_dequantize_rows", i32, ptr, i32, i64, ptr, i64, ptr, i32))
+    global _bound
+    if _bound is None:
+        _bound = (function("fastverify_qlinear", i32, ptr, i64, ptr, i32, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr,
+                           f32, i32, i32),
+                  function("fastverify_dequantize_rows", i32, ptr, i32, i64, ptr, i64, ptr, i32))
+    return _bound
 
 
 def row_bytes(ggml_type: int, K: int) -> int:
@@ -49,7 +55,7 @@ def _check_weight(weight_blocks: torch.Tensor, ggml_type: int, K: int) -> int:
     if not isinstance(weight_blocks, torch.Tensor) or weight_blocks.dtype != torch.uint8:
         raise ValueError(f"weight_blocks must be a uint8 tensor, got "
                          f"{getattr(weight_blocks, 'dtype', type(weight_blocks).__name__)}")
-    if weight_blocks.device.type != "cpu" or not weight_blocks.is_contiguous():
+    if not weight_blocks.is_cpu or not weight_blocks.is_contiguous():
         raise ValueError("weight_blocks must be a contiguous CPU tensor")
     nb = row_bytes(ggml_type, K)
     if weight_blocks.ndim != 2 or weight_blocks.shape[1] != nb:
@@ -59,7 +65,7 @@ def _check_weight(weight_blocks: torch.Tensor, ggml_type: int, K: int) -> int:
 
 
 def _check_f32(name: str, t: torch.Tensor, shape: tuple) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_cpu:
         raise ValueError(f"{name} must be a float32 CPU tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -82,13 +88,13 @@ def linear(x: torch.Tensor, weight_blocks: torch.Tensor, ggml_type: int, K: int,
     if swiglu and norm is not None:
         raise ValueError("norm and swiglu are exclusive prologues")
     width = 2 * K if swiglu else K
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_cpu:
         raise ValueError(f"x must be a float32 CPU tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim < 1 or x.shape[-1] != width or x.numel() == 0:
         raise ValueError(f"x must be [..., {width}] with at least one row, got {tuple(x.shape)}")
     if x.requires_grad:
         raise ValueError("x must not require grad")
-    x2 = x.reshape(-1, width)
+    x2 = x if x.ndim == 2 else x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -108,7 +114,7 @@ def linear(x: torch.Tensor, weight_blocks: torch.Tensor, ggml_type: int, K: int,
                         torch.get_num_threads())
         if rc:
             raise RuntimeError(f"fastverify_qlinear failed with code {rc}")
-    return y.view(*x.shape[:-1], N)
+    return y if x.ndim == 2 else y.view(*x.shape[:-1], N)
 
 
 def dequantize_rows(weight_blocks: torch.Tensor, ggml_type: int, K: int, rows) -> torch.Tensor:
