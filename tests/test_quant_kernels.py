@@ -215,6 +215,21 @@ def test_model_shape_rows_alone_equal_rows_together(ggml_type):
 
 
 @needs_library
+def test_strided_rows_and_batch_shapes():
+    """x and residual with a row stride other than their width, and a [B, T, K] batch: the same bits
+    as contiguous [M, K] inputs."""
+    K, N = 96, 21
+    blocks = random_blocks(3, N, K, seed=8)
+    gen = torch.Generator().manual_seed(8)
+    wide, res_wide = torch.randn(6, K + 7, generator=gen), torch.randn(6, N + 3, generator=gen)
+    x, res = wide[:, :K], res_wide[:, :N]
+    y = quant.linear(x, blocks, 3, K, residual=res)
+    assert torch.equal(y, quant.linear(x.contiguous(), blocks, 3, K, residual=res.contiguous()))
+    y3 = quant.linear(x.contiguous().view(2, 3, K), blocks, 3, K, residual=res.contiguous().view(2, 3, N))
+    assert y3.shape == (2, 3, N) and torch.equal(y3.reshape(6, N), y)
+
+
+@needs_library
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_non_finite_inputs_propagate(ggml_type):
     """A NaN in a row makes that row's outputs NaN, an inf non-finite (as the fp32 product would),
