@@ -134,7 +134,7 @@ def error_bound(p: np.ndarray, a: np.ndarray, K: int, extra: np.ndarray | None =
     bound = quant + gamma * ((np.abs(p) + dx_k) @ a.T)
     if extra is not None:
         bound = bound + 4 * U * (extra + np.abs(p) @ np.abs(a).T)
-    return bound * (1 + 1e-9) + 1e-30
+    return bound * (1 + 1e-9) + (n + 4) * 2.0 ** -149      # + subnormal results' absolute rounding
 
 
 def check_against_oracle(y: torch.Tensor, p: np.ndarray, blocks, ggml_type, K, bias=None, residual=None):
@@ -242,6 +242,9 @@ def test_non_finite_inputs_propagate(ggml_type):
     y = quant.linear(x, blocks, ggml_type, K)
     assert torch.isnan(y[0]).all() and not torch.isfinite(y[2]).any()
     assert torch.equal(y[1], clean[1])
+    tiny = x[1:2] * 1e-40                           # subnormal blocks (1 / d_x would overflow)
+    y_tiny = quant.linear(tiny, blocks, ggml_type, K)
+    check_against_oracle(y_tiny, tiny.double().numpy(), blocks, ggml_type, K)
 
 
 @needs_library

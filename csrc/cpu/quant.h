@@ -214,16 +214,19 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint
       amax = a > amax || a != a ? a : amax;
     }
     const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;  // an inf makes d_x inf: outputs inf / NaN
+    const bool divide = id > std::numeric_limits<float>::max();  // d_x subnormal: 1 / d_x overflows
 #if defined(__AVX2__)
     for (int i = 0; i < 32; i += 8) {  // cvtps rounds half to even, as nearbyint
-      __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), _mm256_set1_ps(id)));
+      const __m256 xv = _mm256_loadu_ps(xb + i);
+      __m256i r = _mm256_cvtps_epi32(divide ? _mm256_div_ps(xv, _mm256_set1_ps(d)) : _mm256_mul_ps(xv, _mm256_set1_ps(id)));
       r = _mm256_min_epi32(_mm256_max_epi32(r, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
       alignas(32) int32_t v[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(v), r);
       for (int j = 0; j < 8; ++j) q[i + j] = int8_t(v[j]);
     }
 #else
-    for (int i = 0; i < 32; ++i) q[i] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * id))));
+    for (int i = 0; i < 32; ++i)
+      q[i] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(divide ? xb[i] / d : xb[i] * id))));
 #endif
     for (int h = 0; h < 32 / BV; ++h) {  // the dot blocks of these 32 values
       const int64_t j = b32 * (32 / BV) + h;
