@@ -354,24 +354,61 @@ def test_bad_input_names_the_argument():
 def _build_one(isa: str, folder) -> str:
     """qlinear.cpp alone (it holds every quant kernel) built for ``isa``: seconds, where the
     whole library takes most of a minute."""
+    return _start_build(isa, folder)()
+
+
+def _start_build(isa: str, folder):
+    """Starts the build of :func:`_build_one`; returns the call that waits for it (-> path)."""
     cxx = os.environ.get("CXX") or "c++"
     out = os.path.join(folder, f"quant-{isa}.so")
-    subprocess.run([cxx, *fastverify.cpu.FLAGS, *fastverify.cpu.ISA_FLAGS[isa], "-shared", "-o", out,
-                    os.path.join(fastverify.cpu.source_dir(), "qlinear.cpp")], check=True, capture_output=True)
+    job = subprocess.Popen([cxx, *fastverify.cpu.FLAGS, *fastverify.cpu.ISA_FLAGS[isa], "-shared", "-o", out,
+                            os.path.join(fastverify.cpu.source_dir(), "qlinear.cpp")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait():
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+        return out
+    return wait
+
+
+@pytest.fixture(scope="module")
+def isa_builds(tmp_path_factory):
+    """The portable and AVX2 builds, compiled side by side."""
+    folder = str(tmp_path_factory.mktemp("quant-isa"))
+    waits = {isa: _start_build(isa, folder) for isa in ("portable", "avx2")}
+    return {isa: wait() for isa, wait in waits.items()}
+
+
+def isa_outputs() -> dict:
+    """Outputs at a few shapes (full groups of 16 blocks, a short last group, partial groups), to
+    compare builds."""
+    out = {}
+    for t in TYPES:
+        for K in ((512, 576, 672, 1536) if BLOCK[t][0] == 32 else (512, 768)):
+            x = torch.randn(5, K, generator=torch.Generator().manual_seed(K))
+            out[f"{t}-{K}"] = quant.linear(x, random_blocks(t, 19, K, seed=t), t, K)
     return out
 
 
 @needs_library
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
-def test_other_isa_builds(isa, tmp_path):
+def test_other_isa_builds(isa, isa_builds, tmp_path):
     """The plain C++ path (-march=x86-64) and the AVX2 path (-march=haswell) pass the oracle,
-    row-independence and dequantization checks (in a subprocess that loads that build)."""
-    lib = _build_one(isa, str(tmp_path))
-    script = (f"import ctypes, sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); import fastverify.cpu as c; "
-              f"c._lib = ctypes.CDLL({lib!r}); c._tried = True; import test_quant_kernels as t; t.check_all_types(); "
+    row-independence and dequantization checks (in a subprocess that loads that build); the AVX2
+    build gives the native build's bits (the same integer sums and float operations)."""
+    lib = isa_builds[isa]
+    saved = str(tmp_path / "outputs.pt")
+    script = (f"import ctypes, sys, torch; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); "
+              f"import fastverify.cpu as c; c._lib = ctypes.CDLL({lib!r}); c._tried = True; "
+              f"import test_quant_kernels as t; t.check_all_types(); torch.save(t.isa_outputs(), {saved!r}); "
               "print('ok')")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    if isa == "avx2" and "avx2" in fastverify.cpu.features() and "fma" in fastverify.cpu.features():
+        theirs, ours = torch.load(saved), isa_outputs()
+        for key in ours:
+            assert torch.equal(theirs[key], ours[key]), key
 
 
 @needs_library

@@ -149,8 +149,7 @@ inline void dequantize_row(const uint8_t* row, int wtype, int64_t K, float* out)
 // output is computed this way whatever M is, whichever rows share its tile and whichever
 // thread runs it, so a row's result has the same bits alone or among many rows (tested).
 // The integer dots are exact in every path and the AVX-512 and AVX2 builds make the same float
-// operations, except in AVX-512's short last group (below); the portable build has no FMA.
-// So bits may differ between builds, never between calls of one build.
+// operations (the same bits, tested); the portable build has no FMA (its own bits).
 //
 // AVX-512 VNNI: the 16 dot blocks of a group are rearranged (loads and dword permutes or
 // transposes, once per weight row and tile of up to 16 input rows) so that vector k holds
@@ -158,8 +157,8 @@ inline void dequantize_row(const uint8_t* row, int wtype, int64_t K, float* out)
 // same way once per call, so one vpdpbusd per dword adds 4 products to each block's lane and
 // D_j needs no horizontal sum: a group of 16 blocks costs 8 vpdpbusd and 4 other vector
 // instructions per input row. A last group of 1-4 blocks of 32 (K = 576 has 18) is done in
-// pairs of blocks instead (ShortGroup). Other builds take one block at a time (AVX2:
-// vpmaddubsw, vpmaddwd and a horizontal sum; plain C++ loops).
+// pairs of blocks instead, in every build (ShortGroup). Other builds take one block at a time
+// (AVX2: vpmaddubsw, vpmaddwd and a horizontal sum; plain C++ loops).
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FASTVERIFY_QUANT_VNNI 1
@@ -183,8 +182,8 @@ constexpr bool has_min(int wtype) { return wtype == QUANT_Q4_1 || wtype == QUANT
 
 // Bytes of one row's group of quantized inputs: the 16·BV int8 values, then 16 lanes each of
 //     int32 bias = −zero_point · Σ q,   float d_x,   float d_x · Σ q.
-// Values: VNNI [BV/4 dwords][16 blocks][4]; other builds [16 blocks][BV]. (A VNNI last group of
-// 1-4 blocks of 32 holds pairs of blocks instead, 256 bytes each: see ShortGroup.)
+// Values: VNNI [BV/4 dwords][16 blocks][4]; other builds [16 blocks][BV]. (A last group of 1-4
+// blocks of 32 holds pairs of blocks instead, 256 bytes each: see ShortGroup.)
 constexpr int64_t group_bytes(int BV) { return 16 * BV + 3 * 64; }
 
 struct alignas(64) Line64 {
@@ -204,7 +203,7 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint
   constexpr bool transposed = false;
 #endif
   // a last group of 1-4 dot blocks of 32: pairs of blocks in value order (see ShortGroup)
-  const int64_t short_group = transposed && BV == 32 && nb % QLANES && nb % QLANES <= 4 ? nb / QLANES : -1;
+  const int64_t short_group = BV == 32 && nb % QLANES && nb % QLANES <= 4 ? nb / QLANES : -1;
   alignas(32) int8_t q[32];
   for (int64_t b32 = 0; b32 < K / 32; ++b32) {
     const float* xb = x + 32 * b32;
@@ -247,8 +246,11 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint
       if (j / QLANES == short_group) {  // pair lane / 2: lanes 0-7 for its first block, 8-15 the second
         uint8_t* pair = grp + 256 * (lane / 2);
         const int half = 8 * (lane % 2);
-        reinterpret_cast<int32_t*>(pair + 64)[half] = -zp * s;
-        for (int l = 0; l < 8; ++l) reinterpret_cast<float*>(pair + 128)[half + l] = d;
+        for (int l = 0; l < 8; ++l) {  // each lane's own zero-point term: lane sums the same in every build
+          const int8_t* ql = q + h * BV + 4 * l;
+          reinterpret_cast<int32_t*>(pair + 64)[half + l] = -zp * (ql[0] + ql[1] + ql[2] + ql[3]);
+          reinterpret_cast<float*>(pair + 128)[half + l] = d;
+        }
         reinterpret_cast<float*>(pair + 192)[half] = d * float(s);
         continue;
       }
@@ -482,8 +484,8 @@ inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count_,
 // blocks would cost as much as a full group. Instead each pair of blocks fills one 64-byte
 // vector in value order (inputs too: per pair 64 int8, then 16 lanes each of bias, d_x, d_x·Σq
 // with lanes 0-7 for the first block, 8-15 the second), and lane l of the accumulator adds
-//     float(Σ of the 4 products in lane l + bias_l) · (w_scale · d_x)   (+ w_min · d_x·Σq in lanes 0, 8)
-// — a fixed split of these blocks' terms over the lanes, the same for every M.
+//     float(Σ_4 (w − zero_point)·q over its 4 values) · (w_scale · d_x)   (+ w_min · d_x·Σq in lanes 0, 8)
+// — a fixed split of these blocks' terms over the lanes, the same for every M and in every build.
 struct ShortGroup {
   __m512i w[2];  // pair p: the codes of blocks 2p | 2p + 1
   __m512 scale[2], min[2];
@@ -684,6 +686,51 @@ Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc acc) {
   return acc;
 }
 
+// The short last group (see the AVX-512 ShortGroup): pairs of blocks, lane l = 4 values
+struct ShortGroup {
+  alignas(32) uint8_t w[2][64];  // codes of blocks 2p | 2p + 1 in value order (Q8_0: signed bytes)
+  float scale[2][QLANES], min[2][QLANES];
+  int pairs;
+};
+
+template <int wtype>
+inline void unpack_short(const uint8_t* __restrict__ row, int64_t g, int count, ShortGroup& t) {
+  std::memset(&t, 0, sizeof t);
+  t.pairs = (count + 1) / 2;
+  for (int b = 0; b < count; ++b) {
+    float scale, min;
+    unpack_block<wtype>(row, g * QLANES + b, t.w[b / 2] + 32 * (b % 2), scale, min);
+    for (int l = 0; l < 8; ++l) {
+      t.scale[b / 2][8 * (b % 2) + l] = scale;
+      t.min[b / 2][8 * (b % 2) + l] = min;
+    }
+  }
+}
+
+template <int wtype>
+#if defined(__AVX2__)
+inline
+#else
+__attribute__((noinline))
+#endif
+Acc short_dot(const ShortGroup& t, const uint8_t* __restrict__ xg, Acc acc) {
+  for (int p = 0; p < t.pairs; ++p) {
+    const uint8_t* xp = xg + 256 * p;
+    const int8_t* q = reinterpret_cast<const int8_t*>(xp);
+    const int32_t* bias = reinterpret_cast<const int32_t*>(xp + 64);
+    const float* dx = reinterpret_cast<const float*>(xp + 128);
+    const float* xs = reinterpret_cast<const float*>(xp + 192);
+    for (int l = 0; l < QLANES; ++l) {
+      int32_t dot = bias[l];
+      for (int i = 4 * l; i < 4 * l + 4; ++i)
+        dot += (wtype == QUANT_Q8_0 ? int32_t(int8_t(t.w[p][i])) : int32_t(t.w[p][i])) * int32_t(q[i]);
+      acc.v[l] = fused(float(dot), t.scale[p][l] * dx[l], acc.v[l]);
+      if constexpr (has_min(wtype)) acc.v[l] = fused(t.min[p][l], xs[l], acc.v[l]);
+    }
+  }
+  return acc;
+}
+
 inline float acc_sum(Acc a) {
   for (int h = QLANES / 2; h > 0; h /= 2)
     for (int j = 0; j < h; ++j) a.v[j] += a.v[j + h];
@@ -708,7 +755,6 @@ void qtile_rows(const uint8_t* __restrict__ x, int64_t groups, int last_count, c
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) acc[m] = acc_zero();
     for (int64_t g = 0; g < groups; ++g) {
-#if defined(FASTVERIFY_QUANT_VNNI)
       if constexpr (dot_block(wtype) == 32 && wtype != QUANT_Q4_K) {  // (Q4_K's short groups have 8 blocks)
         if (g == groups - 1 && last_count <= 4) {
           ShortGroup t;
@@ -718,7 +764,6 @@ void qtile_rows(const uint8_t* __restrict__ x, int64_t groups, int last_count, c
           continue;
         }
       }
-#endif
       WeightGroup wg;
       if (g < groups - 1 || last_count == QLANES)
         unpack_group<wtype, true>(wrow, g, QLANES, wg);
