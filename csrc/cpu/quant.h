@@ -166,8 +166,8 @@ inline void dequantize_row(const uint8_t* row, int wtype, int64_t K, float* out)
 
 constexpr int QLANES = 16;  // dot blocks per group, one per accumulator lane
 
-// values per dot block
-constexpr int dot_block(int wtype) { return wtype == QUANT_Q6_K ? 16 : 32; }
+// values per dot block (a name of its own: linear.h has function templates dot_block)
+constexpr int dot_values(int wtype) { return wtype == QUANT_Q6_K ? 16 : 32; }
 
 // The weight codes are q + zero_point (unsigned): the dot products take zero_point · Σ q back.
 constexpr int zero_point(int wtype) {
@@ -194,7 +194,7 @@ struct alignas(64) Line64 {
 // 32 values, d_x = max|x| / 127, q = round(x / d_x) (half to even). Missing blocks of a last
 // partial group stay zero.
 inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint8_t* __restrict__ out) {
-  const int BV = dot_block(wtype), zp = zero_point(wtype);
+  const int BV = dot_values(wtype), zp = zero_point(wtype);
   const int64_t nb = K / BV, groups = (nb + QLANES - 1) / QLANES, gb = group_bytes(BV);
   std::memset(out, 0, size_t(groups * gb));
 #if defined(FASTVERIFY_QUANT_VNNI)
@@ -525,7 +525,7 @@ inline Acc acc_zero() { return _mm512_setzero_ps(); }
 // acc += the group's terms for one input row (its group of quantized inputs at xg)
 template <int wtype, bool SPLIT>
 inline Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc acc) {
-  constexpr int BV = dot_block(wtype), NQ = BV / 4;
+  constexpr int BV = dot_values(wtype), NQ = BV / 4;
   const __m512i bias = zero_point(wtype) ? _mm512_load_si512(xg + 16 * BV) : _mm512_setzero_si512();
   __m512i dot;
   if constexpr (SPLIT) {  // two dependency chains (integer sums: the same result)
@@ -623,7 +623,7 @@ inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count, 
 // Σ w_i · q_i over a dot block (unsigned codes, or Q8_0's signed bytes)
 template <int wtype>
 inline int32_t block_dot(const uint8_t* __restrict__ w, const int8_t* __restrict__ q) {
-  constexpr int BV = dot_block(wtype);
+  constexpr int BV = dot_values(wtype);
 #if defined(__AVX2__)
   if constexpr (BV == 32) {
     const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
@@ -672,7 +672,7 @@ inline
 __attribute__((noinline))
 #endif
 Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc acc) {
-  constexpr int BV = dot_block(wtype);
+  constexpr int BV = dot_values(wtype);
   const int8_t* q = reinterpret_cast<const int8_t*>(xg);
   const int32_t* bias = reinterpret_cast<const int32_t*>(xg + 16 * BV);
   const float* dx = reinterpret_cast<const float*>(xg + 16 * BV + 64);
@@ -748,14 +748,14 @@ template <int wtype, int MT>
 void qtile_rows(const uint8_t* __restrict__ x, int64_t groups, int last_count, const uint8_t* __restrict__ w,
                 int64_t row_bytes, float* __restrict__ y, int64_t ldy, const float* __restrict__ bias,
                 const float* __restrict__ res, int64_t ldr, int64_t n0, int64_t n1) {
-  constexpr int64_t gb = group_bytes(dot_block(wtype));
+  constexpr int64_t gb = group_bytes(dot_values(wtype));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = w + n * row_bytes;
     Acc acc[MT];
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) acc[m] = acc_zero();
     for (int64_t g = 0; g < groups; ++g) {
-      if constexpr (dot_block(wtype) == 32 && wtype != QUANT_Q4_K) {  // (Q4_K's short groups have 8 blocks)
+      if constexpr (dot_values(wtype) == 32 && wtype != QUANT_Q4_K) {  // (Q4_K's short groups have 8 blocks)
         if (g == groups - 1 && last_count <= 4) {
           ShortGroup t;
           unpack_short<wtype>(wrow, g, last_count, t);
@@ -816,7 +816,7 @@ inline int qlinear(const float* x, int64_t ldx, const uint8_t* w, int wtype, con
   if (K < 1 || K % f.block_size) return 2;
   if (M < 1) return 3;
   if (N < 1) return 0;
-  const int BV = dot_block(wtype);
+  const int BV = dot_values(wtype);
   const int64_t nb = K / BV, groups = (nb + QLANES - 1) / QLANES, gb = group_bytes(BV);
   const int last_count = int(nb - (groups - 1) * QLANES);
   const int64_t row_bytes = K / f.block_size * f.block_bytes, x_row_bytes = groups * gb;
