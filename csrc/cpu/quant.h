@@ -156,9 +156,9 @@ inline void dequantize_row(const uint8_t* row, int wtype, int64_t K, float* out)
 // dword k (values 4k .. 4k+3) of every block, one lane per block; the inputs are stored the
 // same way once per call, so one vpdpbusd per dword adds 4 products to each block's lane and
 // D_j needs no horizontal sum: a group of 16 blocks costs 8 vpdpbusd and 4 other vector
-// instructions per input row. A last group of fewer than 16 blocks of 32 (K = 576 has 18)
-// goes in pairs of blocks with a horizontal sum instead (TailGroup: the same D_j). Other builds
-// take one block at a time (AVX2: vpmaddubsw, vpmaddwd and a horizontal sum; plain C++ loops).
+// instructions per input row. A last group of 1-4 blocks of 32 (K = 576 has 18) is done in
+// pairs of blocks instead, in every build (ShortGroup). Other builds take one block at a time
+// (AVX2: vpmaddubsw, vpmaddwd and a horizontal sum; plain C++ loops).
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FASTVERIFY_QUANT_VNNI 1
@@ -182,8 +182,8 @@ constexpr bool has_min(int wtype) { return wtype == QUANT_Q4_1 || wtype == QUANT
 
 // Bytes of one row's group of quantized inputs: the 16·BV int8 values, then 16 lanes each of
 //     int32 bias = −zero_point · Σ q,   float d_x,   float d_x · Σ q.
-// Values: VNNI [BV/4 dwords][16 blocks][4]; other builds, and a VNNI last group of fewer than 16
-// blocks of 32, [16 blocks][BV].
+// Values: VNNI [BV/4 dwords][16 blocks][4]; other builds [16 blocks][BV]. (A last group of 1-4
+// blocks of 32 holds pairs of blocks instead, 256 bytes each: see ShortGroup.)
 constexpr int64_t group_bytes(int BV) { return 16 * BV + 3 * 64; }
 
 struct alignas(64) Line64 {
@@ -202,8 +202,8 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint
 #else
   constexpr bool transposed = false;
 #endif
-  // VNNI: a last group of fewer than 16 dot blocks of 32 keeps value order (see TailGroup)
-  const int64_t tail_group = transposed && BV == 32 && nb % QLANES ? nb / QLANES : -1;
+  // a last group of 1-4 dot blocks of 32: pairs of blocks in value order (see ShortGroup)
+  const int64_t short_group = BV == 32 && nb % QLANES && nb % QLANES <= 4 ? nb / QLANES : -1;
   alignas(32) int8_t q[32];
   for (int64_t b32 = 0; b32 < K / 32; ++b32) {
     const float* xb = x + 32 * b32;
@@ -236,10 +236,23 @@ inline void quantize_row(const float* __restrict__ x, int64_t K, int wtype, uint
       for (int i = 0; i < BV; ++i) {
         const int8_t v = q[h * BV + i];
         s += v;
-        if (transposed && j / QLANES != tail_group)
+        if (j / QLANES == short_group)
+          gq[256 * (lane / 2) + 32 * (lane % 2) + i] = v;
+        else if (transposed)
           gq[((i / 4) * QLANES + lane) * 4 + i % 4] = v;
         else
           gq[lane * BV + i] = v;
+      }
+      if (j / QLANES == short_group) {  // pair lane / 2: lanes 0-7 for its first block, 8-15 the second
+        uint8_t* pair = grp + 256 * (lane / 2);
+        const int half = 8 * (lane % 2);
+        for (int l = 0; l < 8; ++l) {  // each lane's own zero-point term: lane sums the same in every build
+          const int8_t* ql = q + h * BV + 4 * l;
+          reinterpret_cast<int32_t*>(pair + 64)[half + l] = -zp * (ql[0] + ql[1] + ql[2] + ql[3]);
+          reinterpret_cast<float*>(pair + 128)[half + l] = d;
+        }
+        reinterpret_cast<float*>(pair + 192)[half] = d * float(s);
+        continue;
       }
       reinterpret_cast<int32_t*>(grp + 16 * BV)[lane] = -zp * s;
       reinterpret_cast<float*>(grp + 16 * BV + 64)[lane] = d;
@@ -467,60 +480,42 @@ inline void unpack_group(const uint8_t* __restrict__ row, int64_t g, int count_,
   }
 }
 
-// A last group of fewer than 16 dot blocks (32-value blocks): pairs of blocks in value order
-// against inputs in value order, each pair's 16 dword sums reduced to one per block — the
-// same D_j as the transposed layout, without 16-lane work for a few blocks (K = 576 has 18).
-struct TailGroup {
-  __m512i w[QLANES / 2];  // pair p: blocks 2p | 2p + 1, codes in value order
-  __m512 scale, min;
+// A last group of 1-4 dot blocks of 32 (K = 576 has 18): 16 lanes of dot products for so few
+// blocks would cost as much as a full group. Instead each pair of blocks fills one 64-byte
+// vector in value order (inputs too: per pair 64 int8, then 16 lanes each of bias, d_x, d_x·Σq
+// with lanes 0-7 for the first block, 8-15 the second), and lane l of the accumulator adds
+//     float(Σ_4 (w − zero_point)·q over its 4 values) · (w_scale · d_x)   (+ w_min · d_x·Σq in lanes 0, 8)
+// — a fixed split of these blocks' terms over the lanes, the same for every M and in every build.
+struct ShortGroup {
+  __m512i w[2];  // pair p: the codes of blocks 2p | 2p + 1
+  __m512 scale[2], min[2];
   int pairs;
 };
 
 template <int wtype>
-inline void unpack_tail(const uint8_t* __restrict__ row, int64_t g, int count, TailGroup& t) {
+inline void unpack_short(const uint8_t* __restrict__ row, int64_t g, int count, ShortGroup& t) {
   t.pairs = (count + 1) / 2;
-  const __m512i nib = _mm512_set1_epi8(15);
   for (int p = 0; p < t.pairs; ++p) {
     const int64_t b0 = g * QLANES + 2 * p;
     const bool second = 2 * p + 1 < count;
     if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
       constexpr int bytes = wtype == QUANT_Q4_0 ? 18 : 20, qoff = wtype == QUANT_Q4_0 ? 2 : 4;
-      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b0 * bytes + qoff));
-      const __m128i q1 = _mm_maskz_loadu_epi32(__mmask8(second ? 0xF : 0), row + (b0 + 1) * bytes + qoff);
+      const uint8_t* blk = row + b0 * bytes;
+      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + qoff));
+      const __m128i q1 = _mm_maskz_loadu_epi32(__mmask8(second ? 0xF : 0), blk + bytes + qoff);
       // [q0 | q0 | q1 | q1], the second and fourth quarters shifted to their high nibbles
       __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(q0, q0)), _mm256_set_m128i(q1, q1), 1);
       v = _mm512_mask_srli_epi16(v, __mmask32(0xFF00FF00u), v, 4);
-      t.w[p] = _mm512_and_si512(v, nib);
+      t.w[p] = _mm512_and_si512(v, _mm512_set1_epi8(15));
+      t.scale[p] = halves(f16_at(blk), second ? f16_at(blk + bytes) : 0.f);
+      if constexpr (wtype == QUANT_Q4_1) t.min[p] = halves(f16_at(blk + 2), second ? f16_at(blk + bytes + 2) : 0.f);
     } else if constexpr (wtype == QUANT_Q8_0) {
-      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b0 * 34 + 2));
-      const __m256i q1 = _mm256_maskz_loadu_epi32(__mmask8(second ? 0xFF : 0), row + (b0 + 1) * 34 + 2);
+      const uint8_t* blk = row + b0 * 34;
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m256i q1 = _mm256_maskz_loadu_epi32(__mmask8(second ? 0xFF : 0), blk + 34 + 2);
       t.w[p] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), _mm512_set1_epi8(char(0x80)));
-    } else if constexpr (wtype == QUANT_Q4_K) {  // sub-blocks 2c, 2c + 1: the low and high nibbles of 32 bytes
-      const __m256i qs = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(row + (b0 / 8) * 144 + 16 + 32 * ((b0 % 8) / 2)));
-      t.w[p] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(qs), _mm256_srli_epi16(qs, 4), 1), nib);
+      t.scale[p] = halves(f16_at(blk), second ? f16_at(blk + 34) : 0.f);
     }
-  }
-  // lane j of the scales and mins (set lane by lane: scalar stores read back as a vector stall)
-  t.scale = t.min = _mm512_setzero_ps();
-  for (int j = 0; j < count; ++j) {
-    const int64_t b = g * QLANES + j;
-    float scale = 0.f, min = 0.f;
-    if constexpr (wtype == QUANT_Q4_0 || wtype == QUANT_Q4_1) {
-      const uint8_t* blk = row + b * (wtype == QUANT_Q4_0 ? 18 : 20);
-      scale = f16_at(blk);
-      if constexpr (wtype == QUANT_Q4_1) min = f16_at(blk + 2);
-    } else if constexpr (wtype == QUANT_Q8_0) {
-      scale = f16_at(row + b * 34);
-    } else if constexpr (wtype == QUANT_Q4_K) {
-      const uint8_t* blk = row + (b / 8) * 144;
-      int sc, m;
-      q4_k_scale_min(blk + 4, int(b % 8), sc, m);
-      scale = f16_at(blk) * float(sc);
-      min = -(f16_at(blk + 2) * float(m));
-    }
-    t.scale = _mm512_mask_broadcastss_ps(t.scale, __mmask16(1u << j), _mm_set_ss(scale));
-    if constexpr (has_min(wtype)) t.min = _mm512_mask_broadcastss_ps(t.min, __mmask16(1u << j), _mm_set_ss(min));
   }
 }
 
@@ -554,22 +549,14 @@ inline Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc 
 }
 
 template <int wtype>
-inline Acc tail_dot(const TailGroup& t, const uint8_t* __restrict__ xg, Acc acc) {
-  constexpr int BV = 32;
-  __m512i dot = zero_point(wtype) ? _mm512_load_si512(xg + 16 * BV) : _mm512_setzero_si512();
+inline Acc short_dot(const ShortGroup& t, const uint8_t* __restrict__ xg, Acc acc) {
   for (int p = 0; p < t.pairs; ++p) {
-    __m512i v = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t.w[p], _mm512_load_si512(xg + 64 * p));
-    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));
-    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_CDAB));
-    v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0xB1));  // lanes 0-7: block 2p's sum, 8-15: block 2p + 1's
-    const __m512i to = _mm512_set1_epi32(0);
-    const __m512i from = _mm512_mask_set1_epi32(to, __mmask16(0xAAAA), 8);  // odd lanes take lane 8, even lane 0
-    dot = _mm512_mask_add_epi32(dot, __mmask16(3u << (2 * p)), dot, _mm512_permutexvar_epi32(from, v));
+    const uint8_t* xp = xg + 256 * p;
+    const __m512i bias = zero_point(wtype) ? _mm512_load_si512(xp + 64) : _mm512_setzero_si512();
+    const __m512i dot = _mm512_dpbusd_epi32(bias, t.w[p], _mm512_load_si512(xp));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(t.scale[p], _mm512_load_ps(xp + 128)), acc);
+    if constexpr (has_min(wtype)) acc = _mm512_fmadd_ps(t.min[p], _mm512_load_ps(xp + 192), acc);
   }
-  const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(xg + 16 * BV + 64));
-  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(t.scale, dx), acc);
-  if constexpr (has_min(wtype))
-    acc = _mm512_fmadd_ps(t.min, _mm512_load_ps(reinterpret_cast<const float*>(xg + 16 * BV + 128)), acc);
   return acc;
 }
 
@@ -699,6 +686,51 @@ Acc group_dot(const WeightGroup& wg, const uint8_t* __restrict__ xg, Acc acc) {
   return acc;
 }
 
+// The short last group (see the AVX-512 ShortGroup): pairs of blocks, lane l = 4 values
+struct ShortGroup {
+  alignas(32) uint8_t w[2][64];  // codes of blocks 2p | 2p + 1 in value order (Q8_0: signed bytes)
+  float scale[2][QLANES], min[2][QLANES];
+  int pairs;
+};
+
+template <int wtype>
+inline void unpack_short(const uint8_t* __restrict__ row, int64_t g, int count, ShortGroup& t) {
+  std::memset(&t, 0, sizeof t);
+  t.pairs = (count + 1) / 2;
+  for (int b = 0; b < count; ++b) {
+    float scale, min;
+    unpack_block<wtype>(row, g * QLANES + b, t.w[b / 2] + 32 * (b % 2), scale, min);
+    for (int l = 0; l < 8; ++l) {
+      t.scale[b / 2][8 * (b % 2) + l] = scale;
+      t.min[b / 2][8 * (b % 2) + l] = min;
+    }
+  }
+}
+
+template <int wtype>
+#if defined(__AVX2__)
+inline
+#else
+__attribute__((noinline))
+#endif
+Acc short_dot(const ShortGroup& t, const uint8_t* __restrict__ xg, Acc acc) {
+  for (int p = 0; p < t.pairs; ++p) {
+    const uint8_t* xp = xg + 256 * p;
+    const int8_t* q = reinterpret_cast<const int8_t*>(xp);
+    const int32_t* bias = reinterpret_cast<const int32_t*>(xp + 64);
+    const float* dx = reinterpret_cast<const float*>(xp + 128);
+    const float* xs = reinterpret_cast<const float*>(xp + 192);
+    for (int l = 0; l < QLANES; ++l) {
+      int32_t dot = bias[l];
+      for (int i = 4 * l; i < 4 * l + 4; ++i)
+        dot += (wtype == QUANT_Q8_0 ? int32_t(int8_t(t.w[p][i])) : int32_t(t.w[p][i])) * int32_t(q[i]);
+      acc.v[l] = fused(float(dot), t.scale[p][l] * dx[l], acc.v[l]);
+      if constexpr (has_min(wtype)) acc.v[l] = fused(t.min[p][l], xs[l], acc.v[l]);
+    }
+  }
+  return acc;
+}
+
 inline float acc_sum(Acc a) {
   for (int h = QLANES / 2; h > 0; h /= 2)
     for (int j = 0; j < h; ++j) a.v[j] += a.v[j + h];
@@ -723,17 +755,15 @@ void qtile_rows(const uint8_t* __restrict__ x, int64_t groups, int last_count, c
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) acc[m] = acc_zero();
     for (int64_t g = 0; g < groups; ++g) {
-#if defined(FASTVERIFY_QUANT_VNNI)
-      if constexpr (dot_values(wtype) == 32) {
-        if (g == groups - 1 && last_count < QLANES) {
-          TailGroup t;
-          unpack_tail<wtype>(wrow, g, last_count, t);
+      if constexpr (dot_values(wtype) == 32 && wtype != QUANT_Q4_K) {  // (Q4_K's short groups have 8 blocks)
+        if (g == groups - 1 && last_count <= 4) {
+          ShortGroup t;
+          unpack_short<wtype>(wrow, g, last_count, t);
 #pragma GCC unroll 16
-          for (int m = 0; m < MT; ++m) acc[m] = tail_dot<wtype>(t, x + (m * groups + g) * gb, acc[m]);
+          for (int m = 0; m < MT; ++m) acc[m] = short_dot<wtype>(t, x + (m * groups + g) * gb, acc[m]);
           continue;
         }
       }
-#endif
       WeightGroup wg;
       if (g < groups - 1 || last_count == QLANES)
         unpack_group<wtype, true>(wrow, g, QLANES, wg);
