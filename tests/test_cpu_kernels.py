@@ -162,6 +162,44 @@ def test_paged_attention_same_bits_for_any_thread_count():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("prefix", [37, 700, 3000])
+def test_paged_attention_tree_node_equals_its_path_as_a_chain(prefix):
+    """A tree node's output is, bit for bit, what the same keys give as the last token of a
+    plain chain (its path written at consecutive positions): the step's attention reads a
+    node's keys as the sequence prefix + path, not by cache position, so where the path's
+    nodes sit in the tree, how many nodes the step has and the thread count do not matter."""
+    parents = [-1, 0, 0, 1, 1, 2, 3, 3, 6, 0, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 4, 20]
+    n = len(parents)
+    gen = torch.Generator().manual_seed(prefix)
+    Hq, Hkv, D, page = 6, 2, 64, 16
+    pages = -(-(prefix + 2 * n) // page)
+    k = torch.randn(pages, page, Hkv, D, generator=gen) * 2
+    v = torch.randn(pages, page, Hkv, D, generator=gen)
+    table = torch.randperm(pages, generator=gen).to(torch.int32)[None]
+    q = torch.randn(n, Hq, D, generator=gen)
+    from fastverify import build_tree
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    mask, _, _ = build_tree(torch.tensor(parents), cu, torch.tensor([prefix], dtype=torch.int32), max_nodes=n)
+    tree = cpu_kernels.paged_attention(q, k, v, table, torch.tensor([prefix + n], dtype=torch.int32), cu_num_nodes=cu,
+                                       tree_mask=mask)
+    flat_k, flat_v = k.view(-1, Hkv, D), v.view(-1, Hkv, D)
+    slot = lambda p: int(table[0, p // page]) * page + p % page  # noqa: E731
+    for node in (1, 5, 8, 19, 21):
+        path = [node]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        path.reverse()
+        k2, v2 = k.clone(), v.clone()  # the path at positions prefix, prefix + 1, ...: a chain ending in node
+        for depth, nd in enumerate(path):
+            k2.view(-1, Hkv, D)[slot(prefix + depth)] = flat_k[slot(prefix + nd)]
+            v2.view(-1, Hkv, D)[slot(prefix + depth)] = flat_v[slot(prefix + nd)]
+        L = prefix + len(path)
+        one = cpu_kernels.paged_attention(q[node:node + 1], k2, v2, table, torch.tensor([L], dtype=torch.int32),
+                                          cu_num_nodes=torch.tensor([0, 1], dtype=torch.int32),
+                                          tree_mask=torch.ones(1, 1, dtype=torch.int64))
+        assert torch.equal(tree[node], one[0]), node
+
+
 @pytest.mark.parametrize("lens,chunk,Hkv,C", [([300, 40, 7], 16, 2, 5), ([1000, 64], 8, 1, 40), ([17], 32, 4, 3)])
 def test_paged_attention_sparse_mode(lens, chunk, Hkv, C):
     p = sparse_problem(lens, Hq=2 * Hkv, Hkv=Hkv, D=64, seed=4)

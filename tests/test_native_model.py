@@ -114,6 +114,33 @@ def test_rows_of_a_step_equal_one_token_steps(pair):
     assert torch.equal(chain_logits(native, tokens.tolist(), sizes), one_by_one)
 
 
+def test_tree_nodes_equal_one_token_steps_along_their_path(pair):
+    """Each node of a verification tree gets, bit for bit, the logits of feeding its path one
+    token at a time: the step's attention reads a node's keys as the sequence prefix + path
+    (not by cache position), so a tree reproduces the decode steps it stands for."""
+    native, _ = pair
+    V = native.config.vocab_size
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, V, (37,), generator=gen).tolist()
+    parents = [-1, 0, 0, 1, 1, 2, 3, 3, 6, 0, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # a path deeper than 16
+    tokens = torch.randint(0, V, (len(parents),), generator=gen).tolist()
+    cache = native.new_cache(1, 128)
+    reqs = torch.tensor([0])
+    cu = cu_from_counts([len(prompt)])
+    with torch.no_grad():
+        native(torch.tensor(prompt), Step.build(cache, reqs, chain_parents(cu), cu, torch.zeros(1, dtype=torch.int32)),
+               cache)
+        cu = cu_from_counts([len(parents)])
+        tree = native(torch.tensor(tokens), Step.build(cache, reqs, torch.tensor(parents), cu,
+                                                      torch.tensor([len(prompt)], dtype=torch.int32)), cache)
+    for node in range(len(parents)):
+        path = [node]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        seq = prompt + [tokens[i] for i in reversed(path)]
+        assert torch.equal(tree[node], chain_logits(native, seq, [len(prompt)] + [1] * len(path))[-1]), node
+
+
 def test_native_matches_the_dequantized_model(pair):
     """Same weights; the only difference is that the native model quantizes each projection's
     input to int8 per 32 values (error ≤ max|x| / 254 per value). Measured on these models:
