@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import fastverify.cpu
+from fastverify.bench.quant import random_blocks
 from fastverify.models import gguf
 
 needs_library = pytest.mark.skipif(not fastverify.cpu.available(), reason="no C++ compiler for csrc/cpu")
@@ -37,25 +38,6 @@ U = 2.0 ** -24
 
 
 # --------------------------------------------------------------------------- data and oracle
-
-def random_blocks(ggml_type: int, N: int, K: int, seed: int = 0) -> torch.Tensor:
-    """uint8 [N, K/bs·bb]: random bytes, with finite fp16 scales d ~ U(1e-3, 2e-2) (and Q4_1's
-    m, Q4_K's dmin); Q4_K's packed 6-bit scales and Q6_K's int8 scales stay random bytes."""
-    bs, bb = BLOCK[ggml_type]
-    rng = np.random.default_rng(seed)
-    n = N * (K // bs)
-    b = rng.integers(0, 256, size=(n, bb), dtype=np.uint8)
-
-    def f16():
-        return rng.uniform(1e-3, 2e-2, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
-    if ggml_type in (2, 8):
-        b[:, 0:2] = f16()
-    elif ggml_type in (3, 12):
-        b[:, 0:2], b[:, 2:4] = f16(), f16()
-    else:
-        b[:, 208:210] = f16()
-    return torch.from_numpy(b.reshape(N, -1).copy())
-
 
 def _f16(b, at):
     return b[:, at:at + 2].copy().view(np.float16).astype(np.float64)[:, 0]
