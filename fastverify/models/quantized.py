@@ -43,10 +43,6 @@ class QuantizedTensor:
     ggml_type: int
     shape: tuple[int, int]
 
-    @property
-    def type_name(self) -> str:
-        return BLOCK_TYPES[self.ggml_type]
-
     def rows(self, index: torch.Tensor) -> "QuantizedTensor":
         """The rows ``index`` (a permutation or subset), as a new tensor."""
         return QuantizedTensor(self.blocks[index].contiguous(), self.ggml_type, (int(index.numel()), self.shape[1]))
@@ -104,10 +100,6 @@ class QuantizedLinear(nn.Module):
         if self._dense is None:
             self._dense = torch.cat([p.dequantize() for p in self.parts()])
         return self._dense
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.blocks.numel() for p in self.parts())
 
     def project(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
