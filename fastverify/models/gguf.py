@@ -772,7 +772,8 @@ def _check_supported(gguf_file: GGUFFile) -> str:
     return arch
 
 
-def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+def read_gguf(path: str, keep: Callable[["GGUFFile", TensorInfo], Any] | None = None
+              ) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     """Read a llama / qwen2 / qwen3 GGUF file.
 
     Returns ``(config, state_dict, tokenizer_spec)``: a Hugging Face config.json dict; float32
@@ -782,6 +783,10 @@ def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     ``Tokenizer.from_spec`` (None when the file holds no vocabulary). Unsupported
     architectures, tensor types or tensor names raise ``ValueError`` before anything is
     dequantized.
+
+    ``keep(gguf_file, info)``, when given, may return what to store instead of the dequantized
+    tensor (e.g. its raw blocks: fastverify.models.quantized); such an object has ``shape``
+    and ``rows(index)``, which the rotary un-permutation uses. None: dequantize as usual.
     """
     gguf_file = open_gguf(path)
     arch = _check_supported(gguf_file)
@@ -789,13 +794,18 @@ def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
 
     heads = rotary_heads(arch, config)
     state_dict = {}
-    for name in gguf_file.tensors:
+    for name, info in gguf_file.tensors.items():
         if name == _ROPE_FREQS:
             continue
-        tensor = gguf_file.tensor(name)
+        tensor = keep(gguf_file, info) if keep is not None else None
+        if tensor is None:
+            tensor = gguf_file.tensor(name)
         role = name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.{role}.{weight|bias}
         if role in heads:
-            tensor = unpermute_rotary(tensor, heads[role])
+            if isinstance(tensor, torch.Tensor):
+                tensor = unpermute_rotary(tensor, heads[role])
+            else:  # the same permutation, as whole rows
+                tensor = tensor.rows(unpermute_rotary(torch.arange(tensor.shape[0]), heads[role]))
         state_dict[hf_tensor_name(name)] = tensor
     return config, state_dict, tokenizer_spec(gguf_file)
 

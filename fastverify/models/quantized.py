@@ -170,27 +170,15 @@ def read_gguf_native(path: str) -> tuple[dict, dict, dict | None]:
     (:data:`BLOCK_TYPES`) kept as a :class:`QuantizedTensor` (its bytes copied out of the
     mapped file; Q/K rows of llama-arch files put back in Hugging Face's rotary order by
     moving whole rows, which is exact). Other tensors are dequantized to float32."""
-    gguf_file = gguf.open_gguf(path)
-    arch = gguf._check_supported(gguf_file)
-    config = gguf._config(arch, gguf_file)
-    rotary_heads = gguf.rotary_heads(arch, config)
-    state_dict = {}
-    for name, info in gguf_file.tensors.items():
-        if name == gguf._ROPE_FREQS:
-            continue
-        role = name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.{role}.{weight|bias}
-        if info.ggml_type in BLOCK_TYPES and len(info.shape) == 2:
-            N, K = info.shape
-            tensor = QuantizedTensor(torch.from_numpy(np.array(gguf_file.raw(info)).reshape(N, -1)),  # a copy
-                                     info.ggml_type, (N, K))
-            if role in rotary_heads:
-                tensor = tensor.rows(gguf.unpermute_rotary(torch.arange(N), rotary_heads[role]))
-        else:
-            tensor = gguf_file.tensor(name)
-            if role in rotary_heads:
-                tensor = gguf.unpermute_rotary(tensor, rotary_heads[role])
-        state_dict[gguf.hf_tensor_name(name)] = tensor
-    return config, state_dict, gguf.tokenizer_spec(gguf_file)
+    return gguf.read_gguf(path, keep=_blocks_of)
+
+
+def _blocks_of(gguf_file, info) -> QuantizedTensor | None:
+    if info.ggml_type not in BLOCK_TYPES or len(info.shape) != 2:
+        return None
+    N, K = info.shape
+    blocks = torch.from_numpy(np.array(gguf_file.raw(info)).reshape(N, -1))  # np.array: a copy
+    return QuantizedTensor(blocks, info.ggml_type, (N, K))
 
 
 # Hugging Face names -> this model's modules and the Hugging Face tensors stacked into them
