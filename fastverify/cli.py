@@ -283,9 +283,13 @@ def _load_model(args, weights: str | None = None):
 
 
 def _drafter(args, model):
-    if args.drafter in (None, "layerskip", "ngram", "selfspec"):
+    if args.drafter in (None, "layerskip", "ngram", "selfspec", "eagle3", "medusa"):
         return args.drafter
     from . import models
+    from .decoding.heads import is_head_checkpoint
+
+    if is_head_checkpoint(args.drafter):
+        return args.drafter   # an EAGLE-3 / Medusa folder: generate() loads it
 
     _log(f"loading drafter {args.drafter} ...")
     return models.load(args.drafter, dtype=model.dtype, device=model.device)  # generate() wraps it (and its head)
@@ -310,7 +314,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--drafter", default=None,
                    help=f"layerskip (the default with an explicit --method), ngram (the default without --method: "
                         f"{DEFAULT_GENERATE_METHOD[0]}/{DEFAULT_GENERATE_METHOD[1]}), selfspec (with --method tree: "
-                        f"a tree along the sparse-KV self-draft), or a model (folder / .gguf) sharing the tokenizer")
+                        f"a tree along the sparse-KV self-draft), eagle3 / medusa (the drafters trained for the model "
+                        f"and shipped with fastverify; `fastverify train-drafter` makes them), an EAGLE-3 "
+                        f"(speculators) or Medusa checkpoint folder, or a model (folder / .gguf) sharing the tokenizer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -377,6 +383,44 @@ def _cmd_generate(args) -> int:
                 hist[a] = hist.get(a, 0) + 1
         print("accepted drafts per step (count×steps): " + "  ".join(f"{a}×{hist[a]}" for a in sorted(hist)),
               flush=True)
+    return 0
+
+
+def _add_train_drafter(sub) -> None:
+    p = sub.add_parser("train-drafter", help="train an EAGLE-3 or Medusa drafter for a model on this machine",
+                       description="Train a drafter from the model's own answers: prompts built from the Python "
+                                   "standard library's text (none of them a compare prompt), the model's answers "
+                                   "and hidden states as data (kept under DIR/data, resumable), then EAGLE-3 with "
+                                   "training-time test or Medusa heads (checkpoints every 5 minutes, resumable). "
+                                   "Writes the drafter in the format engines load (speculators EAGLE-3 / Medusa) "
+                                   "and DIR/training.json. The committed SmolLM2 drafters were made with the "
+                                   "defaults (about 25 minutes of data and 40 of training on 2 cores).")
+    _add_model_args(p)
+    p.add_argument("--kind", required=True, choices=("eagle3", "medusa"))
+    p.add_argument("--out", required=True, metavar="DIR", help="where the drafter (and its data, state) go")
+    p.add_argument("--samples", type=int, default=1600, help="prompts the model answers for the data")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000 eagle3, 1500 medusa)")
+    p.add_argument("--data", default=None, metavar="DIR", help="data folder (default DIR/data; share it between kinds)")
+    p.add_argument("--draft-vocab", type=int, default=4096, help="tokens the drafter proposes (most frequent first)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.set_defaults(func=_cmd_train_drafter)
+
+
+def _cmd_train_drafter(args) -> int:
+    from .training import train_drafter
+
+    model = _load_model(args)
+    _log(f"training a {args.kind} drafter for {args.model} into {args.out}")
+    summary = train_drafter(model, args.kind, args.out, samples=args.samples, steps=args.steps, data_dir=args.data,
+                            draft_vocab=args.draft_vocab, lr=args.lr, verifier=args.model, log=_log)
+    print()
+    print("| kind | samples | tokens | steps | data (s) | training (s) | held-out loss | agreement per depth |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    acc = summary.get("held_out_agreement") or summary.get("held_out_accuracy")
+    print(f"| {summary['kind']} | {summary['samples']} | {summary['tokens']} | {summary['steps']} | "
+          f"{summary['data_seconds']:.0f} | {summary['train_seconds']:.0f} | {summary['held_out_loss']:.3f} | "
+          f"{' / '.join(f'{a:.2f}' for a in acc)} |")
+    print(f"\nwrote {args.out} (load it with generate(..., drafter={args.out!r}) or --drafter {args.out})")
     return 0
 
 
@@ -586,6 +630,7 @@ def build_parser(prog: str = "fastverify") -> argparse.ArgumentParser:
     sub.required = True
     _add_generate(sub)
     _add_compare(sub)
+    _add_train_drafter(sub)
     _add_bench(sub)
     _add_info(sub)
     return parser

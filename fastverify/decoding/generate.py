@@ -30,6 +30,7 @@ import torch
 from .. import ops
 from ..models import Step, chain_parents, cu_from_counts
 from .drafters import Draft, ModelDrafter, NgramDrafter, layerskip
+from .heads import KINDS as HEAD_DRAFTERS, Eagle3Drafter, MedusaDrafter, is_head_checkpoint, load_head_drafter
 from .selfspec import KVPolicy, SelfSpecDrafter
 
 METHODS = ("ar", "chain", "tree", "selfspec")
@@ -117,6 +118,19 @@ class Run:
         self.filter_p = bool((self.top_p < 1).any())
         self.stats = GenerationStats(accepted=[[] for _ in range(B)])
         self.draft_length: DraftLength | None = None  # set for free (n-gram) chain drafts
+        # target states a drafter reads (EAGLE-3, Medusa): the layer ids it asks the target to
+        # capture (None: nothing kept), and per request the (final-norm h, captured features)
+        # of the committed tokens the drafter has not taken yet, in position order
+        self.capture: tuple[int, ...] | None = None
+        self.states: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(B)]
+
+    def take_states(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target states of request b's committed tokens not taken yet: (h [n, d], feats [n, F])."""
+        parts, self.states[b] = self.states[b], []
+        if not parts:
+            dev, d = self.model.device, self.model.config.dim
+            return torch.zeros(0, d, device=dev), torch.zeros(0, d * len(self.capture or ()), device=dev)
+        return torch.cat([h for h, _ in parts]), torch.cat([f for _, f in parts])
 
     def draw_positions(self, reqs: list[int]) -> torch.Tensor:
         """[len(reqs)] int64: the draw position of each request's first draft this step."""
@@ -172,7 +186,13 @@ def prefill(run: Run) -> None:
         cu = cu_from_counts([len(f) for f in feed], dev)
         step = Step.build(run.cache, torch.tensor(reqs, device=dev), chain_parents(cu), cu,
                           torch.tensor([run.cache_len[b] for b in reqs], dtype=torch.int32, device=dev))
-        run.model(torch.tensor([t for f in feed for t in f], device=dev), step, run.cache, logit_rows=no_logits)
+        tokens = torch.tensor([t for f in feed for t in f], device=dev)
+        if run.capture is None:
+            run.model(tokens, step, run.cache, logit_rows=no_logits)
+        else:
+            h, feats = run.model.hidden(tokens, step, run.cache, capture=run.capture)
+            for b, lo, hi in zip(reqs, cu[:-1].tolist(), cu[1:].tolist()):
+                run.states[b].append((h[lo:hi], feats[lo:hi]))
         for b, f in zip(reqs, feed):
             run.cache_len[b] += len(f)
 
@@ -243,7 +263,11 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool, rule: Rule 
 
     t0 = time.perf_counter()
     step = Step.build(run.cache, idx, parents, cu, prefix)
-    logits = model(tokens, step, run.cache)                           # [T, V]
+    if run.capture is None:
+        logits = model(tokens, step, run.cache)                       # [T, V]
+    else:                                                             # the drafter reads target states
+        h, feats = model.hidden(tokens, step, run.cache, capture=run.capture)
+        logits = model.lm_head(h)
     t1 = time.perf_counter()
     stats.verify_s += t1 - t0
     verify_seconds = t1 - t0
@@ -261,6 +285,16 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool, rule: Rule 
             logits, tokens[_draft_rows(counts, dev)], cu_from_counts([c - 1 for c in counts], dev),
             draft_probs=draft.probs, positions=positions, max_draft_len=max_len, **rule.chain_kwargs(),
             **run.sampling(reqs))
+    if run.capture is not None:
+        # keep the states of root + accepted drafts (the rows of the accepted path)
+        first = cu[:-1].long()
+        if tree:
+            rows = first[:, None] + accepted_nodes.long()
+        else:
+            rows = first[:, None] + torch.arange(max_len + 1, device=dev)
+        for i, (b, n) in enumerate(zip(reqs, num.tolist())):
+            r = rows[i, :n + 1]
+            run.states[b].append((h[r], feats[r]))
     out, num = out.tolist(), num.tolist()
     stats.sample_s += time.perf_counter() - t1
     emitted = []
@@ -365,13 +399,18 @@ def make_drafter(model, drafter, **options):
             raise ValueError("frspec_vocab needs a model drafter (layerskip or a model); the n-gram drafter has no head")
         return NgramDrafter(max_ngram=options["ngram_max"], min_ngram=options["ngram_min"],
                             branches=options["ngram_branches"])
-    if isinstance(drafter, (NgramDrafter, ModelDrafter)):
+    if isinstance(drafter, (NgramDrafter, ModelDrafter, Eagle3Drafter, MedusaDrafter)):
         return drafter
+    if isinstance(drafter, str) and (drafter in HEAD_DRAFTERS or is_head_checkpoint(drafter)):
+        if options["frspec_vocab"]:
+            raise ValueError(f"frspec_vocab applies to model drafters; {drafter!r} drafts over its own vocabulary")
+        return load_head_drafter(model, drafter)
     if drafter is None or drafter == "layerskip":
         return layerskip(model, options["draft_layers"], head=ranked_head(model, model, **options))
     if isinstance(drafter, torch.nn.Module):
         return ModelDrafter(drafter, head=ranked_head(model, drafter, **options))
-    raise ValueError(f"drafter must be None, 'layerskip', 'ngram', a model or a drafter object, got {drafter!r}")
+    raise ValueError(f"drafter must be None, 'layerskip', 'ngram', 'eagle3', 'medusa', a checkpoint folder, a model "
+                     f"or a drafter object, got {drafter!r}")
 
 
 def ranked_head(target, draft_model, *, frspec_vocab: int | None = None, frspec_ranking=None, **_):
@@ -494,6 +533,7 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
               seed=seed, stop_ids=stop_ids, headroom=headroom, page_size=page_size)
     if draft_obj is not None:
         draft_obj.start(run)
+        run.capture = getattr(draft_obj, "capture", None)
     if method == "chain" and isinstance(draft_obj, NgramDrafter) and adaptive:
         run.draft_length = DraftLength(num_draft, model.step_seconds)
     stats = run.stats

@@ -82,16 +82,16 @@ class Medusa(nn.Module):
     """``num_heads`` Medusa heads. ``self.heads[i]`` is ``Sequential(ResBlock * num_layers[, Linear])``:
     its state dict is the FasterDecoding/Medusa file's.
 
-    ``token_map`` [V_sub] int64 (own heads only): the heads' rows are these vocabulary ids
-    (a truncated vocabulary, as in vLLM's checkpoints); ``self.token_map`` is it or None.
+    ``token_map`` [V_sub] int64: the heads' rows are these vocabulary ids (a truncated
+    vocabulary, as in vLLM's checkpoints); with ``shared_head``, the rows of the target's LM
+    head the heads project with (a frequency-ranked subset, FR-Spec style). ``self.token_map``
+    is it or None.
     """
 
     def __init__(self, config: MedusaConfig, *, token_map: Tensor | None = None):
         super().__init__()
         self.config = config
         if token_map is not None:
-            if config.shared_head:
-                raise ValueError("token_map is for own heads; with shared_head the caller picks the LM head rows")
             token_map = _checked_token_map(token_map, config.vocab_size, "token_map")
         self.register_buffer("token_map", token_map)
         out_rows = config.vocab_size if token_map is None else token_map.numel()

@@ -412,36 +412,64 @@ class Transformer(nn.Module):
         ``cache`` holds one K/V pair per running layer (``len(self.layer_ids)``)."""
         return self.lm_head(self.hidden(tokens, step, cache, logit_rows))
 
-    def hidden(self, tokens: torch.Tensor, step: Step, cache: KVCache,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, step: Step, cache: KVCache, rows: torch.Tensor | None = None,
+               capture: tuple[int, ...] | None = None):
         """The final-norm hidden states ``[N, d]`` (or ``[len(rows), d]``) that the LM head
-        turns into logits: what a drafter with its own head (``fastverify.lm_head_topk``) needs."""
+        turns into logits: what a drafter with its own head (``fastverify.lm_head_topk``) needs.
+
+        ``capture``: layer ids whose *input* (the residual stream after that many layers;
+        ``n_layers``: after the last one, before the final norm — vLLM's and speculators'
+        numbering of EAGLE-3's auxiliary states) to return as well: then the result is
+        ``(h, feats [N or len(rows), len(capture) · d])``, in the order given. A step asked
+        for nothing runs exactly as before (one fused call for all layers)."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(step.positions)
-        layers = [self.model.layers[i] for i in self.layer_ids]
-        if layers[0].cpu_kernel and step.sparse is None and cache.k.dtype == torch.float32 and layers[0].fused_rows(x):
-            # every layer's forward_cpu in one call (nothing in Python between the layers)
-            x = cpu_kernels.decoder_layers(self._layer_plan(layers, cache), x, cos.view(x.shape[0], -1),
-                                           sin.view(x.shape[0], -1), step)
-        else:
-            for i, layer in enumerate(layers):
-                x = layer(x, cos, sin, cache, i, step)
+        n = len(self.layer_ids)
+        if capture is not None and (self.layer_ids != list(range(self.config.n_layers))
+                                    or any(not 0 <= c <= n for c in capture)):
+            raise ValueError(f"capture must hold layer ids in [0, {n}] of a model running all its layers, "
+                             f"got {capture}")
+        ends = sorted(set(capture or ())) + [n]
+        feats, start = {}, 0
+        for end in ends:
+            if end > start:
+                x = self._run_layers(start, end, x, cos, sin, cache, step)
+            feats[end] = x
+            start = end
         if rows is not None:
             x = x[rows]
-        return self.model.norm(x)
+        h = self.model.norm(x)
+        if capture is None:
+            return h
+        f = torch.cat([feats[c] for c in capture], -1) if capture else x.new_zeros(x.shape[0], 0)
+        return h, (f if rows is None else f[rows])
 
-    def _layer_plan(self, layers, cache: KVCache) -> "cpu_kernels.LayerPlan":
-        """The fused step's records of ``layers`` over ``cache``, kept per (layers, cache
-        addresses): a record holds only addresses, so equal keys give equal records."""
-        key = (tuple(self.layer_ids), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(), cache.k.shape[1])
+    def _run_layers(self, start: int, end: int, x, cos, sin, cache: KVCache, step: Step) -> torch.Tensor:
+        """``x`` through running layers ``start .. end − 1`` (positions in ``layer_ids``)."""
+        layers = [self.model.layers[i] for i in self.layer_ids[start:end]]
+        if layers[0].cpu_kernel and step.sparse is None and cache.k.dtype == torch.float32 and layers[0].fused_rows(x):
+            # the layers' forward_cpu in one call (nothing in Python between the layers)
+            N = x.shape[0]
+            return cpu_kernels.decoder_layers(self._layer_plan(start, end, cache), x, cos.view(N, -1),
+                                              sin.view(N, -1), step)
+        for i, layer in enumerate(layers, start):
+            x = layer(x, cos, sin, cache, i, step)
+        return x
+
+    def _layer_plan(self, start: int, end: int, cache: KVCache) -> "cpu_kernels.LayerPlan":
+        """The fused step's records of running layers ``start .. end − 1`` over ``cache``, kept
+        per (layers, cache addresses): a record holds only addresses, so equal keys give
+        equal records."""
+        key = (tuple(self.layer_ids[start:end]), start, cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(),
+               cache.k.shape[1])
         plans = self.__dict__.setdefault("_layer_plans", {})
         plan = plans.get(key)
         if plan is None:
             if len(plans) >= 16:  # caches come and go: keep the latest few
                 plans.pop(next(iter(plans)))
-            n = len(layers)
-            plan = plans[key] = cpu_kernels.LayerPlan(layers, [cache.k[:, :, i] for i in range(n)],
-                                                      [cache.v[:, :, i] for i in range(n)])
+            layers = [self.model.layers[i] for i in self.layer_ids[start:end]]
+            plan = plans[key] = cpu_kernels.LayerPlan(layers, [cache.k[:, :, i] for i in range(start, end)],
+                                                      [cache.v[:, :, i] for i in range(start, end)])
         return plan
 
     @torch.no_grad()
