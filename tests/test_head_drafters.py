@@ -311,6 +311,34 @@ def test_dynamic_tree_matches_brute_force(depth, topk, budget):
         assert all(p < i + 1 for i, p in enumerate(want_par))   # parents come first
 
 
+def test_best_nodes_keeps_the_count_that_pays():
+    """best_nodes keeps, per request, the n best-scored nodes (parents included, re-indexed)
+    for the n maximising (B + Σ exp(score of the kept)) / t(B·(n + 1))."""
+    from types import SimpleNamespace
+
+    from fastverify.decoding.heads import best_nodes
+
+    tokens = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    parents = torch.tensor([[0, 0, 1, 3, 2], [0, 1, 2, 3, 4]])                   # tree-local, 0 = root
+    scores = torch.tensor([[-0.1, -2.0, -0.3, -0.35, -5.0], [-0.2, -0.4, -0.6, -3.0, -3.5]], dtype=torch.float64)
+    seconds = {2 * (n + 1): 1.0 + 0.3 * n for n in range(6)}
+    run = SimpleNamespace(adaptive=True, model=SimpleNamespace(step_seconds=seconds))
+    t, p, s = best_nodes(run, tokens, parents, scores)
+    rates = []
+    for n in range(6):
+        kept = [sorted(range(5), key=lambda i: (-scores[b, i], i))[:n] for b in range(2)]
+        rates.append((2 + sum(float(scores[b, i].exp()) for b in range(2) for i in kept[b])) / seconds[2 * (n + 1)])
+    n = max(range(6), key=lambda k: (rates[k], -k))
+    assert t.shape == (2, n) and 0 < n < 5
+    for b in range(2):
+        keep = sorted(sorted(range(5), key=lambda i: (-scores[b, i], i))[:n])
+        assert t[b].tolist() == [int(tokens[b, i]) for i in keep]
+        local = {0: 0, **{i + 1: j + 1 for j, i in enumerate(keep)}}
+        assert p[b].tolist() == [local[int(parents[b, i])] for i in keep]
+    run.adaptive = False
+    assert best_nodes(run, tokens, parents, scores)[0] is tokens
+
+
 # --------------------------------------------------------------------------- lossless decoding
 
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -324,10 +352,11 @@ def head_drafter(kind, target, vocab=64, draft_vocab=40):
 
 @pytest.mark.parametrize("kind", ["eagle3", "medusa"])
 @pytest.mark.parametrize("method", ["chain", "tree"])
-def test_head_drafters_greedy_equals_autoregressive(target, kind, method):
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_head_drafters_greedy_equals_autoregressive(target, kind, method, adaptive):
     ref = generate(target, PROMPTS, method="ar", max_new_tokens=20, stop_at_eos=False)
     r = generate(target, PROMPTS, method=method, drafter=head_drafter(kind, target), max_new_tokens=20,
-                 stop_at_eos=False, tree_depth=4, tree_topk=3, tree_nodes=12)
+                 stop_at_eos=False, tree_depth=4, tree_topk=3, tree_nodes=12, adaptive=adaptive)
     assert r.tokens == ref.tokens
     # one request at a time gives the same tokens as the batch
     for i, p in enumerate(PROMPTS[:2]):
@@ -365,7 +394,7 @@ def test_drafters_get_the_states_of_the_committed_tokens(target, kind, method, m
             return draft
         drafter.chain = chain
     r = generate(target, PROMPTS, method=method, drafter=drafter, max_new_tokens=16, stop_at_eos=False,
-                 tree_depth=3, tree_topk=3, tree_nodes=10)
+                 tree_depth=3, tree_topk=3, tree_nodes=10, adaptive=False)
     assert sum(map(sum, r.stats.accepted)) > 0   # accepted drafts were handed over too
     for b, parts in record.items():
         h = torch.cat([p[0] for p in parts])

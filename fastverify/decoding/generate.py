@@ -121,6 +121,7 @@ class Run:
         # target states a drafter reads (EAGLE-3, Medusa): the layer ids it asks the target to
         # capture (None: nothing kept), and per request the (final-norm h, captured features)
         # of the committed tokens the drafter has not taken yet, in position order
+        self.adaptive = True   # drafters size their drafts by the cost model (generate's `adaptive`)
         self.capture: tuple[int, ...] | None = None
         self.states: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(B)]
 
@@ -220,10 +221,7 @@ class DraftLength:
         return (self.taken[j] + 4) / (self.tried[j] + 5)
 
     def cost(self, tokens: int) -> float:
-        if tokens in self.seconds:
-            return self.seconds[tokens]
-        one = self.seconds.get(1) or min(self.seconds.values(), default=1.0)
-        return one * (1 + 0.25 * (tokens - 1))
+        return step_cost(self.seconds, tokens)
 
     def choose(self, batch: int) -> int:
         # forget slowly, so that a run that stopped drafting (k = 0) tries again later
@@ -238,13 +236,26 @@ class DraftLength:
                 best, best_rate = k, rate
         return best
 
-    def record(self, drafted: list[int], accepted: list[int], tokens: int, seconds: float) -> None:
+    def record(self, drafted: list[int], accepted: list[int]) -> None:
         for k, a in zip(drafted, accepted):
             for j in range(1, min(a + 1, k) + 1):
                 self.tried[j] += 1
                 self.taken[j] += j <= a
-        old = self.seconds.get(tokens)
-        self.seconds[tokens] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+
+def step_cost(seconds: dict[int, float], tokens: int) -> float:
+    """The target forward time over ``tokens`` tokens: measured (``model.step_seconds``), or
+    before that t(1)·(1 + 0.25·(tokens − 1))."""
+    if tokens in seconds:
+        return seconds[tokens]
+    one = seconds.get(1) or min(seconds.values(), default=1.0)
+    return one * (1 + 0.25 * (tokens - 1))
+
+
+def record_step_time(seconds: dict[int, float], tokens: int, elapsed: float) -> None:
+    """Fold one measured forward into ``seconds`` (a moving average per token count)."""
+    old = seconds.get(tokens)
+    seconds[tokens] = elapsed if old is None else 0.7 * old + 0.3 * elapsed
 
 
 def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool, rule: Rule | None = None) -> list[list[int]]:
@@ -304,8 +315,9 @@ def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool, rule: Rule 
         stats.accepted[b].append(num[i])
         emitted.append(out[i][:num[i] + 1])
     stats.steps += 1
+    record_step_time(model.step_seconds, sum(counts), verify_seconds)
     if run.draft_length is not None:
-        run.draft_length.record([c - 1 for c in counts], num, sum(counts), verify_seconds)
+        run.draft_length.record([c - 1 for c in counts], num)
     return emitted
 
 
@@ -471,15 +483,20 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
             see :mod:`fastverify.decoding.selfspec`; ``method="tree", drafter="selfspec"``
             verifies a tree of its top ``tree_topk`` tokens at each of ``tree_depth`` levels).
         drafter: "layerskip" (default; the target on a subset of its layers,
-            ``draft_layers=[...]``), "ngram" (prompt lookup), or a model sharing the
-            target's tokenizer. A model drafter takes ``frspec_vocab=N`` (draft over the N
-            most frequent tokens of ``frspec_ranking`` only: FR-Spec, see :func:`ranked_head`);
-            verification still sees the full vocabulary.
+            ``draft_layers=[...]``), "ngram" (prompt lookup), "eagle3" / "medusa" (the
+            drafters trained for the model and shipped with fastverify, see
+            :mod:`fastverify.decoding.heads`), an EAGLE-3 (speculators) or Medusa checkpoint
+            folder, or a model sharing the target's tokenizer. A model drafter takes
+            ``frspec_vocab=N`` (draft over the N most frequent tokens of ``frspec_ranking``
+            only: FR-Spec, see :func:`ranked_head`); verification still sees the full vocabulary.
         temperature, top_k, top_p, seed: scalars or one value per prompt; temperature 0
             is greedy.
         on_tokens: ``callback(request, new_ids)`` after every step (streaming).
         adaptive: n-gram chains draft up to ``num_draft`` tokens, as many as pay for
-            their verification (:class:`DraftLength`); False always drafts ``num_draft``.
+            their verification (:class:`DraftLength`); EAGLE-3 / Medusa chains stop, and their
+            trees keep the best nodes, where the drafter's own probabilities say further
+            drafts no longer pay (:func:`fastverify.decoding.heads.best_nodes`). False always
+            drafts ``num_draft`` / verifies ``tree_nodes``.
         tree_paths: with ``method="tree"`` and a model drafter, draft ``tree_paths`` paths of
             ``tree_depth`` tokens (with their draft probabilities) instead of a top-k tree:
             drawn without replacement (Gumbel-top-n) for ``verify="block_wor"``, i.i.d. for
@@ -534,6 +551,7 @@ def generate(model, prompts, *, method: str = "ar", drafter=None, max_new_tokens
     if draft_obj is not None:
         draft_obj.start(run)
         run.capture = getattr(draft_obj, "capture", None)
+    run.adaptive = adaptive
     if method == "chain" and isinstance(draft_obj, NgramDrafter) and adaptive:
         run.draft_length = DraftLength(num_draft, model.step_seconds)
     stats = run.stats

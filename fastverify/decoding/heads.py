@@ -30,6 +30,11 @@ from ..models import Step, chain_parents, cu_from_counts
 from .drafters import Draft, chain_draft
 
 
+def step_cost(seconds, tokens):   # the target's forward time model (generate.step_cost; imported late: cycle)
+    from .generate import step_cost as cost
+    return cost(seconds, tokens)
+
+
 def dynamic_tree(expand, batch: int, depth: int, topk: int, budget: int, device=None):
     """EAGLE-2's dynamic draft tree, for ``batch`` requests at once, on tensors.
 
@@ -80,6 +85,30 @@ def dynamic_tree(expand, batch: int, depth: int, topk: int, budget: int, device=
     return tokens[:, :P].gather(1, chosen), kept_parents, scores[:, :P].gather(1, chosen)
 
 
+def best_nodes(run, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor):
+    """With ``run.adaptive``: the n best-scored nodes of each request's tree (ancestor-closed,
+    see :func:`dynamic_tree`), n chosen as the count that pays for its verification: a
+    node's score is the drafter's log-probability of its path, exp(score) its guess that the
+    target accepts the whole path, so n nodes yield E(n) = 1 + Σ exp(score) tokens per
+    forward over B requests at t(B·(n + 1)) (measured forward times); n maximises
+    Σ_b E_b(n) / t(B·(n + 1)). Returns (tokens, parents, scores) of the kept nodes."""
+    B, N = tokens.shape
+    if not run.adaptive or N == 0:
+        return tokens, parents, scores
+    order = torch.sort(-scores, dim=1, stable=True).indices                        # best first
+    gain = scores.gather(1, order).exp().sum(0)                                   # [N] over requests
+    expected = B + torch.cat([gain.new_zeros(1), gain.cumsum(0)])                 # [N + 1]
+    cost = torch.tensor([step_cost(run.model.step_seconds, B * (n + 1)) for n in range(N + 1)],
+                        dtype=expected.dtype)
+    n = int((expected.cpu() / cost).argmax())
+    if n == N:
+        return tokens, parents, scores
+    chosen = order[:, :n].sort(dim=1).values                                       # [B, n] tree order
+    new_index = torch.zeros(B, N + 1, dtype=torch.long, device=tokens.device)
+    new_index.scatter_(1, chosen + 1, torch.arange(1, n + 1, device=tokens.device).expand(B, n))
+    return (tokens.gather(1, chosen), new_index.gather(1, parents.gather(1, chosen)), scores.gather(1, chosen))
+
+
 def _for_ready(drafter, run, reqs: list[int], draft) -> Draft:
     """``draft(ready requests)``, with empty drafts for the requests that cannot draft yet."""
     act = drafter._ready(reqs)
@@ -121,17 +150,33 @@ class _HeadDrafter:
 
     def _sample(self, run, reqs: list[int], heads: list[torch.Tensor], next_head) -> Draft:
         """A chain: draft i ~ q at head input ``heads[i]`` (``next_head(i, x)`` computes input
-        i + 1 from draft i), keyed by (seed, draw position) like every draw of the run."""
+        i + 1 from draft i), keyed by (seed, draw position) like every draw of the run.
+
+        With ``run.adaptive`` the chain stops once a further draft no longer pays for its
+        verification: with q_j the drafter's probability of draft j (its guess that the target
+        accepts it), i drafts yield E(i) = 1 + Σ_{j≤i} Π_{l≤j} q_l tokens per forward, and
+        drafting goes on while E(i) / t(B·(i + 1)) grows (t: measured forward times)."""
         dev = self.weight.device
         idx = torch.tensor(reqs, device=dev)
         temperature, seed = run.temperature[idx], run.seed[idx]
         draws = run.draw_positions(reqs)
         drafts = []
+        B = len(reqs)
+        expected, path_p = float(B), torch.ones(B, dtype=torch.float64, device=dev)
+        rate = expected / step_cost(run.model.step_seconds, B)
         i = 0
         while True:
-            x, _, _ = ops.lm_head_sample(heads[i], self.weight, temperature=temperature, seed=seed,
-                                         positions=draws + i, token_map=self.token_map)
+            x, lp, _ = ops.lm_head_sample(heads[i], self.weight, temperature=temperature, seed=seed,
+                                          positions=draws + i, token_map=self.token_map)
             drafts.append(x)
+            if run.adaptive:
+                path_p = path_p * lp.double().exp()
+                expected += float(path_p.sum())
+                new_rate = expected / step_cost(run.model.step_seconds, B * (i + 2))
+                if new_rate < rate and i > 0:
+                    drafts.pop()
+                    break
+                rate = new_rate
             nxt = next_head(i, x)
             if nxt is None:
                 break
@@ -270,7 +315,7 @@ class Eagle3Drafter(_HeadDrafter):
             lp, tok = self._topk(h.flatten(0, 1), topk)
             return lp.view(B, F, topk), tok.view(B, F, topk)
 
-        tokens, parents, _ = dynamic_tree(expand, B, depth, topk, budget, dev)
+        tokens, parents, _ = best_nodes(run, *dynamic_tree(expand, B, depth, topk, budget, dev))
         return _as_draft(tokens, parents)
 
 
@@ -331,7 +376,7 @@ class MedusaDrafter(_HeadDrafter):
             F = frontier.shape[1]
             return lp[:, level, None].expand(B, F, topk), tok[:, level, None].expand(B, F, topk)
 
-        tokens, parents, _ = dynamic_tree(expand, B, min(depth, n), topk, budget, s.device)
+        tokens, parents, _ = best_nodes(run, *dynamic_tree(expand, B, min(depth, n), topk, budget, s.device))
         return _as_draft(tokens, parents)
 
 
