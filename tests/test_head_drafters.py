@@ -20,7 +20,8 @@ from test_decoding import SAMPLES, V_SMALL, exact_pair_law, tiny
 
 from fastverify import training
 from fastverify.decoding import generate
-from fastverify.decoding.heads import Eagle3Drafter, MedusaDrafter, dynamic_tree
+from fastverify.decoding.drafters import dynamic_tree
+from fastverify.decoding.heads import Eagle3Drafter, MedusaDrafter
 from fastverify.models import KVCache, Step, chain_parents, cu_from_counts
 from fastverify.models.eagle3 import Eagle3, load_eagle3, save_eagle3
 from fastverify.models.medusa import Medusa, MedusaConfig, save_medusa

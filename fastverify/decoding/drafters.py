@@ -48,6 +48,72 @@ def chain_draft(tokens: list[list[int]], probs=None) -> Draft:
     return Draft(tokens, [list(range(len(t))) for t in tokens], probs)
 
 
+def step_cost(seconds: dict[int, float], tokens: int) -> float:
+    """The target forward time over ``tokens`` tokens: measured (``model.step_seconds``), or
+    before that t(1)·(1 + 0.25·(tokens − 1))."""
+    if tokens in seconds:
+        return seconds[tokens]
+    one = seconds.get(1) or min(seconds.values(), default=1.0)
+    return one * (1 + 0.25 * (tokens - 1))
+
+
+def record_step_time(seconds: dict[int, float], tokens: int, elapsed: float) -> None:
+    """Fold one measured forward into ``seconds`` (a moving average per token count)."""
+    old = seconds.get(tokens)
+    seconds[tokens] = elapsed if old is None else 0.7 * old + 0.3 * elapsed
+
+
+def dynamic_tree(expand, batch: int, depth: int, topk: int, budget: int, device=None):
+    """EAGLE-2's dynamic draft tree, for ``batch`` requests at once, on tensors.
+
+    Node 0 of each request's pool is the root (score 0). Level l (l = 0 … depth − 1):
+    ``expand(level, frontier [B, F] pool nodes, pool) -> (logprobs [B, F, k], tokens [B, F, k])``
+    proposes k children per frontier node; all F·k join the pool with score = parent's
+    score + log-prob, and the ``topk`` best of them (ties: lower index) are the next
+    frontier. The draft is the ``budget − 1`` best pool nodes but the root (ties: lower
+    index); since a child never scores above its parent and comes after it, the kept set
+    holds every kept node's parent.
+
+    ``pool``: dict of ``tokens [B, P]``, ``parents [B, P]`` (pool index, root −1),
+    ``scores [B, P]`` and ``size`` (P so far) — what ``expand`` needs to run its frontier.
+    Returns ``(tokens [B, n], parents [B, n], scores [B, n])`` of the kept nodes in pool order
+    (parents as tree-local indices: 0 = the root, i = kept node i − 1), n = min(budget − 1, P − 1).
+    """
+    P_max = 1 + depth * topk * topk
+    tokens = torch.zeros(batch, P_max, dtype=torch.long, device=device)
+    parents = torch.full((batch, P_max), -1, dtype=torch.long, device=device)
+    scores = torch.full((batch, P_max), float("-inf"), dtype=torch.float64, device=device)
+    scores[:, 0] = 0.0
+    pool = {"tokens": tokens, "parents": parents, "scores": scores, "size": 1}
+    frontier = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    for level in range(depth):
+        lp, tok = expand(level, frontier, pool)                              # [B, F, k]
+        B, F, k = lp.shape
+        n = pool["size"]
+        cand = (scores.gather(1, frontier)[:, :, None] + lp.double()).reshape(B, F * k)
+        tokens[:, n:n + F * k] = tok.reshape(B, F * k)
+        parents[:, n:n + F * k] = frontier[:, :, None].expand(B, F, k).reshape(B, F * k)
+        scores[:, n:n + F * k] = cand
+        pool["size"] = n + F * k
+        # stable sort: among equal scores the lower pool index first
+        order = torch.sort(-cand, dim=1, stable=True).indices[:, :min(topk, F * k)]
+        frontier = n + order
+    P = pool["size"]
+    keep = min(budget - 1, P - 1)
+    rest = scores[:, 1:P]
+    chosen = torch.sort(-rest, dim=1, stable=True).indices[:, :keep] + 1     # pool indices
+    chosen = chosen.sort(dim=1).values                                       # pool order: parents first
+    # tree-local index of every pool node: 0 for the root, 1 + rank among the kept
+    local = torch.full((batch, P), -1, dtype=torch.long, device=device)
+    local[:, 0] = 0
+    local.scatter_(1, chosen, torch.arange(1, keep + 1, device=device).expand(batch, keep))
+    kept_parents = local.gather(1, parents[:, :P].gather(1, chosen))
+    if bool((kept_parents < 0).any()):
+        raise AssertionError("dynamic_tree kept a node without its parent")
+    return tokens[:, :P].gather(1, chosen), kept_parents, scores[:, :P].gather(1, chosen)
+
+
+
 class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens
     (n from ``max_ngram`` down to ``min_ngram``) and propose what followed it. For a
@@ -211,58 +277,32 @@ class ModelDrafter:
         return chain_draft(x.tolist(), q)
 
     def tree(self, run, reqs: list[int], depth: int, topk: int, budget: int) -> Draft:
-        """EAGLE-2 style dynamic tree. Each node's score is the drafter's log-probability
-        of its path. Level by level, the ``topk`` best-scoring new nodes (the frontier)
-        are run through the drafter and each proposes its ``topk`` most likely children;
-        at the end the ``budget − 1`` best-scoring nodes form the draft (a child scores
-        at most its parent, so the best nodes are ancestor-closed)."""
+        """EAGLE-2 style dynamic tree (:func:`dynamic_tree`): each node scores the drafter's
+        log-probability of its path; level by level the ``topk`` best new nodes run through
+        the drafter and propose their ``topk`` most likely children; the ``budget − 1``
+        best nodes form the draft."""
         dev = self.model.device
         weight, token_map = self._head()
         h = self._catch_up(reqs)
         B = len(reqs)
         idx = torch.tensor(reqs, device=dev)
         prefix = torch.tensor([self.length[b] - 1 for b in reqs], device=dev)  # roots sit at prefix
-        # the pool of every request: tokens, parents (tree-local; root is node 0), scores
-        tok = [[run.tokens[b][-1]] for b in reqs]
-        par = [[-1] for _ in reqs]
-        score = [[0.0] for _ in reqs]
-        frontier = [[0] for _ in reqs]
-        for level in range(depth):
-            top_id, top_lp, _ = ops.lm_head_topk(h, weight, topk, token_map=token_map)  # [rows of frontier, topk]
-            top_lp, top_id = top_lp.tolist(), top_id.tolist()
-            row, new_frontier = 0, []
-            for r in range(B):
-                cand = []
-                for node in frontier[r]:
-                    cand += [(score[r][node] + lp, node, t) for lp, t in zip(top_lp[row], top_id[row])]
-                    row += 1
-                cand.sort(key=lambda c: -c[0])
-                added = []
-                for s, node, t in cand:
-                    par[r].append(node)
-                    tok[r].append(t)
-                    score[r].append(s)
-                    added.append(len(tok[r]) - 1)
-                new_frontier.append(added[:topk])
-            frontier = new_frontier
-            if level + 1 == depth:
-                break
-            # run the frontier: its K/V go to slots prefix + node index, the rest of the pool is masked off
-            counts = [len(t) for t in tok]
-            cu = cu_from_counts(counts, dev)
-            parents = torch.tensor([p for ps in par for p in ps], device=dev)
-            rows = torch.tensor([int(cu[r]) + n for r in range(B) for n in frontier[r]], device=dev)
-            tokens = torch.tensor([tok[r][n] for r in range(B) for n in frontier[r]], device=dev)
-            step = Step.build(self.cache, idx, parents, cu, prefix, rows=rows)
-            h = self.model.hidden(tokens, step, self.cache)
-        tokens, parents = [], []
-        for r in range(B):
-            keep = sorted(range(1, len(tok[r])), key=lambda n: (-score[r][n], n))[:budget - 1]
-            keep.sort()
-            new_index = {0: 0, **{n: i + 1 for i, n in enumerate(keep)}}
-            tokens.append([tok[r][n] for n in keep])
-            parents.append([new_index[par[r][n]] for n in keep])
-        return Draft(tokens, parents)
+
+        def expand(level, frontier, pool):
+            nonlocal h
+            if level > 0:
+                # run the frontier: its K/V go to slots prefix + pool index, the rest of the pool is masked off
+                P = pool["size"]
+                cu = torch.arange(B + 1, device=dev, dtype=torch.int32) * P
+                rows = (torch.arange(B, device=dev)[:, None] * P + frontier).flatten()
+                step = Step.build(self.cache, idx, pool["parents"][:, :P].flatten(), cu, prefix, rows=rows)
+                h = self.model.hidden(pool["tokens"].gather(1, frontier).flatten(), step, self.cache)
+            ids, lp, _ = ops.lm_head_topk(h, weight, topk, token_map=token_map)   # [rows of frontier, topk]
+            F = frontier.shape[1]
+            return lp.view(B, F, topk), ids.long().view(B, F, topk)
+
+        tokens, parents, _ = dynamic_tree(expand, B, depth, topk, budget, dev)
+        return Draft(tokens.tolist(), parents.tolist())
 
     def paths(self, run, reqs: list[int], n: int, depth: int, *, without_replacement: bool,
               repeat_leaves: bool = False) -> Draft:

@@ -29,7 +29,7 @@ import torch
 
 from .. import ops
 from ..models import Step, chain_parents, cu_from_counts
-from .drafters import Draft, ModelDrafter, NgramDrafter, layerskip
+from .drafters import Draft, ModelDrafter, NgramDrafter, layerskip, record_step_time, step_cost
 from .heads import KINDS as HEAD_DRAFTERS, Eagle3Drafter, MedusaDrafter, is_head_checkpoint, load_head_drafter
 from .selfspec import KVPolicy, SelfSpecDrafter
 
@@ -241,21 +241,6 @@ class DraftLength:
             for j in range(1, min(a + 1, k) + 1):
                 self.tried[j] += 1
                 self.taken[j] += j <= a
-
-
-def step_cost(seconds: dict[int, float], tokens: int) -> float:
-    """The target forward time over ``tokens`` tokens: measured (``model.step_seconds``), or
-    before that t(1)·(1 + 0.25·(tokens − 1))."""
-    if tokens in seconds:
-        return seconds[tokens]
-    one = seconds.get(1) or min(seconds.values(), default=1.0)
-    return one * (1 + 0.25 * (tokens - 1))
-
-
-def record_step_time(seconds: dict[int, float], tokens: int, elapsed: float) -> None:
-    """Fold one measured forward into ``seconds`` (a moving average per token count)."""
-    old = seconds.get(tokens)
-    seconds[tokens] = elapsed if old is None else 0.7 * old + 0.3 * elapsed
 
 
 def verify_step(run: Run, reqs: list[int], draft: Draft, tree: bool, rule: Rule | None = None) -> list[list[int]]:

@@ -27,62 +27,7 @@ import torch
 
 from .. import ops
 from ..models import Step, chain_parents, cu_from_counts
-from .drafters import Draft, chain_draft
-
-
-def step_cost(seconds, tokens):   # the target's forward time model (generate.step_cost; imported late: cycle)
-    from .generate import step_cost as cost
-    return cost(seconds, tokens)
-
-
-def dynamic_tree(expand, batch: int, depth: int, topk: int, budget: int, device=None):
-    """EAGLE-2's dynamic draft tree, for ``batch`` requests at once, on tensors.
-
-    Node 0 of each request's pool is the root (score 0). Level l (l = 0 … depth − 1):
-    ``expand(level, frontier [B, F] pool nodes, pool) -> (logprobs [B, F, k], tokens [B, F, k])``
-    proposes k children per frontier node; all F·k join the pool with score = parent's
-    score + log-prob, and the ``topk`` best of them (ties: lower index) are the next
-    frontier. The draft is the ``budget − 1`` best pool nodes but the root (ties: lower
-    index); since a child never scores above its parent and comes after it, the kept set
-    holds every kept node's parent.
-
-    ``pool``: dict of ``tokens [B, P]``, ``parents [B, P]`` (pool index, root −1),
-    ``scores [B, P]`` and ``size`` (P so far) — what ``expand`` needs to run its frontier.
-    Returns ``(tokens [B, n], parents [B, n], scores [B, n])`` of the kept nodes in pool order
-    (parents as tree-local indices: 0 = the root, i = kept node i − 1), n = min(budget − 1, P − 1).
-    """
-    P_max = 1 + depth * topk * topk
-    tokens = torch.zeros(batch, P_max, dtype=torch.long, device=device)
-    parents = torch.full((batch, P_max), -1, dtype=torch.long, device=device)
-    scores = torch.full((batch, P_max), float("-inf"), dtype=torch.float64, device=device)
-    scores[:, 0] = 0.0
-    pool = {"tokens": tokens, "parents": parents, "scores": scores, "size": 1}
-    frontier = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    for level in range(depth):
-        lp, tok = expand(level, frontier, pool)                              # [B, F, k]
-        B, F, k = lp.shape
-        n = pool["size"]
-        cand = (scores.gather(1, frontier)[:, :, None] + lp.double()).reshape(B, F * k)
-        tokens[:, n:n + F * k] = tok.reshape(B, F * k)
-        parents[:, n:n + F * k] = frontier[:, :, None].expand(B, F, k).reshape(B, F * k)
-        scores[:, n:n + F * k] = cand
-        pool["size"] = n + F * k
-        # stable sort: among equal scores the lower pool index first
-        order = torch.sort(-cand, dim=1, stable=True).indices[:, :min(topk, F * k)]
-        frontier = n + order
-    P = pool["size"]
-    keep = min(budget - 1, P - 1)
-    rest = scores[:, 1:P]
-    chosen = torch.sort(-rest, dim=1, stable=True).indices[:, :keep] + 1     # pool indices
-    chosen = chosen.sort(dim=1).values                                       # pool order: parents first
-    # tree-local index of every pool node: 0 for the root, 1 + rank among the kept
-    local = torch.full((batch, P), -1, dtype=torch.long, device=device)
-    local[:, 0] = 0
-    local.scatter_(1, chosen, torch.arange(1, keep + 1, device=device).expand(batch, keep))
-    kept_parents = local.gather(1, parents[:, :P].gather(1, chosen))
-    if bool((kept_parents < 0).any()):
-        raise AssertionError("dynamic_tree kept a node without its parent")
-    return tokens[:, :P].gather(1, chosen), kept_parents, scores[:, :P].gather(1, chosen)
+from .drafters import Draft, chain_draft, dynamic_tree, step_cost
 
 
 def best_nodes(run, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor):
