@@ -494,6 +494,7 @@ def _cmd_compare(args) -> int:
             raise ValueError(f"--methods {', '.join(m[0] for m in fp32_methods)}: {args.model} holds no quantized "
                              f"blocks, so every row already runs on float weights")
         native, fp32_methods = False, []
+    methods, drafter_notes = compare.drafter_rows(model, methods)
     hf = [] if args.no_hf else (args.hf or (compare.QUICK_HF_METHODS if args.quick else compare.HF_METHODS))
     # the dequantized twin of a native model: fp32 rows and transformers' weights
     fp32_model = _load_model(args, weights="dequant") if native and (fp32_methods or hf) else None
@@ -520,8 +521,7 @@ def _cmd_compare(args) -> int:
         _log(f"measuring load time and memory: {', '.join(kinds or ['fastverify fp32'])}, one fresh process each ...")
         report["memory"] = compare.measure_memory(model.source, torch.get_num_threads(), kinds)
         report["memory_threads"] = torch.get_num_threads()
-    if why_no_llama:
-        report["notes"] = [f"llama.cpp rows: not run — {why_no_llama}."]
+    report["notes"] = drafter_notes + ([f"llama.cpp rows: not run — {why_no_llama}."] if why_no_llama else [])
     report["title"] = f"fastverify compare — {args.model}, {args.dtype}, {model.weights} weights, {device}"
     report["header"] = (f"# {report['title']}\n\ncommand: `{args.command}`  \nversions: "
                         + ", ".join(f"{k} {v}" for k, v in bench.versions().items())

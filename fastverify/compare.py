@@ -75,6 +75,11 @@ METHODS = [
     ("tree/ngram", "tree", "ngram"),
     ("chain/layerskip", "chain", "layerskip"),
     ("tree/layerskip", "tree", "layerskip"),
+    # the drafters trained for the model (fastverify/checkpoints; rows skipped for models without them)
+    ("chain/eagle3", "chain", "eagle3"),
+    ("tree/eagle3", "tree", "eagle3"),
+    ("chain/medusa", "chain", "medusa"),
+    ("tree/medusa", "tree", "medusa"),
 ]
 # At a sampling temperature: the verification rules on the layer-skip drafter's drafts
 # (chains of 4; 3 paths of 4 tokens) beside ar and n-gram chains.
@@ -87,6 +92,10 @@ RULE_METHODS = [
     ("paths/layerskip specinfer", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="specinfer")),
     ("paths/layerskip block", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="block")),
     ("paths/layerskip block_wor", "tree", "layerskip", dict(tree_paths=3, tree_depth=4, verify="block_wor")),
+    ("chain/eagle3 block", "chain", "eagle3", dict(verify="block")),
+    ("tree/eagle3", "tree", "eagle3"),
+    ("chain/medusa block", "chain", "medusa", dict(verify="block")),
+    ("tree/medusa", "tree", "medusa"),
 ]
 QUICK_RULE_METHODS = ["ar", "chain/layerskip token", "chain/layerskip block", "paths/layerskip block"]
 HF_METHODS = ["hf", "hf/prompt-lookup", "hf/early-exit"]
@@ -98,10 +107,21 @@ FP32_METHODS = [
     ("chain/ngram (fp32)", "chain", "ngram"),
 ]
 # --quick: the baseline, the best n-gram method on CPU, and the references' plain and prompt-lookup runs
-QUICK_METHODS = ["ar", "chain/ngram"]
+QUICK_METHODS = ["ar", "chain/ngram", "tree/eagle3"]
 QUICK_FP32_METHODS = ["ar (fp32)"]
 QUICK_HF_METHODS = ["hf", "hf/prompt-lookup"]
 REFERENCE_PREFIXES = ("hf", "llama.cpp")
+
+
+def drafter_rows(model, methods: list) -> tuple[list, list[str]]:
+    """``methods`` without the rows whose trained drafter (eagle3 / medusa) the model has
+    none of, and a note per drafter left out."""
+    from .decoding.heads import KINDS, has_committed
+
+    missing = sorted({m[2] for m in methods if m[2] in KINDS and not has_committed(model, m[2])})
+    notes = [f"{kind} rows: not run — fastverify ships no {kind} drafter for this model (train one with "
+             f"`fastverify train-drafter --kind {kind} --out DIR`)." for kind in missing]
+    return [m for m in methods if m[2] not in missing], notes
 
 
 @dataclass

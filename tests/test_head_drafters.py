@@ -193,11 +193,51 @@ def test_eagle3_forward_matches_naive_reference(target):
     y = d(torch.tensor(tokens), g, step, cache)
     ref = naive_eagle3(d, tokens, g, list(range(n)), lambda i: range(i + 1))
     assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-4)
+    # the CPU decode kernels (draft steps of <= 16 rows) compute the same rows
+    d.use_cpu_kernels()
+    try:
+        y_cpu = d(torch.tensor(tokens), g, step, cache)
+    finally:
+        d.use_cpu_kernels(False)
+    assert torch.allclose(y_cpu.double(), ref, atol=1e-4, rtol=1e-4)
     # training's dense step 0 computes the same rows
     cos, sin = d.rope(torch.arange(n))
     y_dense, _ = d.layers[0].forward_dense(d.embed(torch.tensor(tokens))[None], g[None], cos, sin, [],
                                            training._ttt_mask(n, 1, "cpu"))
     assert torch.allclose(y_dense[0].double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_q8_0_drafter_weights():
+    """quantize_q8_0 writes ggml's Q8_0 (read back by the GGUF reference dequantizer): each
+    value within half a step of its block's scale; the quantized drafter stays close."""
+    from fastverify.models.quantized import quantize_q8_0
+
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 1, 96)
+    w[3] = 0.0
+    q = quantize_q8_0(w)
+    assert q.blocks.shape == (40, 3 * 34) and q.ggml_type == 8
+    back = q.dequantize()
+    step = w.view(40, 3, 32).abs().amax(-1, keepdim=True) / 127
+    assert bool(((back - w).view(40, 3, 32).abs() <= step * (0.5 + 127 * 2 ** -11) + 1e-7).all())   # d is fp16
+    assert bool((back[3] == 0).all())
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quantize_q8_0(torch.zeros(2, 40))
+
+
+def test_quantized_drafter_is_close_to_fp32(target):
+    d = random_eagle3(target, 64, 40)
+    q = random_eagle3(target, 64, 40).quantize().use_cpu_kernels()
+    n = 5
+    tokens = torch.tensor([3, 9, 4, 1, 7])
+    aux = torch.randn(n, 3 * target.config.dim, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for m in (d, q):
+        cache = m.new_cache(1, 16)
+        cu = cu_from_counts([n])
+        step = Step.build(cache, torch.tensor([0]), chain_parents(cu), cu, torch.tensor([0], dtype=torch.int32))
+        outs.append(m(tokens, m.fuse(aux), step, cache))
+    err = (outs[0] - outs[1]).norm() / outs[0].norm()
+    assert 0 < float(err) < 0.05
 
 
 def test_training_unrolled_steps_are_what_inference_computes(target):

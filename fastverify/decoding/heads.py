@@ -26,6 +26,7 @@ import os
 import torch
 
 from .. import ops
+from ..cpu import available as quant_available
 from ..models import Step, chain_parents, cu_from_counts
 from .drafters import Draft, chain_draft, dynamic_tree, step_cost
 
@@ -152,9 +153,10 @@ class Eagle3Drafter(_HeadDrafter):
     (``length[b]`` of them). A draft at depth j sits at position root + j − 1 and reads its
     parent's output as its feature."""
 
-    def __init__(self, model, name: str = "eagle3"):
+    def __init__(self, model, name: str = "eagle3", quantize: bool = True):
         self.model = model
         self.name = name
+        self.quantize = quantize   # on CPU: run the layer on Q8_0 blocks (Eagle3.quantize; modifies model)
         self.capture = tuple(model.config.aux_layer_ids)
 
     def start(self, run) -> None:
@@ -170,7 +172,10 @@ class Eagle3Drafter(_HeadDrafter):
                              f"{target.config.n_layers}")
         self.model.share_embedding(target.model.embed_tokens)
         if self.model.device.type == "cpu" and self.model.norm.weight.dtype == torch.float32:
+            # draft steps on the CPU decode kernels, the layer's weights as Q8_0 blocks
             self.model.use_cpu_kernels()
+            if self.quantize and quant_available():
+                self.model.quantize()
         self.cache = self.model.new_cache(len(run.tokens), run.max_len + 1, page_size=run.cache.page_size)
         self.length = [0] * len(run.tokens)
         self.weight = self.model.lm_head.weight
@@ -343,6 +348,12 @@ def _model_name(model) -> str | None:
         except FileNotFoundError:
             continue
     return None
+
+
+def has_committed(model, kind: str) -> bool:
+    """Whether fastverify ships a ``kind`` drafter for ``model``."""
+    name = _model_name(model)
+    return name is not None and os.path.isdir(os.path.join(CHECKPOINTS, f"{name}-{kind}"))
 
 
 def load_head_drafter(model, drafter: str):

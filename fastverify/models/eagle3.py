@@ -36,6 +36,7 @@ from torch import nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..cpu import step as cpu_kernels
 from .model import MLP, Attention, KVCache, Linear, ModelArgs, RMSNorm, Step, rope_frequencies
 
 CONFIG_FILE = "config.json"
@@ -138,8 +139,29 @@ class Eagle3Layer(nn.Module):
     def forward(self, e, g, cos, sin, cache: KVCache, step: Step) -> torch.Tensor:
         """e, g [N, d] at the step's rows; K/V written to and read from ``cache`` (layer 0)."""
         z, r = self._inputs(e, g)
-        y = r + self.self_attn(z, cos, sin, cache, 0, step)
+        attn = self.self_attn
+        if (attn.cpu_kernel and cache.k.dtype == torch.float32 and step.sparse is None
+                and cpu_kernels.usable(z) and z.shape[0] <= cpu_kernels.MAX_ROWS):
+            return self.forward_cpu(z, r, cos, sin, cache, step)
+        y = r + attn(z, cos, sin, cache, 0, step)
         return y + self.mlp(self.post_attention_layernorm(y))
+
+    def forward_cpu(self, z, r, cos, sin, cache: KVCache, step: Step) -> torch.Tensor:
+        """The same layer as five calls of the CPU decode kernels (1–16 fp32 rows, a draft
+        step): as :meth:`fastverify.models.DecoderLayer.forward_cpu`, with the projection of
+        z = [n_in e, n_h g] and the residual r passed in."""
+        attn, mlp, a = self.self_attn, self.mlp, self.self_attn.args
+        N = z.shape[0]
+        k_cache, v_cache = cache.k[:, :, 0], cache.v[:, :, 0]
+        q = cpu_kernels.qkv_rope(attn.wqkv.project(z), cos.view(N, -1), sin.view(N, -1), k_cache, v_cache,
+                                 step.slots, a.n_heads, q_norm=attn.q_norm.weight if a.qk_norm else None,
+                                 k_norm=attn.k_norm.weight if a.qk_norm else None, eps=a.norm_eps)
+        out = cpu_kernels.paged_attention(q, k_cache, v_cache, step.block_table, step.seq_lens,
+                                          cu_num_nodes=step.cu_num_nodes, tree_mask=step.tree_mask, rows=step.rows)
+        y = attn.o_proj.project(out.view(N, -1), residual=r.contiguous())
+        n2 = self.post_attention_layernorm
+        h = mlp.w13.project(y, norm=n2.weight, eps=n2.eps)
+        return mlp.down_proj.project(h, swiglu=True, residual=y)
 
     def forward_dense(self, e, g, cos, sin, past: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor):
         """Training's unrolled step over whole sequences: e, g [B, L, d], cos/sin [L, 1, D];
@@ -199,12 +221,25 @@ class Eagle3(nn.Module):
     def use_cpu_kernels(self, on: bool = True) -> "Eagle3":
         """Draft steps of 1–16 fp32 rows through the CPU decode kernels, as the target's
         (:meth:`fastverify.models.Transformer.use_cpu_kernels`); training keeps torch ops."""
-        from ..cpu import step as cpu_kernels
-
         on = on and cpu_kernels.available()
         for m in self.modules():
             if isinstance(m, (Linear, Attention)):
                 m.cpu_kernel = on
+        return self
+
+    def quantize(self) -> "Eagle3":
+        """Keep ``fc`` and the layer's projections as Q8_0 blocks (the CPU block kernels):
+        a draft step then reads 4 MB instead of 16 MB of fp32 weights. Drafts change a
+        little, never the output (verification decides); for inference on the CPU only."""
+        from .quantized import QuantizedLinear, quantize_q8_0
+
+        layer = self.layers[0]
+        for owner, name in ((self, "fc"), (layer.self_attn, "wqkv"), (layer.self_attn, "o_proj"), (layer.mlp, "w13"),
+                            (layer.mlp, "down_proj")):
+            lin = getattr(owner, name)
+            if not isinstance(lin, QuantizedLinear):
+                setattr(owner, name, QuantizedLinear([quantize_q8_0(lin.weight)], None if lin.bias is None
+                                                     else lin.bias.detach().float()))
         return self
 
     def share_embedding(self, embedding: nn.Module) -> "Eagle3":

@@ -52,6 +52,20 @@ class QuantizedTensor:
         return gguf.dequantize(self.blocks.numpy().reshape(-1), self.ggml_type, self.shape)
 
 
+def quantize_q8_0(w: torch.Tensor) -> QuantizedTensor:
+    """float ``w [N, K]`` (K a multiple of 32) as Q8_0 blocks, ggml's layout and rounding: per
+    32 values d = max|w| / 127 (fp16) and q = round(w / d) (int8), 34 bytes a block."""
+    N, K = w.shape
+    if K % 32:
+        raise ValueError(f"Q8_0 needs K divisible by 32, got {K}")
+    v = w.detach().float().cpu().reshape(N, K // 32, 32)
+    d = v.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(v * inv).clamp(-127, 127).to(torch.int8)
+    blocks = torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], -1)   # [N, K/32, 2 + 32]
+    return QuantizedTensor(blocks.reshape(N, K // 32 * 34).contiguous(), 8, (N, K))
+
+
 def stack_rows(parts: list[QuantizedTensor]) -> list[QuantizedTensor]:
     """Row blocks of one fused projection (q, k, v or gate, up), consecutive ones of the same
     type merged: one kernel call per run of equal types (a file may mix types: Q4_K_M keeps
