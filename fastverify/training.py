@@ -160,8 +160,8 @@ def default_aux_layers(model) -> tuple[int, ...]:
     return (2, L // 2, L - 3)
 
 
-def build_data(model, folder: str, *, samples: int = 1200, max_new_tokens: int = 256, batch_size: int = 8,
-               shard: int = 48, seed: int = 0, progress: bool = True) -> list[str]:
+def build_data(model, folder: str, *, samples: int = 1600, max_new_tokens: int = 256, batch_size: int = 16,
+               shard: int = 64, seed: int = 0, progress: bool = True) -> list[str]:
     """Generate (or reuse) the training data under ``folder``: shards ``data-XXXX.pt`` of
     ``shard`` samples, each ``{"ids", "prompt_len", "h" fp16 [L, d], "aux" fp16 [L, 3d]}``.
     Shards that exist are kept, so an interrupted run resumes."""

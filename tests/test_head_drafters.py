@@ -344,7 +344,13 @@ def test_dynamic_tree_matches_brute_force(depth, topk, budget):
         return torch.tensor(lps, dtype=torch.float64), torch.tensor(toks)
 
     tokens, parents, scores = dynamic_tree(expand, B, depth, topk, budget)
+    # an expand that declines level `depth - 1` grows the tree of depth - 1 levels
+    stopped = dynamic_tree(lambda level, f, pool: None if level == depth - 1 else expand(level, f, pool), B, depth,
+                           topk, budget)
     for b in range(B):
+        if depth > 1:
+            short = brute_force_tree(lambda p: child_lp(p, b), depth - 1, topk, budget)
+            assert stopped[0][b].tolist() == short[0] and stopped[1][b].tolist() == short[1]
         want_tok, want_par, want_score = brute_force_tree(lambda p: child_lp(p, b), depth, topk, budget)
         assert tokens[b].tolist() == want_tok
         assert parents[b].tolist() == want_par

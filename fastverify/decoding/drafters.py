@@ -68,7 +68,7 @@ def dynamic_tree(expand, batch: int, depth: int, topk: int, budget: int, device=
 
     Node 0 of each request's pool is the root (score 0). Level l (l = 0 … depth − 1):
     ``expand(level, frontier [B, F] pool nodes, pool) -> (logprobs [B, F, k], tokens [B, F, k])``
-    proposes k children per frontier node; all F·k join the pool with score = parent's
+    proposes k children per frontier node (or returns None: the tree stops growing there); all F·k join the pool with score = parent's
     score + log-prob, and the ``topk`` best of them (ties: lower index) are the next
     frontier. The draft is the ``budget − 1`` best pool nodes but the root (ties: lower
     index); since a child never scores above its parent and comes after it, the kept set
@@ -87,7 +87,10 @@ def dynamic_tree(expand, batch: int, depth: int, topk: int, budget: int, device=
     pool = {"tokens": tokens, "parents": parents, "scores": scores, "size": 1}
     frontier = torch.zeros(batch, 1, dtype=torch.long, device=device)
     for level in range(depth):
-        lp, tok = expand(level, frontier, pool)                              # [B, F, k]
+        grown = expand(level, frontier, pool)
+        if grown is None:
+            break
+        lp, tok = grown                                                      # [B, F, k]
         B, F, k = lp.shape
         n = pool["size"]
         cand = (scores.gather(1, frontier)[:, :, None] + lp.double()).reshape(B, F * k)

@@ -22,6 +22,7 @@ so the output is the target's.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -205,6 +206,22 @@ class Eagle3Drafter(_HeadDrafter):
             self.length[b] += n
         return y[(cu[1:] - 1).long()]
 
+    level_seconds: float | None = None   # measured time of one tree level past the first (moving average)
+
+    def _worth_growing(self, run, pool, frontier, budget: int, spent: float) -> bool:
+        """Whether another tree level can pay for itself: its nodes add at most the frontier's
+        probability mass Σ exp(score) expected tokens (children never outscore their parent)
+        for one more level of drafting, so grow while mass / t_level beats the tree's current
+        rate E / (t_verify + t_draft) (E, t_verify of the best ``budget − 1`` nodes so far)."""
+        if self.level_seconds is None:
+            return True
+        B, P = frontier.shape[0], pool["size"]
+        best = pool["scores"][:, 1:P].topk(min(budget - 1, P - 1), dim=1).values
+        expected = B + float(best.exp().sum())
+        seconds = step_cost(run.model.step_seconds, B * (best.shape[1] + 1)) + spent
+        mass = float(pool["scores"].gather(1, frontier).exp().sum())
+        return mass / self.level_seconds > expected / seconds
+
     def _ready(self, reqs: list[int]) -> list[int]:
         """The requests that can draft: those with target states to start from (a one-token
         prompt has none before its first verification)."""
@@ -247,9 +264,14 @@ class Eagle3Drafter(_HeadDrafter):
         ys = y_root.new_zeros(B, 1 + depth * topk * topk, y_root.shape[-1])   # layer output of each run node
         ys[:, 0] = y_root
 
+        started = time.perf_counter()
+
         def expand(level, frontier, pool):
             F = frontier.shape[1]
             if level > 0:
+                if run.adaptive and not self._worth_growing(run, pool, frontier, budget, time.perf_counter() - started):
+                    return None
+                t0 = time.perf_counter()
                 # run the frontier: entries at prefix + pool index, masked to their ancestors
                 P = pool["size"]
                 cu = torch.arange(B + 1, device=dev, dtype=torch.int32) * P
@@ -263,6 +285,9 @@ class Eagle3Drafter(_HeadDrafter):
                 ys.scatter_(1, frontier[:, :, None].expand(B, F, ys.shape[-1]), out)
             h = m.head_input(ys.gather(1, frontier[:, :, None].expand(B, F, ys.shape[-1])))
             lp, tok = self._topk(h.flatten(0, 1), topk)
+            if level > 0:
+                elapsed = time.perf_counter() - t0
+                self.level_seconds = elapsed if self.level_seconds is None else 0.8 * self.level_seconds + 0.2 * elapsed
             return lp.view(B, F, topk), tok.view(B, F, topk)
 
         tokens, parents, _ = best_nodes(run, *dynamic_tree(expand, B, depth, topk, budget, dev))
