@@ -15,7 +15,7 @@ LAYERS = [
     ("ops", ("fastverify.ops",)),
     ("models", ("fastverify.models",)),
     ("decoding", ("fastverify.decoding",)),
-    ("applications", ("fastverify.frspec", "fastverify.integrations", "fastverify.bench", "fastverify.compare",
+    ("applications", ("fastverify.frspec", "fastverify.training", "fastverify.integrations", "fastverify.bench", "fastverify.compare",
                       "fastverify.cli", "fastverify.__main__", "fastverify")),
 ]
 

@@ -44,6 +44,19 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
+def draft_probs(h: torch.Tensor, weight: torch.Tensor, token_map: torch.Tensor | None, x: torch.Tensor,
+                temperature: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """q [R, V] each draft x [R] was drawn from, at head inputs h [R, d] with a head ``weight
+    [V_sub, d]`` over target ids ``token_map`` (None: all V): softmax(logits / T) over the
+    head's tokens (zero elsewhere); a point mass at x for greedy rows (T = 0). One matmul for
+    a whole chain, after drafting (the draws themselves never wrote logits)."""
+    t = temperature[:, None]
+    q_sub = torch.softmax((h.float() @ weight.float().t()) / torch.where(t > 0, t, 1.0), -1)   # [R, V_sub]
+    q = q_sub if token_map is None else q_sub.new_zeros(len(x), vocab_size).index_copy_(1, token_map, q_sub)
+    onehot = torch.zeros_like(q).scatter_(1, x[:, None], 1.0)
+    return torch.where(t > 0, q, onehot)
+
+
 def chain_draft(tokens: list[list[int]], probs=None) -> Draft:
     return Draft(tokens, [list(range(len(t))) for t in tokens], probs)
 
@@ -241,16 +254,8 @@ class ModelDrafter:
             self.length[b] += n
 
     def _draft_probs(self, h: torch.Tensor, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """q [R, V] each draft x [R] was drawn from, at hidden states h [R, d]: softmax(logits / T)
-        over the head's tokens (zero elsewhere); a point mass at x for greedy rows (T = 0).
-        One matmul for the whole chain, after drafting (the draws themselves never wrote logits)."""
         weight, token_map = self._head()
-        t = temperature[:, None]
-        q_sub = torch.softmax((h.float() @ weight.float().t()) / torch.where(t > 0, t, 1.0), -1)   # [R, V_sub]
-        V = self.run.model.config.vocab_size
-        q = q_sub if token_map is None else q_sub.new_zeros(len(x), V).index_copy_(1, token_map, q_sub)
-        onehot = torch.zeros_like(q).scatter_(1, x[:, None], 1.0)
-        return torch.where(t > 0, q, onehot)
+        return draft_probs(h, weight, token_map, x, temperature, self.run.model.config.vocab_size)
 
     def chain(self, run, reqs: list[int], k: int) -> Draft:
         """Draft d_1 .. d_k ~ q by Gumbel-max inside ``lm_head_sample``, keyed by (seed,

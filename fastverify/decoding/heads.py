@@ -29,7 +29,7 @@ import torch
 from .. import ops
 from ..cpu import available as quant_available
 from ..models import Step, chain_parents, cu_from_counts
-from .drafters import Draft, chain_draft, dynamic_tree, step_cost
+from .drafters import Draft, chain_draft, draft_probs, dynamic_tree, step_cost
 
 
 def best_nodes(run, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor):
@@ -85,16 +85,6 @@ class _HeadDrafter:
     capture: tuple[int, ...] = ()
     name = "head"
 
-    def _draft_probs(self, h: torch.Tensor, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """q [R, V] each draft x [R] was drawn from at head inputs h [R, d]: softmax(logits / T)
-        over the draft vocabulary (zero elsewhere); a point mass at x where T = 0."""
-        t = temperature[:, None]
-        q_sub = torch.softmax((h.float() @ self.weight.float().t()) / torch.where(t > 0, t, 1.0), -1)
-        V = self.run.model.config.vocab_size
-        q = q_sub.new_zeros(len(x), V).index_copy_(1, self.token_map, q_sub)
-        onehot = torch.zeros_like(q).scatter_(1, x[:, None], 1.0)
-        return torch.where(t > 0, q, onehot)
-
     def _sample(self, run, reqs: list[int], heads: list[torch.Tensor], next_head) -> Draft:
         """A chain: draft i ~ q at head input ``heads[i]`` (``next_head(i, x)`` computes input
         i + 1 from draft i), keyed by (seed, draw position) like every draw of the run.
@@ -133,8 +123,8 @@ class _HeadDrafter:
         x = torch.stack(drafts, 1)                                         # [B, k]
         q = None
         if bool((temperature > 0).any()):
-            q = self._draft_probs(torch.stack(heads[:k], 1).flatten(0, 1), x.flatten(),
-                                  temperature.repeat_interleave(k))
+            q = draft_probs(torch.stack(heads[:k], 1).flatten(0, 1), self.weight, self.token_map, x.flatten(),
+                            temperature.repeat_interleave(k), run.model.config.vocab_size)
         return chain_draft(x.tolist(), q)
 
     def _topk(self, h: torch.Tensor, k: int):
