@@ -89,6 +89,7 @@ def training_prompts(n: int, seed: int = 0) -> list[str]:
                   if 200 <= len(p.strip()) <= 900]
     functions = _stdlib_functions()
     excluded = {p.strip() for p in PROMPTS.values()}
+    paragraphs = [p for p in paragraphs if not any(p in e for e in excluded)]
     prompts = [p for p in frspec.DEFAULT_PROMPTS if p.strip() not in excluded]
     while len(prompts) < n:
         if rng.random() < 0.6 and paragraphs:

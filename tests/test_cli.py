@@ -154,3 +154,20 @@ def test_train_drafter_writes_a_checkpoint_that_drafts(tmp_path, capsys, monkeyp
     assert cli.main(["generate", "--prompt", "Name a fruit.", "--method", "tree", "--drafter", str(tmp_path / "eagle3"),
                      "--max-new-tokens", "6"]) == 0
     assert "tokens per forward" in capsys.readouterr().out
+
+
+@needs_smollm2
+def test_shipped_drafters_run_every_method_losslessly(tmp_path, capsys):
+    """The committed SmolLM2 drafters load by name, and compare's eagle3 / medusa rows emit
+    the autoregressive tokens (chain and tree, greedy)."""
+    code = cli.main(["compare", "--max-new-tokens", "12", "--prompts", "explain", "--methods",
+                     "ar,chain/eagle3,tree/eagle3,chain/medusa,tree/medusa", "--no-hf", "--no-llama-cpp",
+                     "--no-memory", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (report,) = tmp_path.glob("compare-*.json")
+    rows = {r["label"]: r for r in json.loads(report.read_text())["rows"]}
+    assert set(rows) >= {"chain/eagle3", "tree/eagle3", "chain/medusa", "tree/medusa"}
+    assert all(r["same_as_ar"] == 1 for r in rows.values()), rows
+    assert cli.main(["generate", "--prompt", "Say hi.", "--method", "chain", "--drafter", "medusa",
+                     "--max-new-tokens", "4", "--temperature", "0.7"]) == 0

@@ -508,3 +508,21 @@ def test_training_lowers_the_loss(tmp_path, kind):
     # resuming a finished run trains no further and gives the same drafter
     again = train(model, data, str(tmp_path), steps=40, lr=3e-3, draft_vocab=48, batch_tokens=256, progress=False)
     assert again["final_train_loss"] == summary["final_train_loss"]
+
+
+def test_training_prompts_leave_out_the_compare_prompts(monkeypatch):
+    """Evaluation (fastverify compare) never sees a training prompt: the compare prompts are
+    removed from the built-in prompts, whatever the corpus holds."""
+    from fastverify import compare, frspec
+
+    leaked = compare.PROMPTS["summarize"]
+    monkeypatch.setattr(frspec, "builtin_corpus", lambda: iter(["A paragraph about tides and the moon. " * 8,
+                                                                  leaked]))
+    monkeypatch.setattr(training, "_stdlib_functions", lambda: [("def f(total):\n    return total + 1", ["total"])])
+    prompts = training.training_prompts(300, seed=1)
+    assert len(prompts) == 300
+    texts = {p.strip() for p in compare.PROMPTS.values()}
+    assert compare.PROMPTS["explain"] in frspec.DEFAULT_PROMPTS          # the reason for the filter
+    assert not texts & {p.strip() for p in prompts}
+    council = leaked.split("\n\n")[1]                                  # a paragraph the corpus shares with it
+    assert len(council) >= 200 and not any(council in p for p in prompts)
