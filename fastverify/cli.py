@@ -398,11 +398,14 @@ def _add_train_drafter(sub) -> None:
     _add_model_args(p)
     p.add_argument("--kind", required=True, choices=("eagle3", "medusa"))
     p.add_argument("--out", required=True, metavar="DIR", help="where the drafter (and its data, state) go")
-    p.add_argument("--samples", type=int, default=1600, help="prompts the model answers for the data")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000 eagle3, 1500 medusa)")
+    p.add_argument("--samples", type=int, default=1600, help="prompts built from the library's text the model answers")
+    p.add_argument("--self-instruct", type=int, default=640, metavar="N",
+                   help="prompts the model writes itself (everyday requests) and then answers, besides --samples")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1200 eagle3, 1000 medusa)")
     p.add_argument("--data", default=None, metavar="DIR", help="data folder (default DIR/data; share it between kinds)")
     p.add_argument("--draft-vocab", type=int, default=4096, help="tokens the drafter proposes (most frequent first)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init", default=None, metavar="DIR", help="eagle3: start from this trained drafter (fine-tuning)")
     p.set_defaults(func=_cmd_train_drafter)
 
 
@@ -411,8 +414,10 @@ def _cmd_train_drafter(args) -> int:
 
     model = _load_model(args)
     _log(f"training a {args.kind} drafter for {args.model} into {args.out}")
-    summary = train_drafter(model, args.kind, args.out, samples=args.samples, steps=args.steps, data_dir=args.data,
-                            draft_vocab=args.draft_vocab, lr=args.lr, verifier=args.model, log=_log)
+    summary = train_drafter(model, args.kind, args.out, samples=args.samples, self_instruct=args.self_instruct,
+                            steps=args.steps, data_dir=args.data,
+                            draft_vocab=args.draft_vocab, lr=args.lr, verifier=args.model, log=_log,
+                            **({"init": args.init} if args.init else {}))
     print()
     print("| kind | samples | tokens | steps | data (s) | training (s) | held-out loss | agreement per depth |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")

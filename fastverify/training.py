@@ -108,6 +108,38 @@ def training_prompts(n: int, seed: int = 0) -> list[str]:
     return prompts[:n]
 
 
+@torch.no_grad()
+def self_instruct_prompts(model, n: int, *, seed: int = 0, batch_size: int = 32, progress: bool = True) -> list[str]:
+    """``n`` prompts the target writes itself (Magpie-style self-instruction): the chat
+    template up to the user's turn, continued at temperature 1 until the turn ends — the
+    everyday requests an instruct model was tuned on, which the library's technical text
+    lacks. Compare prompts are left out like everywhere else."""
+    from .compare import PROMPTS
+    from .decoding import generate
+
+    tok = model.tokenizer
+    if tok is None or not tok.has_chat_template:
+        return []
+    marker = "\u2063"
+    prefix = tok.apply_chat_template(marker).split(marker)[0]        # system turn + "<user turn start>"
+    ids = tok.encode(prefix, add_bos=False)
+    excluded = {p.strip() for p in PROMPTS.values()}
+    out: list[str] = []
+    bar = _progress(n, "self-instruct prompts", "prompt", progress)
+    start = 0
+    while len(out) < n:
+        r = generate(model, [ids] * batch_size, max_new_tokens=64, temperature=1.0, top_p=0.95, chat=False,
+                     seed=list(range(seed + start, seed + start + batch_size)))
+        start += batch_size
+        for text in r.texts:
+            text = text.strip()
+            if 15 <= len(text) <= 400 and text not in excluded and text not in out and len(out) < n:
+                out.append(text)
+                bar.update(1)
+    bar.close()
+    return out
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -161,19 +193,41 @@ def default_aux_layers(model) -> tuple[int, ...]:
     return (2, L // 2, L - 3)
 
 
-def build_data(model, folder: str, *, samples: int = 1600, max_new_tokens: int = 256, batch_size: int = 16,
-               shard: int = 64, seed: int = 0, progress: bool = True) -> list[str]:
+def build_data(model, folder: str, *, samples: int = 1600, self_instruct: int = 0, max_new_tokens: int = 256,
+               batch_size: int = 16, shard: int = 64, seed: int = 0, progress: bool = True) -> list[str]:
     """Generate (or reuse) the training data under ``folder``: shards ``data-XXXX.pt`` of
-    ``shard`` samples, each ``{"ids", "prompt_len", "h" fp16 [L, d], "aux" fp16 [L, 3d]}``.
-    Shards that exist are kept, so an interrupted run resumes."""
+    ``shard`` samples, each ``{"ids", "prompt_len", "h" fp16 [L, d], "aux" fp16 [L, 3d]}``,
+    for ``samples`` prompts of :func:`training_prompts`, then shards ``self-XXXX.pt`` for
+    ``self_instruct`` prompts of :func:`self_instruct_prompts` (kept in
+    ``self-instruct.json``). Shards that exist are kept, so an interrupted run resumes."""
+    import json
+
     os.makedirs(folder, exist_ok=True)
-    prompts = training_prompts(samples, seed)
+    paths = _build_shards(model, folder, "data", training_prompts(samples, seed), max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, shard=shard, seed=seed, progress=progress)
+    if self_instruct:
+        listing = os.path.join(folder, "self-instruct.json")
+        if os.path.exists(listing):
+            with open(listing, encoding="utf-8") as f:
+                prompts = json.load(f)
+        else:
+            prompts = self_instruct_prompts(model, self_instruct, seed=seed, progress=progress)
+            with open(listing, "w", encoding="utf-8") as f:
+                json.dump(prompts, f, indent=0)
+        paths += _build_shards(model, folder, "self", prompts[:self_instruct], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, shard=shard, seed=seed + 1, progress=progress)
+    return paths
+
+
+def _build_shards(model, folder: str, stem: str, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                  shard: int, seed: int, progress: bool) -> list[str]:
     aux_layers = default_aux_layers(model)
+    samples = len(prompts)
     paths = []
     n_shards = -(-samples // shard)
-    bar = _progress(n_shards, "training data", "shard", progress)
+    bar = _progress(n_shards, f"training data ({stem})", "shard", progress)
     for s in range(n_shards):
-        path = os.path.join(folder, f"data-{s:04d}.pt")
+        path = os.path.join(folder, f"{stem}-{s:04d}.pt")
         paths.append(path)
         if not os.path.exists(path):
             answers = answer_prompts(model, prompts[s * shard:(s + 1) * shard], max_new_tokens=max_new_tokens,
@@ -382,17 +436,21 @@ def _evaluate(loss_fn, samples: list[dict], batch_tokens: int) -> tuple[float, l
             [sum(a[i] for a in accs if len(a) > i) / max(1, sum(len(a) > i for a in accs)) for i in range(n)])
 
 
-def train_eagle3(model, samples: list[dict], out: str, *, steps: int = 3000, lr: float = 1e-3, ttt_steps: int = 3,
+def train_eagle3(model, samples: list[dict], out: str, *, steps: int = 1200, lr: float = 1e-3, ttt_steps: int = 3,
                  draft_vocab: int = 4096, batch_tokens: int = 2048, seed: int = 0, progress: bool = True,
-                 verifier: str | None = None, log=None) -> dict:
+                 verifier: str | None = None, init: str | None = None, log=None) -> dict:
     """Train an EAGLE-3 drafter for ``model`` on ``samples`` (:func:`build_data`) and write it
-    to ``out`` in the speculators format. Returns a summary (held-out loss / agreement)."""
-    from .models.eagle3 import Eagle3, save_eagle3
+    to ``out`` in the speculators format. ``init``: start from that trained drafter (its
+    weights; the head's rows of tokens both vocabularies hold, the target's rows for the
+    others) instead of the fresh initialisation. Returns a summary (held-out loss / agreement)."""
+    from .models.eagle3 import Eagle3, load_eagle3, save_eagle3
 
     train, held_out = _split(samples)
     eos = list(model.config.eos_ids)
     vocab = draft_vocabulary(train, draft_vocab, model.config.vocab_size, always=eos)
     drafter = Eagle3.for_target(model, token_map=vocab, verifier=verifier, seed=seed)
+    if init is not None:
+        _warm_start(drafter, load_eagle3(init))
     target_rows = model.lm_head.weight.detach()[vocab].float().contiguous()      # [Vd, d]
     params = [p for n, p in drafter.named_parameters() if not n.startswith("embed_tokens.")]
     dev = model.device
@@ -413,6 +471,19 @@ def train_eagle3(model, samples: list[dict], out: str, *, steps: int = 3000, lr:
             "final_train_loss": history[-1][1] if history else None}
 
 
+@torch.no_grad()
+def _warm_start(drafter, trained) -> None:
+    """Copy ``trained``'s weights into ``drafter`` (same shapes), its head rows by target id."""
+    own = dict(drafter.named_parameters())
+    for name, p in trained.named_parameters():
+        if name != "lm_head.weight" and name in own:
+            own[name].copy_(p.float())
+    row_of = {int(t): i for i, t in enumerate(trained.token_map)}
+    for j, t in enumerate(drafter.token_map.tolist()):
+        if t in row_of:
+            drafter.lm_head.weight[j] = trained.lm_head.weight[row_of[t]].float()
+
+
 def _coverage(samples: list[dict], vocab: torch.Tensor) -> float:
     """Share of answer tokens inside the draft vocabulary."""
     inside = torch.zeros(int(vocab.max()) + 1, dtype=torch.bool)
@@ -425,7 +496,7 @@ def _coverage(samples: list[dict], vocab: torch.Tensor) -> float:
     return hit / max(1, n)
 
 
-def train_medusa(model, samples: list[dict], out: str, *, steps: int = 1500, lr: float = 1e-3, num_heads: int = 4,
+def train_medusa(model, samples: list[dict], out: str, *, steps: int = 1000, lr: float = 1e-3, num_heads: int = 4,
                  draft_vocab: int = 4096, batch_tokens: int = 4096, seed: int = 0, progress: bool = True,
                  verifier: str | None = None, log=None) -> dict:
     """Train shared-head Medusa heads for ``model`` (projecting through its LM head rows of
@@ -465,8 +536,9 @@ def train_medusa(model, samples: list[dict], out: str, *, steps: int = 1500, lr:
             "final_train_loss": history[-1][1] if history else None}
 
 
-def train_drafter(model, kind: str, out: str, *, samples: int = 1600, steps: int | None = None,
-                  data_dir: str | None = None, progress: bool = True, log=None, **kw) -> dict:
+def train_drafter(model, kind: str, out: str, *, samples: int = 1600, self_instruct: int = 0,
+                  steps: int | None = None, data_dir: str | None = None, progress: bool = True, log=None,
+                  **kw) -> dict:
     """``fastverify train-drafter``: data (:func:`build_data`, under ``data_dir`` or
     ``out/data``), then :func:`train_eagle3` or :func:`train_medusa`; writes ``out/training.json``."""
     import json
@@ -475,14 +547,15 @@ def train_drafter(model, kind: str, out: str, *, samples: int = 1600, steps: int
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    paths = build_data(model, data_dir or os.path.join(out, "data"), samples=samples, progress=progress)
+    paths = build_data(model, data_dir or os.path.join(out, "data"), samples=samples, self_instruct=self_instruct,
+                       progress=progress)
     data = load_data(paths)
     t1 = time.time()
     train = train_eagle3 if kind == "eagle3" else train_medusa
     if steps is not None:
         kw["steps"] = steps
     summary = train(model, data, out, progress=progress, log=log, **kw)
-    summary.update(data_seconds=t1 - t0, train_seconds=time.time() - t1, samples=samples,
+    summary.update(data_seconds=t1 - t0, train_seconds=time.time() - t1, samples=samples, self_instruct=self_instruct,
                    tokens=sum(len(s["ids"]) for s in data), threads=torch.get_num_threads())
     with open(os.path.join(out, "training.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

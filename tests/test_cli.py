@@ -145,12 +145,13 @@ def test_train_drafter_writes_a_checkpoint_that_drafts(tmp_path, capsys, monkeyp
     monkeypatch.setattr(training, "training_prompts", lambda n, seed=0: ["Name a fruit.", "Say hello."][:n])
     for kind in ("eagle3", "medusa"):
         out = tmp_path / kind
-        assert cli.main(["train-drafter", "--kind", kind, "--out", str(out), "--samples", "2", "--steps", "2",
-                         "--data", str(tmp_path / "data")]) == 0
+        assert cli.main(["train-drafter", "--kind", kind, "--out", str(out), "--samples", "2", "--self-instruct", "2",
+                         "--steps", "2", "--data", str(tmp_path / "data")]) == 0
         printed = capsys.readouterr().out
         assert f"| {kind} | 2 |" in printed and "wrote" in printed
         assert (out / "config.json").is_file() and (out / "training.json").is_file()
     assert len(list((tmp_path / "data").glob("data-*.pt"))) == 1      # the second kind reused the data
+    assert len(list((tmp_path / "data").glob("self-*.pt"))) == 1      # with 2 prompts the model wrote itself
     assert cli.main(["generate", "--prompt", "Name a fruit.", "--method", "tree", "--drafter", str(tmp_path / "eagle3"),
                      "--max-new-tokens", "6"]) == 0
     assert "tokens per forward" in capsys.readouterr().out
