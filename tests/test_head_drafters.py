@@ -526,3 +526,16 @@ def test_training_prompts_leave_out_the_compare_prompts(monkeypatch):
     assert not texts & {p.strip() for p in prompts}
     council = leaked.split("\n\n")[1]                                  # a paragraph the corpus shares with it
     assert len(council) >= 200 and not any(council in p for p in prompts)
+
+
+def test_warm_start_carries_weights_and_head_rows_by_token(target):
+    trained = random_eagle3(target, 64, 40, seed=3)
+    vocab = torch.arange(10, 50)                                          # overlaps trained's vocabulary in part
+    fresh = Eagle3.for_target(target, token_map=vocab)
+    training._warm_start(fresh, trained)
+    assert torch.equal(fresh.fc.weight, trained.fc.weight)
+    assert torch.equal(fresh.layers[0].mlp.w13.weight, trained.layers[0].mlp.w13.weight)
+    row_of = {int(t): i for i, t in enumerate(trained.token_map)}
+    for j, t in enumerate(vocab.tolist()):
+        want = trained.lm_head.weight[row_of[t]] if t in row_of else target.lm_head.weight[t]
+        assert torch.equal(fresh.lm_head.weight[j], want), t
