@@ -489,10 +489,16 @@ def ranked_head(model, ranking_or_token_map, n: int | None = None, *, device=Non
     keeps its first ``n``). ``model``: a model with ``lm_head`` (or ``output``), or the
     head weight ``[V, d]`` itself.
     """
-    weight = _head_weight(model)
-    if weight.dim() != 2:
-        raise ValueError(f"the LM head weight must be [V, d], got {tuple(weight.shape)}")
-    V = weight.shape[0]
+    from .models.quantized import QuantizedLinear, weight_rows
+
+    blocks = getattr(model, "lm_head", None)
+    if isinstance(blocks, QuantizedLinear):   # GGUF blocks: dequantize the subset's rows only
+        weight, V = None, blocks.out_features
+    else:
+        blocks, weight = None, _head_weight(model)
+        if weight.dim() != 2:
+            raise ValueError(f"the LM head weight must be [V, d], got {tuple(weight.shape)}")
+        V = weight.shape[0]
     if isinstance(ranking_or_token_map, Ranking):
         ranking = ranking_or_token_map
         if n is None:
@@ -520,7 +526,10 @@ def ranked_head(model, ranking_or_token_map, n: int | None = None, *, device=Non
             raise ValueError(f"token_map holds ids outside the vocabulary [0, {V})")
         if torch.unique(token_map).numel() != token_map.numel():
             raise ValueError("token_map holds an id more than once")
-    rows = weight.detach().index_select(0, token_map.to(weight.device))   # a new tensor, never a view
+    if blocks is not None:
+        rows = weight_rows(blocks, token_map)
+    else:
+        rows = weight.detach().index_select(0, token_map.to(weight.device))   # a new tensor, never a view
     rows = rows.to(device=device, dtype=dtype).contiguous()
     return RankedHead(rows, token_map.to(device=rows.device), V)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import frspec
 from .models import Step, chain_parents, cu_from_counts
+from .models.quantized import weight_rows
 
 KINDS = ("eagle3", "medusa")
 
@@ -451,7 +452,7 @@ def train_eagle3(model, samples: list[dict], out: str, *, steps: int = 1200, lr:
     drafter = Eagle3.for_target(model, token_map=vocab, verifier=verifier, seed=seed)
     if init is not None:
         _warm_start(drafter, load_eagle3(init))
-    target_rows = model.lm_head.weight.detach()[vocab].float().contiguous()      # [Vd, d]
+    target_rows = weight_rows(model.lm_head, vocab).contiguous()                # [Vd, d]
     params = [p for n, p in drafter.named_parameters() if not n.startswith("embed_tokens.")]
     dev = model.device
 
@@ -511,7 +512,7 @@ def train_medusa(model, samples: list[dict], out: str, *, steps: int = 1000, lr:
     with torch.no_grad():   # zero blocks: every head starts as the target's own head (Medusa's initialisation)
         for p in medusa.parameters():
             p.zero_()
-    head = model.lm_head.weight.detach()[vocab].float().contiguous()
+    head = weight_rows(model.lm_head, vocab).contiguous()
 
     def loss_fn(batch):
         total, accs = 0.0, []

@@ -224,6 +224,21 @@ def test_q8_0_drafter_weights():
         quantize_q8_0(torch.zeros(2, 40))
 
 
+def test_weight_rows_dequantize_only_the_rows_asked():
+    from fastverify.models.quantized import QuantizedLinear, quantize_q8_0, weight_rows
+
+    w = torch.randn(70, 64, generator=torch.Generator().manual_seed(3))
+    lin = QuantizedLinear([quantize_q8_0(w[:30]), quantize_q8_0(w[30:])])      # two row ranges
+    index = torch.tensor([69, 0, 31, 29, 30, 5])
+    assert torch.equal(weight_rows(lin, index), lin.weight[index])
+    assert lin._dense is not None   # (.weight above built the dense copy; weight_rows never does)
+    fresh = QuantizedLinear([quantize_q8_0(w[:30]), quantize_q8_0(w[30:])])
+    weight_rows(fresh, index)
+    assert fresh._dense is None
+    plain = torch.nn.Linear(64, 70, bias=False)
+    assert torch.equal(weight_rows(plain, index), plain.weight.detach()[index])
+
+
 def test_quantized_drafter_is_close_to_fp32(target):
     d = random_eagle3(target, 64, 40)
     q = random_eagle3(target, 64, 40).quantize().use_cpu_kernels()

@@ -28,6 +28,7 @@ import torch
 
 from .. import ops
 from ..cpu import available as quant_available
+from ..models.quantized import weight_rows
 from ..models import Step, chain_parents, cu_from_counts
 from .drafters import Draft, chain_draft, draft_probs, dynamic_tree, step_cost
 
@@ -302,7 +303,7 @@ class MedusaDrafter(_HeadDrafter):
         tm = self.model.token_map
         self.token_map = (torch.arange(V) if tm is None else tm).to(target.device)
         if c.shared_head:
-            self.weight = target.lm_head.weight.detach()[self.token_map].float().contiguous()
+            self.weight = weight_rows(target.lm_head, self.token_map).contiguous()
         else:
             raise ValueError("fastverify drafts with shared-head Medusa checkpoints (medusa_shared_head); "
                              "heads with their own vocabulary projection are not wired into decoding")

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ..cpu import step as cpu_kernels
 from .model import MLP, Attention, KVCache, Linear, ModelArgs, RMSNorm, Step, rope_frequencies
+from .quantized import weight_rows
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -314,7 +315,7 @@ class Eagle3(nn.Module):
             layer0.self_attn.o_proj.weight.zero_()
             layer0.mlp.down_proj.weight.zero_()
             model.set_vocabulary(token_map)
-            model.lm_head.weight.copy_(target.lm_head.weight.detach()[model.token_map].float())
+            model.lm_head.weight.copy_(weight_rows(target.lm_head, model.token_map))
             model.norm.weight.copy_(target.model.norm.weight.detach().float())
         return model.share_embedding(target.model.embed_tokens)
 

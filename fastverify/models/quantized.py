@@ -66,6 +66,14 @@ def quantize_q8_0(w: torch.Tensor) -> QuantizedTensor:
     return QuantizedTensor(blocks.reshape(N, K // 32 * 34).contiguous(), 8, (N, K))
 
 
+def weight_rows(linear: nn.Module, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of a projection's weight as float32 ``[len(index), K]`` (an ``nn.Linear``
+    or a :class:`QuantizedLinear`, which dequantizes only those rows)."""
+    if isinstance(linear, QuantizedLinear):
+        return linear.weight_rows(index).to(index.device)
+    return linear.weight.detach()[index.to(linear.weight.device)].float()
+
+
 def stack_rows(parts: list[QuantizedTensor]) -> list[QuantizedTensor]:
     """Row blocks of one fused projection (q, k, v or gate, up), consecutive ones of the same
     type merged: one kernel call per run of equal types (a file may mix types: Q4_K_M keeps
@@ -109,11 +117,26 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """W dequantized to float32 ``[N, K]`` (computed once and kept: for code that needs a
-        dense head, such as FR-Spec's ranked heads; the model's own steps never call it)."""
+        """W dequantized to float32 ``[N, K]`` (computed once and kept: for code that needs the
+        whole dense matrix, such as a layer-skip drafter's own head; a subset of rows is
+        :meth:`weight_rows`; the model's own steps never call it)."""
         if self._dense is None:
             self._dense = torch.cat([p.dequantize() for p in self.parts()])
         return self._dense
+
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of W dequantized to float32 ``[len(index), K]``, reading only those
+        rows' blocks (a head subset costs its rows, not the dense copy :attr:`weight` keeps)."""
+        index = index.long().cpu()
+        out = torch.empty(len(index), self.in_features)
+        start = 0
+        for p in self.parts():
+            n = p.shape[0]
+            inside = ((index >= start) & (index < start + n)).nonzero()[:, 0]
+            if len(inside):
+                out[inside] = p.rows(index[inside] - start).dequantize()
+            start += n
+        return out
 
     def project(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
