@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import frspec
+from .decoding.heads import KINDS
 from .models import Step, chain_parents, cu_from_counts
 from .models.quantized import weight_rows
-
-KINDS = ("eagle3", "medusa")
 
 _TEXT_TASKS = [
     "Summarize the following text in two sentences.\n\n{text}",

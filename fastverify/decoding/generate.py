@@ -118,10 +118,10 @@ class Run:
         self.filter_p = bool((self.top_p < 1).any())
         self.stats = GenerationStats(accepted=[[] for _ in range(B)])
         self.draft_length: DraftLength | None = None  # set for free (n-gram) chain drafts
+        self.adaptive = True   # drafters size their drafts by the cost model (generate's `adaptive`)
         # target states a drafter reads (EAGLE-3, Medusa): the layer ids it asks the target to
         # capture (None: nothing kept), and per request the (final-norm h, captured features)
         # of the committed tokens the drafter has not taken yet, in position order
-        self.adaptive = True   # drafters size their drafts by the cost model (generate's `adaptive`)
         self.capture: tuple[int, ...] | None = None
         self.states: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(B)]
 

@@ -57,23 +57,6 @@ def best_nodes(run, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.T
     return (tokens.gather(1, chosen), new_index.gather(1, parents.gather(1, chosen)), scores.gather(1, chosen))
 
 
-def _for_ready(drafter, run, reqs: list[int], draft) -> Draft:
-    """``draft(ready requests)``, with empty drafts for the requests that cannot draft yet."""
-    act = drafter._ready(reqs)
-    if len(act) == len(reqs):
-        return draft(act)
-    out = Draft([[] for _ in reqs], [[] for _ in reqs])
-    if not act:
-        return out
-    d = draft(act)
-    pos = {b: i for i, b in enumerate(act)}
-    for j, b in enumerate(reqs):
-        if b in pos:
-            out.tokens[j], out.parents[j] = d.tokens[pos[b]], d.parents[pos[b]]
-    out.probs = d.probs            # rows of the drafted tokens only, request-major: unchanged
-    return out
-
-
 def _as_draft(tokens: torch.Tensor, parents: torch.Tensor) -> Draft:
     """Tree-local parents (0 = root) -> Draft's convention (node i + 1 hangs off parents[i])."""
     return Draft(tokens.tolist(), parents.tolist())
@@ -85,6 +68,28 @@ class _HeadDrafter:
 
     capture: tuple[int, ...] = ()
     name = "head"
+
+    def chain(self, run, reqs: list[int], k: int) -> Draft:
+        return self._for_ready(reqs, lambda act: self._chain(run, act, k))
+
+    def tree(self, run, reqs: list[int], depth: int, topk: int, budget: int) -> Draft:
+        return self._for_ready(reqs, lambda act: self._tree(run, act, depth, topk, budget))
+
+    def _for_ready(self, reqs: list[int], draft) -> Draft:
+        """``draft(ready requests)``, with empty drafts for the requests that cannot draft yet."""
+        act = self._ready(reqs)
+        if len(act) == len(reqs):
+            return draft(act)
+        out = Draft([[] for _ in reqs], [[] for _ in reqs])
+        if not act:
+            return out
+        d = draft(act)
+        pos = {b: i for i, b in enumerate(act)}
+        for j, b in enumerate(reqs):
+            if b in pos:
+                out.tokens[j], out.parents[j] = d.tokens[pos[b]], d.parents[pos[b]]
+        out.probs = d.probs            # rows of the drafted tokens only, request-major: unchanged
+        return out
 
     def _sample(self, run, reqs: list[int], heads: list[torch.Tensor], next_head) -> Draft:
         """A chain: draft i ~ q at head input ``heads[i]`` (``next_head(i, x)`` computes input
@@ -150,6 +155,7 @@ class Eagle3Drafter(_HeadDrafter):
         self.name = name
         self.quantize = quantize   # on CPU: run the layer on Q8_0 blocks (Eagle3.quantize; modifies model)
         self.capture = tuple(model.config.aux_layer_ids)
+        self.level_seconds: float | None = None   # measured time of a tree level past the first (moving average)
 
     def start(self, run) -> None:
         target, c = run.model, self.model.config
@@ -197,8 +203,6 @@ class Eagle3Drafter(_HeadDrafter):
             self.length[b] += n
         return y[(cu[1:] - 1).long()]
 
-    level_seconds: float | None = None   # measured time of one tree level past the first (moving average)
-
     def _worth_growing(self, run, pool, frontier, budget: int, spent: float) -> bool:
         """Whether another tree level can pay for itself: its nodes add at most the frontier's
         probability mass Σ exp(score) expected tokens (children never outscore their parent)
@@ -222,12 +226,6 @@ class Eagle3Drafter(_HeadDrafter):
             if f.shape[0]:
                 self.pending[b] = f
         return [b for b in reqs if b in self.pending]
-
-    def chain(self, run, reqs: list[int], k: int) -> Draft:
-        return _for_ready(self, run, reqs, lambda act: self._chain(run, act, k))
-
-    def tree(self, run, reqs: list[int], depth: int, topk: int, budget: int) -> Draft:
-        return _for_ready(self, run, reqs, lambda act: self._tree(run, act, depth, topk, budget))
 
     def _chain(self, run, reqs: list[int], k: int) -> Draft:
         dev = self.model.device
@@ -320,12 +318,6 @@ class MedusaDrafter(_HeadDrafter):
     def _states(self, reqs: list[int]) -> torch.Tensor:
         """Head states [B, n_heads, d] at each request's last committed token."""
         return self.model(torch.stack([self.last[b] for b in reqs]).float())
-
-    def chain(self, run, reqs: list[int], k: int) -> Draft:
-        return _for_ready(self, run, reqs, lambda act: self._chain(run, act, k))
-
-    def tree(self, run, reqs: list[int], depth: int, topk: int, budget: int) -> Draft:
-        return _for_ready(self, run, reqs, lambda act: self._tree(run, act, depth, topk, budget))
 
     def _chain(self, run, reqs: list[int], k: int) -> Draft:
         s = self._states(reqs)
