@@ -188,9 +188,10 @@ def target_states(model, ids: list[int], capture: tuple[int, ...], chunk: int = 
 
 
 def default_aux_layers(model) -> tuple[int, ...]:
-    """EAGLE-3's usual target layers: 2, L // 2 and L − 3 (speculators' and vLLM's default)."""
-    L = model.config.n_layers
-    return (2, L // 2, L - 3)
+    """The target layers EAGLE-3 reads of ``model`` (:func:`fastverify.models.eagle3.default_aux_layers`)."""
+    from .models.eagle3 import default_aux_layers as aux_layers
+
+    return aux_layers(model.config.n_layers)
 
 
 def build_data(model, folder: str, *, samples: int = 1600, self_instruct: int = 0, max_new_tokens: int = 256,
@@ -367,8 +368,7 @@ def _batches(samples: list[dict], batch_tokens: int, rng: random.Random) -> list
 
 
 def train_loop(module, params, loss_fn, samples: list[dict], out: str, *, steps: int, lr: float,
-               batch_tokens: int, seed: int, progress: bool, desc: str, save_every_s: float = 300.0,
-               eval_samples: list[dict] | None = None, log=None):
+               batch_tokens: int, seed: int, progress: bool, desc: str, save_every_s: float = 300.0, log=None):
     """Adam over ``params`` for ``steps`` batches (cycling through ``samples``); resumes from
     and saves ``out/train-state.pt`` every ``save_every_s`` seconds. ``loss_fn(batch) ->
     (loss, accuracies)``. Returns the history of (step, loss, accuracies)."""
@@ -486,14 +486,8 @@ def _warm_start(drafter, trained) -> None:
 
 def _coverage(samples: list[dict], vocab: torch.Tensor) -> float:
     """Share of answer tokens inside the draft vocabulary."""
-    inside = torch.zeros(int(vocab.max()) + 1, dtype=torch.bool)
-    inside[vocab] = True
-    n = hit = 0
-    for s in samples:
-        a = torch.tensor(s["ids"][s["prompt_len"]:], dtype=torch.long)
-        n += len(a)
-        hit += int(inside[a.clamp(max=len(inside) - 1)].logical_and(a < len(inside)).sum())
-    return hit / max(1, n)
+    answers = torch.tensor([t for s in samples for t in s["ids"][s["prompt_len"]:]], dtype=torch.long)
+    return float(torch.isin(answers, vocab).float().mean()) if len(answers) else 0.0
 
 
 def train_medusa(model, samples: list[dict], out: str, *, steps: int = 1000, lr: float = 1e-3, num_heads: int = 4,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..cpu import step as cpu_kernels
-from .model import MLP, Attention, KVCache, Linear, ModelArgs, RMSNorm, Step, rope_frequencies
+from .model import MLP, Attention, KVCache, Linear, ModelArgs, RMSNorm, Step, rope_frequencies, rope_tables
 from .quantized import weight_rows
 
 CONFIG_FILE = "config.json"
@@ -116,6 +116,12 @@ class Eagle3Config:
 
 
 _HF_NAMES = {"llama": "Llama", "qwen3": "Qwen3", "qwen2": "Qwen2"}
+
+
+def default_aux_layers(n_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's usual target layers of an n-layer target: 2, n // 2 and n − 3 (speculators'
+    and vLLM's default)."""
+    return (2, n_layers // 2, n_layers - 3)
 
 
 class Eagle3Layer(nn.Module):
@@ -251,9 +257,7 @@ class Eagle3(nn.Module):
 
     def rope(self, positions: torch.Tensor):
         """cos, sin [..., 1, D] at integer positions [...]."""
-        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq
-        angles = torch.cat((angles, angles), -1)[..., None, :]
-        return angles.cos().to(self.norm.weight.dtype), angles.sin().to(self.norm.weight.dtype)
+        return rope_tables(self.inv_freq, positions, self.norm.weight.dtype)
 
     def fuse(self, aux: torch.Tensor) -> torch.Tensor:
         """The target's auxiliary states ``aux [..., n_aux · d_t]`` -> the feature g ``[..., d]``."""
@@ -296,8 +300,7 @@ class Eagle3(nn.Module):
         the untrained drafter reads out what the target's late layer already predicts — a
         sensible start that CPU-sized training refines instead of first unlearning noise."""
         t = target.config
-        L = t.n_layers
-        aux = tuple(aux_layer_ids) if aux_layer_ids is not None else (2, L // 2, L - 3)
+        aux = tuple(aux_layer_ids) if aux_layer_ids is not None else default_aux_layers(t.n_layers)
         layer = ModelArgs(arch=t.arch, vocab_size=t.vocab_size, dim=t.dim, n_layers=1, n_heads=t.n_heads,
                           n_kv_heads=t.n_kv_heads, head_dim=t.head_dim, intermediate_size=t.intermediate_size,
                           norm_eps=t.norm_eps, rope_theta=t.rope_theta, rope_scaling=t.rope_scaling,

@@ -232,6 +232,13 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return inv_freq.float()
 
 
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [..., 1, D] in ``dtype`` at integer positions [...] (inv_freq [D/2])."""
+    angles = positions.to(inv_freq.dtype)[..., None] * inv_freq   # [..., D/2]
+    angles = torch.cat((angles, angles), -1)[..., None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate halves: x·cos + rotate_half(x)·sin.  x [T, H, D], cos/sin [T, 1, D]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -386,9 +393,7 @@ class Transformer(nn.Module):
 
     def rope(self, positions: torch.Tensor):
         """cos, sin [..., 1, D] at integer positions [...]."""
-        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq   # [..., D/2]
-        angles = torch.cat((angles, angles), -1)[..., None, :]
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        return rope_tables(self.inv_freq, positions, self.dtype)
 
     def use_cpu_kernels(self, on: bool = True) -> "Transformer":
         """Run fp32 CPU steps of 1–16 tokens through the decode kernels
